@@ -1,0 +1,466 @@
+"""Audio-visual datasets: CREMA-D, Kinetics-Sounds, VGGSound and the synthetic CREMA-D-layout set (spec: data.md).
+
+Every dataset yields `(spec (F, T) float32, frames (3, T_f, H, W) float32, label int64)`.
+Audio and frames are paired by clip id, never by position; frames come from a *sorted* listing
+(random within equal segments when training, the segment middles at test); the test-time audio
+window is deterministic.
+"""
+
+import csv
+import math
+import os
+import random
+import warnings
+import wave
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torchaudio
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+CREMAD_LABELS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # fixed order (data.md 2.2)
+KS_CLASSES = [
+    "blowing_nose", "blowing_out_candles", "bowling", "chopping_wood", "dribbling_basketball", "laughing",
+    "mowing_lawn", "playing_accordion", "playing_bagpipes", "playing_bass_guitar", "playing_clarinet",
+    "playing_drums", "playing_guitar", "playing_harmonica", "playing_keyboard", "playing_organ", "playing_piano",
+    "playing_saxophone", "playing_trombone", "playing_trumpet", "playing_violin", "playing_xylophone",
+    "ripping_paper", "shoveling_snow", "shuffling_cards", "singing", "stomping_grapes", "tap_dancing",
+    "tapping_guitar", "tapping_pen", "tickling",
+]  # alphabetical, label index = position (data.md 3.1)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class SkippedClipsWarning(UserWarning):
+    """Raised (as a warning) when clips named by a split file are dropped; the message counts them."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audio
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AudioConfig:
+    """One audio pipeline (data.md 2.5 and 3.4). `kind` is stft | scipy | fbank."""
+
+    kind: str
+    sample_rate: int
+    clip_seconds: float  # length of the window fed to the transform (0 = whole signal)
+    tile_seconds: float = 0.0  # tile the waveform until it is at least this long
+    train_start_max: float = 0.0  # training window start uniform over [0, this] seconds (0 = fixed start 0)
+    test_start: float = 0.0  # deterministic test window start, seconds
+    n_fft: int = 512
+    hop: int = 353
+
+
+AUDIO_PIPELINES = {
+    # CREMA-D, OGM/OPM/ARL/DGL: 22,050 Hz, first 3 s of the tiled signal, STFT 512/353 -> 257 x 188
+    "cremad": AudioConfig("stft", 22050, 3.0, tile_seconds=3.0, n_fft=512, hop=353),
+    # KS/VGGSound default: 16 kHz, tile to >= 10 s, 5 s window (random start at train, 2.5 s at test) -> 129 x 626
+    "stft16k": AudioConfig("stft", 16000, 5.0, tile_seconds=10.0, train_start_max=5.0, test_start=2.5, n_fft=256, hop=128),
+    # historical OGM-GE KS pickles: 22,050 Hz, first 160,000 samples, scipy spectrogram, standardised -> 257 x 1004
+    "pkl1004": AudioConfig("scipy", 22050, 160000 / 22050, tile_seconds=160000 / 22050, n_fft=512, hop=159),
+    # OGM-GE authors' 2024 KS recipe: Kaldi fbank, 128 mel, 1024 frames -> 1024 x 128
+    "fbank": AudioConfig("fbank", 16000, 0.0),
+    # AUG's KS pipeline: 35,400 Hz, first 10 s, STFT 512/353 -> 257 x 1003
+    "aug35k": AudioConfig("stft", 35400, 10.0, tile_seconds=10.0, n_fft=512, hop=353),
+    # the synthetic set: the CREMA-D recipe at a small size, 8 kHz, 1 s, STFT 64/250 -> 33 x 33
+    "synthetic": AudioConfig("stft", 8000, 1.0, tile_seconds=1.0, n_fft=64, hop=250),
+}
+
+
+def read_wav(path):
+    """Read a PCM wav file (8/16/24/32-bit, any channel count) as mono float32 in [-1, 1], with its sample rate."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            n_ch, width, sr, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            raw = w.readframes(n)
+    except (wave.Error, EOFError, OSError) as e:
+        raise ValueError(f"{path}: unreadable wav ({e}); re-run the preprocess step for this dataset") from e
+    if width == 1:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
+    elif width == 4:
+        x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
+    else:
+        raise ValueError(f"{path}: unsupported wav sample width {width} bytes")
+    x = x[: (len(x) // n_ch) * n_ch].reshape(-1, n_ch).mean(axis=1)
+    return x, sr
+
+
+def wav_info(path):
+    """(sample_rate, n_samples) from the header, or raise ValueError naming the file."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            return w.getframerate(), w.getnframes()
+    except (wave.Error, EOFError, OSError) as e:
+        raise ValueError(f"{path}: unreadable wav ({e})") from e
+
+
+def _tukey(n, alpha=0.25):
+    """scipy.signal.windows.tukey(n, alpha, sym=False), written out to avoid a scipy dependency."""
+    m = n + 1  # periodic window: symmetric of n+1, drop the last point
+    x = np.arange(m)
+    w = np.ones(m)
+    width = int(np.floor(alpha * (m - 1) / 2.0))
+    left = x[: width + 1]
+    w[: width + 1] = 0.5 * (1 + np.cos(np.pi * (-1 + 2.0 * left / alpha / (m - 1))))
+    right = x[m - width - 1:]
+    w[m - width - 1:] = 0.5 * (1 + np.cos(np.pi * (-2.0 / alpha + 1 + 2.0 * right / alpha / (m - 1))))
+    return torch.tensor(w[:n], dtype=torch.float64)
+
+
+class AudioPipeline:
+    """wav samples -> log spectrogram (F, T) for one AudioConfig; `train` picks the random or the fixed window."""
+
+    def __init__(self, cfg: AudioConfig):
+        self.cfg = cfg
+        self._resamplers = {}
+        if cfg.kind == "stft":  # centred, reflect-padded, periodic Hann; magnitude (power=1)
+            self.spec = torchaudio.transforms.Spectrogram(
+                n_fft=cfg.n_fft, hop_length=cfg.hop, win_length=cfg.n_fft, power=1.0, center=True, pad_mode="reflect"
+            )
+        elif cfg.kind == "scipy":
+            self.window = _tukey(cfg.n_fft)
+
+    def resample(self, x, sr):
+        if sr == self.cfg.sample_rate:
+            return x
+        if sr not in self._resamplers:
+            self._resamplers[sr] = torchaudio.transforms.Resample(sr, self.cfg.sample_rate)
+        return self._resamplers[sr](x)
+
+    def window_samples(self, x, train, generator=None):
+        cfg, sr = self.cfg, self.cfg.sample_rate
+        if cfg.tile_seconds > 0:  # tile until long enough (the originals tile a fixed number of times)
+            need = int(round(cfg.tile_seconds * sr))
+            if len(x) < need:
+                x = x.repeat(math.ceil(need / len(x)))
+        if cfg.clip_seconds <= 0:
+            return x
+        length = int(round(cfg.clip_seconds * sr))
+        if train and cfg.train_start_max > 0:
+            start = int(torch.randint(0, int(round(cfg.train_start_max * sr)) + 1, (1,), generator=generator))
+        else:
+            start = int(round(cfg.test_start * sr))
+        return x[start:start + length]
+
+    def __call__(self, samples, sr, train, generator=None):
+        x = self.resample(torch.as_tensor(samples, dtype=torch.float32), sr)
+        x = self.window_samples(x, train, generator).clamp(-1.0, 1.0)
+        if self.cfg.kind == "stft":
+            return torch.log(self.spec(x) + 1e-7)
+        if self.cfg.kind == "scipy":  # scipy.signal.spectrogram defaults: detrend constant, one-sided PSD, no centring
+            seg = x.double().unfold(0, self.cfg.n_fft, self.cfg.hop)
+            seg = seg - seg.mean(dim=1, keepdim=True)
+            s = torch.fft.rfft(seg * self.window, dim=1).abs() ** 2 / (self.cfg.sample_rate * (self.window**2).sum())
+            s[:, 1:-1] *= 2.0
+            s = torch.log(s.T + 1e-7)
+            return ((s - s.mean()) / (s.std() + 1e-9)).float()
+        # Kaldi fbank (data.md 3.4 c)
+        fb = torchaudio.compliance.kaldi.fbank(
+            (x - x.mean()).unsqueeze(0), htk_compat=True, sample_frequency=self.cfg.sample_rate, use_energy=False,
+            window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10,
+        )
+        fb = torch.nn.functional.pad(fb, (0, 0, 0, max(0, 1024 - fb.shape[0])))[:1024]
+        return (fb + 4.503877) / (2 * 5.141276)  # (time, mel)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frames
+# ---------------------------------------------------------------------------------------------------------------
+def select_frames(n, t_f, train, mode="segment", generator=None):
+    """Indices into a sorted list of n frames (data.md 6.1).
+
+    segment: split [0, n) into t_f equal segments; a random index per segment when training, the middle at test.
+    first:   the first t_f frames (parity with the originals' unsorted listing, made reproducible).
+    """
+    if n < t_f:
+        raise ValueError(f"clip has {n} frames, fewer than the {t_f} asked")
+    if mode == "first":
+        return list(range(t_f))
+    idx = []
+    for j in range(t_f):
+        lo, hi = (j * n) // t_f, ((j + 1) * n) // t_f
+        if train:
+            idx.append(lo + int(torch.randint(0, hi - lo, (1,), generator=generator)))
+        else:
+            idx.append(lo + (hi - lo) // 2)
+    return idx
+
+
+@dataclass(frozen=True)
+class FrameConfig:
+    n_frames: int = 1
+    size: int = 224
+    select: str = "segment"  # segment | first
+    clip_consistent: bool = False  # one crop/flip draw per clip instead of per frame
+    crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop scale (T-PAMI preset: (0.25, 1.0))
+    test_resize: str = "square"  # square: Resize((s, s)); center: Resize(s) + CenterCrop(s) (T-PAMI preset)
+
+
+class FrameTransform:
+    """Train: RandomResizedCrop + flip (per frame or per clip); test: deterministic resize. ImageNet-normalised."""
+
+    def __init__(self, cfg: FrameConfig):
+        self.cfg = cfg
+        self.norm = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.rrc = T.RandomResizedCrop(cfg.size, scale=cfg.crop_scale)
+        self.train_tf = T.Compose([self.rrc, T.RandomHorizontalFlip(0.5)])
+        if cfg.test_resize == "square":
+            self.test_tf = T.Resize((cfg.size, cfg.size))
+        else:
+            self.test_tf = T.Compose([T.Resize(cfg.size), T.CenterCrop(cfg.size)])
+
+    def __call__(self, images, train):
+        if not train:
+            out = [self.test_tf(im) for im in images]
+        elif self.cfg.clip_consistent:
+            i, j, h, w = T.RandomResizedCrop.get_params(images[0], self.rrc.scale, self.rrc.ratio)
+            flip = bool(torch.rand(1) < 0.5)
+            out = [TF.resized_crop(im, i, j, h, w, [self.cfg.size, self.cfg.size]) for im in images]
+            out = [TF.hflip(im) for im in out] if flip else out
+        else:
+            out = [self.train_tf(im) for im in images]
+        return torch.stack([self.norm(im) for im in out]).permute(1, 0, 2, 3)  # (3, T_f, H, W)
+
+
+def load_image(path):
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable image ({e}); re-extract this clip's frames or remove it from the split") from e
+
+
+def list_frames(frame_dir):
+    if not os.path.isdir(frame_dir):
+        return []
+    return sorted(f for f in os.listdir(frame_dir) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Clip:
+    clip_id: str
+    wav: str
+    frame_dir: str
+    label: int
+
+
+class AVDataset(torch.utils.data.Dataset):
+    """Clips already paired by id; returns (spec (F, T), frames (3, T_f, H, W), label)."""
+
+    def __init__(self, clips, audio_cfg: AudioConfig, frame_cfg: FrameConfig, train: bool, class_names=None):
+        self.clips, self.train, self.class_names = list(clips), train, class_names
+        self.audio, self.frame_cfg, self.frames_tf = AudioPipeline(audio_cfg), frame_cfg, FrameTransform(frame_cfg)
+        self.skipped = {}  # reason -> list of clip ids, filled by the index builders
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        c = self.clips[i]
+        samples, sr = read_wav(c.wav)
+        spec = self.audio(samples, sr, self.train)
+        names = list_frames(c.frame_dir)
+        idx = select_frames(len(names), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
+        images = [load_image(os.path.join(c.frame_dir, names[k])) for k in idx]
+        return spec, self.frames_tf(images, self.train), torch.tensor(c.label, dtype=torch.long)
+
+
+def read_rows(path):
+    """Rows of a header-less CSV/TXT split file: BOM stripped, CRLF or LF, blank lines ignored."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split file {path} not found; run the preprocess step or pass --data-root")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [(n, [x.strip() for x in row]) for n, row in enumerate(csv.reader(f), 1) if row and any(x.strip() for x in row)]
+
+
+def index_clips(rows, split_path, label_of, wav_of, frames_of, n_frames):
+    """Pair audio and frames by clip id; drop (with a counted warning) clips whose files are missing or short."""
+    clips, skipped, seen = [], {}, set()
+    for line, row in rows:
+        clip_id, label = label_of(line, row)
+        if clip_id in seen:
+            skipped.setdefault("duplicate row", []).append(clip_id)
+            continue
+        seen.add(clip_id)
+        wav, frame_dir = wav_of(clip_id), frames_of(clip_id)
+        if not os.path.isfile(wav):
+            skipped.setdefault("missing wav", []).append(clip_id)
+            continue
+        try:
+            sr, n = wav_info(wav)
+        except ValueError:
+            skipped.setdefault("unreadable wav", []).append(clip_id)
+            continue
+        if n == 0:
+            skipped.setdefault("empty wav", []).append(clip_id)
+            continue
+        n_found = len(list_frames(frame_dir))
+        if n_found == 0:
+            skipped.setdefault("missing frames", []).append(clip_id)
+            continue
+        if n_found < n_frames:
+            skipped.setdefault(f"fewer than {n_frames} frames", []).append(clip_id)
+            continue
+        assert os.path.splitext(os.path.basename(wav))[0] == os.path.basename(os.path.normpath(frame_dir)) == clip_id
+        clips.append(Clip(clip_id, wav, frame_dir, label))
+    if skipped:
+        total = sum(len(v) for v in skipped.values())
+        parts = "; ".join(f"{k}: {len(v)} (first: {', '.join(v[:3])})" for k, v in skipped.items())
+        warnings.warn(f"{split_path}: skipped {total} of {len(rows)} clips ({parts})", SkippedClipsWarning, stacklevel=3)
+    if not clips:
+        raise FileNotFoundError(f"{split_path}: none of its {len(rows)} clips were found on disk; check --data-root")
+    return clips, skipped
+
+
+def _check_root(root, dataset):
+    if not os.path.isdir(root):
+        hint = {"cremad": "python -m preprocess.cremad", "ks": "python -m preprocess.kinetics_sounds",
+                "vggsound": "python -m preprocess.vggsound"}.get(dataset, "")
+        raise FileNotFoundError(f"dataset root {root} not found; prepare it with `{hint} ...` (see README) or pass --data-root")
+
+
+def cremad_clips(root, split, n_frames, fps=1):
+    """CREMA-D layout (data.md 2.3): AudioWAV/<id>.wav, Image-01-FPS/<id>/*.jpg, {train,test}.csv rows `<id>,<EMO>`."""
+    _check_root(root, "cremad")
+    split_path = next((p for p in (os.path.join(root, f"{split}.csv"), os.path.join(root, "annotations", f"{split}.csv"))
+                       if os.path.isfile(p)), os.path.join(root, f"{split}.csv"))
+    rows = read_rows(split_path)
+
+    def label_of(line, row):
+        if len(row) < 2 or row[1] not in CREMAD_LABELS:
+            got = row[1] if len(row) > 1 else "nothing"
+            raise ValueError(f"{split_path}:{line}: unknown label {got!r}; expected one of {', '.join(CREMAD_LABELS)}")
+        return row[0], CREMAD_LABELS.index(row[1])
+
+    return index_clips(rows, split_path, label_of, lambda c: os.path.join(root, "AudioWAV", f"{c}.wav"),
+                       lambda c: os.path.join(root, f"Image-{fps:02d}-FPS", c), n_frames)
+
+
+def read_classes(path):
+    with open(path, encoding="utf-8-sig") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def flat_clips(root, split, n_frames, dataset, default_classes=None):
+    """Flat layout (data.md 7), used for Kinetics-Sounds and VGGSound.
+
+    <root>/classes.txt, <root>/audio/<id>.wav, <root>/frames/<id>/*.jpg and one split file, tried in order:
+    splits/{split}.csv (`<id>,<label>`), my_{split}.txt (the official KS rows `<id>,10,<label>`), or, for VGGSound,
+    the official vggsound.csv (`<ytid>,<start>,<label text>,<split>`, labels sorted alphabetically).
+    Labels may be indices or class names.
+    """
+    _check_root(root, dataset)
+    classes_path = os.path.join(root, "classes.txt")
+    classes = read_classes(classes_path) if os.path.isfile(classes_path) else default_classes
+    candidates = [os.path.join(root, "splits", f"{split}.csv"), os.path.join(root, f"my_{split}.txt")]
+    split_path = next((p for p in candidates if os.path.isfile(p)), None)
+    vgg_csv = os.path.join(root, "vggsound.csv")
+    if split_path is None and os.path.isfile(vgg_csv):
+        split_path = vgg_csv
+        all_rows = read_rows(vgg_csv)
+        classes = classes or sorted({r[2] for _, r in all_rows if len(r) >= 4})
+        rows = [(n, [f"{r[0]}_{int(float(r[1])):06d}", r[2]]) for n, r in all_rows if len(r) >= 4 and r[3] == split]
+    else:
+        if split_path is None:
+            raise FileNotFoundError(f"no split file for '{split}' under {root}: expected one of {', '.join(candidates)}")
+        rows = read_rows(split_path)
+    if not classes:
+        raise FileNotFoundError(f"{classes_path} not found: one class name per line, line number = label index")
+
+    def label_of(line, row):
+        raw = row[-1] if len(row) >= 2 else ""
+        if raw.lstrip("-").isdigit():
+            if not 0 <= int(raw) < len(classes):
+                raise ValueError(f"{split_path}:{line}: label {raw} out of range 0..{len(classes) - 1}")
+            return row[0], int(raw)
+        if raw not in classes:
+            raise ValueError(f"{split_path}:{line}: unknown label {raw!r} (not in {classes_path})")
+        return row[0], classes.index(raw)
+
+    clips, skipped = index_clips(rows, split_path, label_of, lambda c: os.path.join(root, "audio", f"{c}.wav"),
+                                 lambda c: os.path.join(root, "frames", c), n_frames)
+    return clips, skipped, classes
+
+
+# dataset name -> facts and default loader parameters (data.md 0)
+DATASETS = {
+    "cremad": dict(num_classes=6, n_frames=1, frame_size=224, audio="cremad", subdir="cremad"),
+    "ks": dict(num_classes=31, n_frames=3, frame_size=224, audio="stft16k", subdir="kinetics_sounds"),
+    "vggsound": dict(num_classes=309, n_frames=3, frame_size=224, audio="stft16k", subdir="vggsound"),
+    "synthetic": dict(num_classes=6, n_frames=1, frame_size=32, audio="synthetic", subdir="synthetic"),
+}
+
+
+def add_data_args(parser):
+    """The data flags every script shares (defaults: the official per-dataset values of data.md)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS), help="which dataset to train on")
+    g.add_argument("--data-root", default="data", help="folder holding <dataset>/ (synthetic is generated here on first use)")
+    g.add_argument("--n-frames", type=int, default=None, help="frames per clip (default: 1 CREMA-D/synthetic, 3 KS/VGGSound)")
+    g.add_argument("--frame-size", type=int, default=None, help="frame side in pixels (default 224; synthetic 32)")
+    g.add_argument("--frame-select", default="segment", choices=["segment", "first"], help="frame sampling rule (data.md 6.1)")
+    g.add_argument("--clip-consistent-aug", action="store_true", help="one crop/flip per clip instead of per frame")
+    g.add_argument("--tpami-frames", action="store_true", help="T-PAMI frame transforms: crop scale (0.25, 1), test resize+center crop")
+    g.add_argument("--audio-pipeline", default=None, choices=sorted(AUDIO_PIPELINES),
+                   help="audio recipe (default: cremad for CREMA-D, stft16k for KS/VGGSound); also --ks-audio")
+    g.add_argument("--ks-audio", dest="audio_pipeline", choices=["stft16k", "pkl1004", "fbank", "aug35k"], help="alias of --audio-pipeline")
+    g.add_argument("--audio-seconds", type=float, default=None, help="audio window in seconds (e.g. 20 for AUG's CREMA-D setup)")
+    g.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes (default: 0 synthetic, 4 otherwise)")
+    return parser
+
+
+def build_datasets(args):
+    """(train_set, test_set, class_names) for args.dataset, with the loader flags resolved to per-dataset defaults."""
+    facts = DATASETS[args.dataset]
+    n_frames = args.n_frames or facts["n_frames"]
+    size = args.frame_size or facts["frame_size"]
+    audio_cfg = AUDIO_PIPELINES[args.audio_pipeline or facts["audio"]]
+    if args.audio_seconds:
+        audio_cfg = replace(audio_cfg, clip_seconds=args.audio_seconds, tile_seconds=max(audio_cfg.tile_seconds, args.audio_seconds))
+    frame_cfg = FrameConfig(n_frames, size, args.frame_select, args.clip_consistent_aug,
+                            (0.25, 1.0) if args.tpami_frames else (0.08, 1.0), "center" if args.tpami_frames else "square")
+    root = os.path.join(args.data_root, facts["subdir"])
+    if args.dataset == "synthetic" and not os.path.isfile(os.path.join(root, "meta.json")):
+        from preprocess.synthetic import generate
+
+        print(f"generating the synthetic dataset in {root} (first use)")
+        generate(root)
+    sets = []
+    for split, train in (("train", True), ("test", False)):
+        if args.dataset in ("cremad", "synthetic"):
+            clips, skipped = cremad_clips(root, split, n_frames)
+            classes = CREMAD_LABELS
+        else:
+            clips, skipped, classes = flat_clips(root, split, n_frames, args.dataset, KS_CLASSES if args.dataset == "ks" else None)
+        ds = AVDataset(clips, audio_cfg, frame_cfg, train, classes)
+        ds.skipped = skipped
+        sets.append(ds)
+    return sets[0], sets[1], sets[0].class_names
+
+
+def seed_worker(worker_id):
+    """DataLoader workers: derive python/numpy seeds from the torch seed the loader's generator gave this worker."""
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+def make_loaders(train_set, test_set, batch_size, num_workers, generator):
+    """Training loader shuffled by `generator` (reseed it each epoch for exact resume), drop_last; full test loader."""
+    kw = dict(num_workers=num_workers, worker_init_fn=seed_worker, pin_memory=torch.cuda.is_available())
+    train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
+                                        generator=generator, **kw)
+    test = torch.utils.data.DataLoader(test_set, batch_size, shuffle=False, drop_last=False, **kw)
+    return train, test

@@ -1,0 +1,170 @@
+"""ResNet18 audio/visual encoders, fusion heads and the unimodal-logit helper (spec: models.md).
+
+Nothing here is method logic: every method builds `AVClassifier(...)` and reads unimodal logits with
+`unimodal_logits(head, a, v, bias="half" | "full")`, stating its own bias convention.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+FUSIONS = ("concat", "sum", "film", "gated")
+
+
+class ResNet18Trunk(nn.Module):
+    """torchvision's ResNet18 without avgpool/fc: returns the layer-4 map (models.md section 2)."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        r = torchvision.models.resnet18(weights=None)
+        if in_channels != 3:
+            r.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1, self.bn1, self.relu, self.maxpool = r.conv1, r.bn1, r.relu, r.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class AudioEncoder(nn.Module):
+    """(B, 1, F, T) spectrogram -> (B, 512) feature `a`."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = ResNet18Trunk(1)
+
+    def forward(self, x):
+        return torch.flatten(F.adaptive_avg_pool2d(self.trunk(x), 1), 1)
+
+
+class VisualEncoder(nn.Module):
+    """(B, 3, T_f, H, W) frames -> (B, 512) feature `v`: frames folded into the batch, then pooled over time and space."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = ResNet18Trunk(3)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape  # batch size from the tensor, so a final partial batch works
+        x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        m = self.trunk(x)
+        m = m.reshape(b, t, *m.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, 512, T_f, h', w')
+        return torch.flatten(F.adaptive_avg_pool3d(m, 1), 1)
+
+
+class ConcatHead(nn.Module):
+    """z = W [a ; v] + b, audio in the first 512 inputs."""
+
+    def __init__(self, num_classes, dim=512):
+        super().__init__()
+        self.fc_out = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, a, v):
+        return a, v, self.fc_out(torch.cat((a, v), dim=1))
+
+
+class SumHead(nn.Module):
+    """z = (W_x a + b_x) + (W_y v + b_y)."""
+
+    def __init__(self, num_classes, dim=512):
+        super().__init__()
+        self.fc_x = nn.Linear(dim, num_classes)
+        self.fc_y = nn.Linear(dim, num_classes)
+
+    def forward(self, a, v):
+        return a, v, self.fc_x(a) + self.fc_y(v)
+
+
+class FiLMHead(nn.Module):
+    """Audio conditions visual: gamma, beta = split(fc(a)); z = fc_out(gamma * v + beta). `x_film=False` mirrors it."""
+
+    def __init__(self, num_classes, dim=512, x_film=True):
+        super().__init__()
+        self.fc = nn.Linear(dim, 2 * dim)
+        self.fc_out = nn.Linear(dim, num_classes)
+        self.x_film = x_film
+
+    def forward(self, a, v):
+        film, to_be_filmed = (a, v) if self.x_film else (v, a)
+        gamma, beta = torch.split(self.fc(film), film.shape[1], dim=1)
+        return a, v, self.fc_out(gamma * to_be_filmed + beta)
+
+
+class GatedHead(nn.Module):
+    """Audio gates visual: z = fc_out(sigmoid(fc_x(a)) * fc_y(v)); exposes the projected features u_a, u_v."""
+
+    def __init__(self, num_classes, dim=512, x_gate=True):
+        super().__init__()
+        self.fc_x = nn.Linear(dim, dim)
+        self.fc_y = nn.Linear(dim, dim)
+        self.fc_out = nn.Linear(dim, num_classes)
+        self.x_gate = x_gate
+
+    def forward(self, a, v):
+        u_a, u_v = self.fc_x(a), self.fc_y(v)
+        gate, gated = (u_a, u_v) if self.x_gate else (u_v, u_a)
+        return u_a, u_v, self.fc_out(torch.sigmoid(gate) * gated)
+
+
+HEADS = {"concat": ConcatHead, "sum": SumHead, "film": FiLMHead, "gated": GatedHead}
+
+
+def unimodal_logits(head, f_a, f_v, bias):
+    """Per-modality logits read out of a fusion head (models.md section 7). No default: every call site picks.
+
+    bias="half": concat splits the bias in two so z_a + z_v == z (OGM, OPM).
+    bias="full": concat gives the full bias to both, z_a = W[a;0] + b (ARL, DGL).
+    The sum head uses each branch's own full bias under both conventions (then z_a + z_v == z).
+    The gated head has the self-gate form of models.md 7.4 (each modality gates itself), taking the
+    projected features the head exposes. FiLM has no definition: a clear error.
+    """
+    if bias not in ("half", "full"):
+        raise ValueError(f"unimodal_logits: bias must be 'half' or 'full', got {bias!r}")
+    if isinstance(head, ConcatHead):
+        w, b = head.fc_out.weight, head.fc_out.bias
+        d = f_a.shape[1]
+        scale = 0.5 if bias == "half" else 1.0
+        return f_a @ w[:, :d].T + scale * b, f_v @ w[:, d:].T + scale * b
+    if isinstance(head, SumHead):
+        return head.fc_x(f_a), head.fc_y(f_v)
+    if isinstance(head, GatedHead):
+        return head.fc_out(torch.sigmoid(f_a) * f_a), head.fc_out(torch.sigmoid(f_v) * f_v)
+    raise ValueError(
+        f"--fusion {type(head).__name__}: FiLM has no unimodal logits (models.md 7.4); use --fusion concat, sum or gated"
+    )
+
+
+def init_weights(module):
+    """The shared initialiser (models.md section 5): convs Kaiming fan_out, BN (1, 0), Linear Xavier-normal with bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class AVClassifier(nn.Module):
+    """Two ResNet18 encoders and a fusion head, with explicit roles `audio_net`, `visual_net`, `head`.
+
+    forward(audio, visual) -> (f_a, f_v, z): the features the head exposes and the fused logits.
+    """
+
+    def __init__(self, num_classes, fusion="concat"):
+        super().__init__()
+        if fusion not in HEADS:
+            raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+        self.audio_net = AudioEncoder()
+        self.visual_net = VisualEncoder()
+        self.head = HEADS[fusion](num_classes)
+        init_weights(self)
+
+    def forward(self, audio, visual):
+        return self.head(self.audio_net(audio), self.visual_net(visual))

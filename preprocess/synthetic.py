@@ -1,0 +1,119 @@
+"""Write a small seeded audio-visual dataset in the CREMA-D on-disk layout (data.md section 8).
+
+    python -m preprocess.synthetic --out data/synthetic            # the default small set (seconds to write)
+    python -m preprocess.synthetic --out /tmp/big --audio-seconds 3 --sample-rate 22050 --frame-px 224  # real size
+
+Layout (the real CREMA-D loader reads it unchanged):
+    <out>/AudioWAV/<clip_id>.wav              16-bit PCM mono
+    <out>/Image-01-FPS/<clip_id>/<NNNNN>.jpg  2-3 frames, zero-padded source-frame index
+    <out>/train.csv, <out>/test.csv           `<clip_id>,<EMO>` rows, CRLF, no header
+    <out>/meta.json                           the generator's parameters
+
+Modality imbalance by construction:
+- audio is easy: a clean class tone (fundamental + one harmonic) under white noise;
+- vision is harder: a faint grating in a class colour (random orientation, phase and frequency per frame, so only
+  the colour of the texture carries the class, and crops and flips keep it) under strong pixel noise;
+- a share of clips (`--uninformative-audio`, default 0.3) has noise-only audio, so the best fused accuracy needs
+  a visual encoder that actually learned.
+"""
+
+import argparse
+import json
+import os
+import wave
+
+import numpy as np
+from PIL import Image
+
+EMOTIONS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # CREMA-D label names, label index = position
+
+
+def class_colours(n):
+    """n unit-norm RGB directions with zero mean (hues evenly spaced), so the class is in the colour, not the brightness."""
+    hues = 2 * np.pi * np.arange(n) / n
+    rgb = np.stack([np.cos(hues), np.cos(hues - 2 * np.pi / 3), np.cos(hues + 2 * np.pi / 3)], axis=1)
+    return rgb / np.linalg.norm(rgb, axis=1, keepdims=True)
+
+
+def write_wav(path, x, sr):
+    pcm = (np.clip(x, -1, 1) * 32767).astype("<i2")
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
+
+
+def make_audio(rng, label, informative, n_classes, sr, seconds, snr):
+    t = np.arange(int(round(sr * seconds))) / sr
+    noise = rng.normal(0.0, 0.1, t.shape)
+    if not informative:
+        return noise
+    nyq = min(sr, 8000) / 2  # keep tones below the loader's Nyquist (synthetic pipeline: 8 kHz)
+    f0 = 200 + (nyq * 0.6 - 200) * label / max(1, n_classes - 1)
+    phase = rng.uniform(0, 2 * np.pi)
+    tone = np.sin(2 * np.pi * f0 * t + phase) + 0.5 * np.sin(2 * np.pi * 1.5 * f0 * t + phase)
+    return noise + 0.1 * snr * tone / 1.5
+
+
+def make_frame(rng, label, colours, px, strength):
+    yy, xx = np.mgrid[0:px, 0:px] / px
+    theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(3, 6), rng.uniform(0, 2 * np.pi)
+    grating = np.cos(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
+    img = 128 + 40 * strength * grating[..., None] * colours[label][None, None, :]
+    img = img + rng.normal(0, 40, (px, px, 3)) + rng.normal(0, 20, (1, 1, 3))  # pixel noise + a per-frame colour cast
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40,
+             min_frames=2, max_frames=3, audio_snr=1.0, visual_strength=0.6, uninformative_audio=0.3, seed=0):
+    """Write the dataset to `out` (deterministic: the same arguments write byte-identical files)."""
+    if not 1 <= n_classes <= len(EMOTIONS):
+        raise ValueError(f"--n-classes must be between 1 and {len(EMOTIONS)} (CREMA-D label names), got {n_classes}")
+    rng = np.random.RandomState(seed)
+    colours = class_colours(n_classes)
+    os.makedirs(os.path.join(out, "AudioWAV"), exist_ok=True)
+    os.makedirs(os.path.join(out, "Image-01-FPS"), exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % n_classes
+        rng.shuffle(labels)
+        rows = []
+        for i, label in enumerate(labels):
+            clip_id = f"{(1001 if split == 'train' else 5001) + i:04d}_SYN_{EMOTIONS[label]}_XX"
+            informative = rng.uniform() >= uninformative_audio
+            audio = make_audio(rng, label, informative, n_classes, sample_rate, audio_seconds, audio_snr)
+            write_wav(os.path.join(out, "AudioWAV", f"{clip_id}.wav"), audio, sample_rate)
+            fdir = os.path.join(out, "Image-01-FPS", clip_id)
+            os.makedirs(fdir, exist_ok=True)
+            for k in range(rng.randint(min_frames, max_frames + 1)):
+                make_frame(rng, label, colours, frame_px, visual_strength).save(os.path.join(fdir, f"{30 * k:05d}.jpg"), quality=90)
+            rows.append(f"{clip_id},{EMOTIONS[label]}\r\n")
+        with open(os.path.join(out, f"{split}.csv"), "w", newline="") as f:
+            f.writelines(rows)
+    meta = dict(n_train=n_train, n_test=n_test, n_classes=n_classes, sample_rate=sample_rate, audio_seconds=audio_seconds,
+                frame_px=frame_px, min_frames=min_frames, max_frames=max_frames, audio_snr=audio_snr,
+                visual_strength=visual_strength, uninformative_audio=uninformative_audio, seed=seed)
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+    return meta
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data/synthetic", help="output folder")
+    p.add_argument("--n-train", type=int, default=600, help="training clips")
+    p.add_argument("--n-test", type=int, default=300, help="test clips")
+    p.add_argument("--n-classes", type=int, default=6, help="classes (at most 6, CREMA-D label names)")
+    p.add_argument("--sample-rate", type=int, default=16000, help="wav sample rate (CREMA-D files are 16 kHz)")
+    p.add_argument("--audio-seconds", type=float, default=1.0, help="clip length in seconds")
+    p.add_argument("--frame-px", type=int, default=40, help="frame side in pixels")
+    p.add_argument("--min-frames", type=int, default=2, help="fewest frames per clip")
+    p.add_argument("--max-frames", type=int, default=3, help="most frames per clip")
+    p.add_argument("--audio-snr", type=float, default=1.0, help="audio tone strength relative to the noise")
+    p.add_argument("--visual-strength", type=float, default=0.6, help="visual pattern strength relative to the noise")
+    p.add_argument("--uninformative-audio", type=float, default=0.3, help="share of clips whose audio is noise only")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    a = p.parse_args()
+    meta = generate(a.out, a.n_train, a.n_test, a.n_classes, a.sample_rate, a.audio_seconds, a.frame_px, a.min_frames,
+                    a.max_frames, a.audio_snr, a.visual_strength, a.uninformative_audio, a.seed)
+    print(f"wrote {meta['n_train']} train and {meta['n_test']} test clips to {a.out}")
