@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny synthetic dataset (CREMA-D layout) and a helper that runs a script as a subprocess."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from preprocess.synthetic import generate  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A --data-root holding synthetic/ with 24 train and 12 test clips (seconds to write)."""
+    root = tmp_path_factory.mktemp("data")
+    generate(str(root / "synthetic"), n_train=24, n_test=12)
+    return str(root)
+
+
+def run_script(script, data_root, runs_dir, *extra, check=True):
+    """Run `python <script> --dataset synthetic ...` tiny; return (completed process, run folder or None)."""
+    cmd = [sys.executable, os.path.join(ROOT, script), "--dataset", "synthetic", "--data-root", str(data_root),
+           "--runs-dir", str(runs_dir), "--no-progress", "--batch-size", "4", *map(str, extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    runs = sorted(glob.glob(os.path.join(str(runs_dir), "*")), key=os.path.getmtime)
+    return proc, (runs[-1] if runs else None)
+
+
+def read_results(run_dir):
+    with open(os.path.join(run_dir, "results.json")) as f:
+        return json.load(f)
