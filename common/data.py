@@ -7,6 +7,7 @@ window is deterministic.
 """
 
 import csv
+import json
 import math
 import os
 import random
@@ -421,6 +422,22 @@ def add_data_args(parser):
     return parser
 
 
+def ensure_synthetic(root):
+    """Generate the default synthetic set on first use, or again if it was written with other generator defaults."""
+    from preprocess.synthetic import DEFAULTS, generate
+
+    meta_path = os.path.join(root, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("custom") or meta == DEFAULTS:
+            return
+        print(f"{root} was written with other generator settings; regenerating with the current defaults")
+    else:
+        print(f"generating the synthetic dataset in {root} (first use)")
+    generate(root)
+
+
 def build_datasets(args):
     """(train_set, test_set, class_names) for args.dataset, with the loader flags resolved to per-dataset defaults."""
     facts = DATASETS[args.dataset]
@@ -432,11 +449,8 @@ def build_datasets(args):
     frame_cfg = FrameConfig(n_frames, size, args.frame_select, args.clip_consistent_aug,
                             (0.25, 1.0) if args.tpami_frames else (0.08, 1.0), "center" if args.tpami_frames else "square")
     root = os.path.join(args.data_root, facts["subdir"])
-    if args.dataset == "synthetic" and not os.path.isfile(os.path.join(root, "meta.json")):
-        from preprocess.synthetic import generate
-
-        print(f"generating the synthetic dataset in {root} (first use)")
-        generate(root)
+    if args.dataset == "synthetic":
+        ensure_synthetic(root)
     sets = []
     for split, train in (("train", True), ("test", False)):
         if args.dataset in ("cremad", "synthetic"):

@@ -20,6 +20,7 @@ Modality imbalance by construction:
 import argparse
 import json
 import os
+import shutil
 import wave
 
 import numpy as np
@@ -57,12 +58,17 @@ def make_audio(rng, label, informative, n_classes, sr, seconds, snr):
 
 
 def make_frame(rng, label, colours, px, strength):
-    yy, xx = np.mgrid[0:px, 0:px] / px
-    theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(3, 6), rng.uniform(0, 2 * np.pi)
-    grating = np.cos(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
-    img = 128 + 40 * strength * grating[..., None] * colours[label][None, None, :]
-    img = img + rng.normal(0, 40, (px, px, 3)) + rng.normal(0, 20, (1, 1, 3))  # pixel noise + a per-frame colour cast
+    """A faint square in the class colour (random place and size, 40-70% of the side) under strong pixel noise."""
+    img = np.full((px, px, 3), 128.0)
+    side = int(px * rng.uniform(0.4, 0.7))
+    y0, x0 = rng.randint(0, px - side + 1, size=2)
+    img[y0:y0 + side, x0:x0 + side] += 60 * strength * colours[label]
+    img = img + rng.normal(0, 50, (px, px, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+DEFAULTS = dict(n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40, min_frames=2,
+                max_frames=3, audio_snr=1.0, visual_strength=0.6, uninformative_audio=0.3, seed=0)
 
 
 def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40,
@@ -71,6 +77,8 @@ def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio
     if not 1 <= n_classes <= len(EMOTIONS):
         raise ValueError(f"--n-classes must be between 1 and {len(EMOTIONS)} (CREMA-D label names), got {n_classes}")
     rng = np.random.RandomState(seed)
+    for sub in ("AudioWAV", "Image-01-FPS"):  # never mix clips or frames of an earlier generation
+        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     colours = class_colours(n_classes)
     os.makedirs(os.path.join(out, "AudioWAV"), exist_ok=True)
     os.makedirs(os.path.join(out, "Image-01-FPS"), exist_ok=True)
@@ -93,6 +101,8 @@ def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio
     meta = dict(n_train=n_train, n_test=n_test, n_classes=n_classes, sample_rate=sample_rate, audio_seconds=audio_seconds,
                 frame_px=frame_px, min_frames=min_frames, max_frames=max_frames, audio_snr=audio_snr,
                 visual_strength=visual_strength, uninformative_audio=uninformative_audio, seed=seed)
+    if meta != DEFAULTS:
+        meta["custom"] = True  # written by hand with other settings: the scripts use it as it is
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
     return meta

@@ -1,5 +1,68 @@
-from conftest import run_script, read_results
-def test_baseline_smoke(tiny_data, tmp_path):
-    proc, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2")
+"""baseline.py end to end: smoke runs (joint and unimodal), run folder contents, resume equivalence, eval-only."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import read_results, run_script
+
+TINY = ("--epochs", "2", "--max-steps", "2")
+
+
+def test_joint_smoke_and_run_folder(tiny_data, tmp_path):
+    proc, run = run_script("baseline.py", tiny_data, tmp_path, *TINY)
+    assert os.path.basename(run).startswith("synthetic__baseline__0__")
     r = read_results(run)
-    assert 0 <= r["best"]["test/acc"] <= 1
+    for key in ("test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map", "train/loss",
+                "train/loss_audio", "train/loss_visual", "train/ratio", "charts/lr", "charts/samples_per_sec"):
+        assert key in r["last"] and key in r["best"], key
+    assert r["epochs_run"] == 2 and r["wall_time_sec"] > 0 and r["args"]["fusion"] == "concat"
+    lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
+    assert os.path.isfile(os.path.join(run, "last.pt")) and os.path.isfile(os.path.join(run, "best.pt"))
+    assert r["best"]["test/acc"] == max(json.loads(line)["test/acc"] for line in lines)
+
+
+@pytest.mark.parametrize("modality,absent", [("audio", "test/acc_visual"), ("visual", "test/acc_audio")])
+def test_unimodal_baselines(tiny_data, tmp_path, modality, absent):
+    _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--modality", modality)
+    r = read_results(run)
+    assert absent not in r["last"] and r["last"][f"test/acc_{modality}"] == r["last"]["test/acc"]
+
+
+@pytest.mark.parametrize("fusion", ["sum", "gated"])
+def test_other_fusions(tiny_data, tmp_path, fusion):
+    _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "1", "--fusion", fusion)
+    assert read_results(run)["args"]["fusion"] == fusion
+
+
+def test_resume_reaches_the_same_numbers(tiny_data, tmp_path):
+    _, straight = run_script("baseline.py", tiny_data, tmp_path / "a", "--epochs", "3", "--max-steps", "2")
+    _, cut = run_script("baseline.py", tiny_data, tmp_path / "b", "--epochs", "3", "--max-steps", "2", "--stop-after-epochs", "1")
+    assert not os.path.exists(os.path.join(cut, "results.json"))
+    assert torch.load(os.path.join(cut, "last.pt"), weights_only=False)["epoch"] == 0
+    run_script("baseline.py", tiny_data, tmp_path / "b", "--resume", cut)
+    a, b = read_results(straight), read_results(cut)
+    strip = lambda h: {k: v for k, v in h.items() if not k.startswith("charts/")}  # noqa: E731 (timings differ)
+    assert strip(a["last"]) == strip(b["last"])
+    assert strip(a["best"]) == strip(b["best"])
+    sa = torch.load(os.path.join(straight, "last.pt"), weights_only=False)["model"]
+    sb = torch.load(os.path.join(cut, "last.pt"), weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    epochs = [json.loads(line)["epoch"] for line in open(os.path.join(cut, "metrics.jsonl"))]
+    assert epochs == [0, 1, 2]
+
+
+def test_eval_only(tiny_data, tmp_path):
+    _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2")
+    best = read_results(run)["best"]
+    proc, _ = run_script("baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint", os.path.join(run, "best.pt"))
+    assert f"acc={best['test/acc']:.4f}" in proc.stdout
+
+
+def test_missing_checkpoint_is_a_clear_error(tiny_data, tmp_path):
+    proc, _ = run_script("baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "nope.pt"), check=False)
+    assert proc.returncode != 0 and "nope.pt not found" in proc.stderr

@@ -1,0 +1,57 @@
+"""Kinetics-Sounds: mp4 clips to 16 kHz mono wav (ffmpeg) and 1-fps JPEG frames (OpenCV), plus the split files.
+
+    python -m preprocess.kinetics_sounds --videos /path/to/ks_videos --splits /path/with/my_train.txt+my_test.txt \
+        --out data/kinetics_sounds --workers 8
+
+--videos holds <clip_id>.mp4 files (class sub-folders are fine). --splits holds the official split files
+`my_train.txt` / `my_test.txt` (rows `<clip_id>,10,<label 0-30>`, the alphabetical 31-class order of data.md 3.1).
+Output: the flat layout the loader reads (data.md 7): classes.txt, splits/{train,test}.csv, audio/<id>.wav,
+frames/<id>/<NNNNN>.jpg. Parallel, resumable (finished clips are skipped), failed clips counted at the end.
+"""
+
+import argparse
+import glob
+import os
+
+from common.data import KS_CLASSES, read_rows
+from preprocess.video import process_clip, report_failures, require_ffmpeg, run_parallel, write_split
+
+
+def find_videos(root):
+    return {os.path.splitext(os.path.basename(v))[0]: v for v in glob.glob(os.path.join(root, "**", "*.mp4"), recursive=True)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", required=True, help="folder of <clip_id>.mp4 files (searched recursively)")
+    p.add_argument("--splits", required=True, help="folder holding my_train.txt and my_test.txt")
+    p.add_argument("--out", default="data/kinetics_sounds", help="output folder")
+    p.add_argument("--sample-rate", type=int, default=16000, help="wav sample rate")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
+    a = p.parse_args(argv)
+    require_ffmpeg()
+    videos = find_videos(a.videos)
+    os.makedirs(os.path.join(a.out, "audio"), exist_ok=True)
+    with open(os.path.join(a.out, "classes.txt"), "w") as f:
+        f.writelines(c + "\n" for c in KS_CLASSES)
+    jobs, missing = [], 0
+    for split in ("train", "test"):
+        rows = read_rows(os.path.join(a.splits, f"my_{split}.txt"))
+        kept = []
+        for line, row in rows:
+            clip_id, label = row[0], row[-1]
+            if clip_id not in videos:
+                missing += 1
+                continue
+            kept.append((clip_id, label))
+            jobs.append((videos[clip_id], clip_id, a.out, a.sample_rate))
+        write_split(os.path.join(a.out, "splits", f"{split}.csv"), kept)
+        print(f"{split}: {len(kept)} of {len(rows)} listed clips have a video")
+    if missing:
+        print(f"{missing} listed clips have no video under {a.videos} (YouTube attrition); they are left out")
+    failed = run_parallel(process_clip, jobs, a.workers, "Kinetics-Sounds clips")
+    report_failures(failed, len(jobs), os.path.join(a.out, "failed.txt"))
+
+
+if __name__ == "__main__":
+    main()
