@@ -11,8 +11,8 @@ Layout (the real CREMA-D loader reads it unchanged):
 
 Modality imbalance by construction:
 - audio is easy: a clean class tone (fundamental + one harmonic) under white noise;
-- vision is harder: a faint grating in a class colour (random orientation, phase and frequency per frame, so only
-  the colour of the texture carries the class, and crops and flips keep it) under strong pixel noise;
+- vision is harder: a faint square in a class colour (random place and size per frame, so crops and flips keep
+  the cue) under strong pixel noise;
 - a share of clips (`--uninformative-audio`, default 0.3) has noise-only audio, so the best fused accuracy needs
   a visual encoder that actually learned.
 """
@@ -68,11 +68,11 @@ def make_frame(rng, label, colours, px, strength):
 
 
 DEFAULTS = dict(n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40, min_frames=2,
-                max_frames=3, audio_snr=1.0, visual_strength=0.6, uninformative_audio=0.3, seed=0)
+                max_frames=3, audio_snr=1.0, visual_strength=0.2, uninformative_audio=0.3, seed=0)
 
 
 def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40,
-             min_frames=2, max_frames=3, audio_snr=1.0, visual_strength=0.6, uninformative_audio=0.3, seed=0):
+             min_frames=2, max_frames=3, audio_snr=1.0, visual_strength=0.2, uninformative_audio=0.3, seed=0):
     """Write the dataset to `out` (deterministic: the same arguments write byte-identical files)."""
     if not 1 <= n_classes <= len(EMOTIONS):
         raise ValueError(f"--n-classes must be between 1 and {len(EMOTIONS)} (CREMA-D label names), got {n_classes}")
@@ -120,7 +120,7 @@ if __name__ == "__main__":
     p.add_argument("--min-frames", type=int, default=2, help="fewest frames per clip")
     p.add_argument("--max-frames", type=int, default=3, help="most frames per clip")
     p.add_argument("--audio-snr", type=float, default=1.0, help="audio tone strength relative to the noise")
-    p.add_argument("--visual-strength", type=float, default=0.6, help="visual pattern strength relative to the noise")
+    p.add_argument("--visual-strength", type=float, default=0.2, help="visual pattern strength relative to the noise")
     p.add_argument("--uninformative-audio", type=float, default=0.3, help="share of clips whose audio is noise only")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     a = p.parse_args()
