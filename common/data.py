@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import warnings
 import wave
 from dataclasses import dataclass, replace
@@ -423,7 +424,10 @@ def add_data_args(parser):
 
 
 def ensure_synthetic(root):
-    """Generate the default synthetic set on first use, or again if it was written with other generator defaults."""
+    """Generate the default synthetic set on first use, or again if it was written with other generator defaults.
+
+    Written to a temporary folder and renamed into place, so runs started together never read a half-written set.
+    """
     from preprocess.synthetic import DEFAULTS, generate
 
     meta_path = os.path.join(root, "meta.json")
@@ -435,7 +439,15 @@ def ensure_synthetic(root):
         print(f"{root} was written with other generator settings; regenerating with the current defaults")
     else:
         print(f"generating the synthetic dataset in {root} (first use)")
-    generate(root)
+    tmp = f"{root}.tmp{os.getpid()}"
+    generate(tmp)
+    if os.path.isdir(root):
+        os.rename(root, f"{root}.old{os.getpid()}")
+        shutil.rmtree(f"{root}.old{os.getpid()}")
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_datasets(args):
