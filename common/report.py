@@ -1,0 +1,166 @@
+"""Read every run's results.json under a folder, write <out>/results.md (printed too) and PNG plots.
+
+    python -m common.report runs/all            # -> runs/report/results.md, test_acc.png, modalities.png, modulation.png
+    python -m common.report runs/all --out somewhere/
+
+One row per method (baseline's --modality audio/visual runs get their own rows), mean ± std over seeds of the
+best-epoch and last-epoch fused, audio-only and visual-only accuracy and macro-F1, and seconds per epoch.
+Runs listed in <runs>/failed.txt (written by run_all.sh) appear as FAILED rows.
+"""
+
+import argparse
+import glob
+import json
+import os
+
+import numpy as np
+
+ORDER = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug"]
+SIGNAL = {  # what train/coeff_* means for each script (spec README, logged metric keys)
+    "ogm": "OGM coefficient k", "opm": "OPM drop probability q", "arl": "ARL weight 1+c", "dgl": "DGL (none: 1)",
+    "aug": "AUG number of classifiers", "baseline": "joint training (none: 1)",
+}
+
+
+def method_name(results):
+    name = results.get("script", "?")
+    modality = results.get("args", {}).get("modality", "both")
+    return f"{name}_{modality}" if modality in ("audio", "visual") else name
+
+
+def load_runs(runs_dir):
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(runs_dir, "**", "results.json"), recursive=True)):
+        with open(path) as f:
+            r = json.load(f)
+        metrics_path = os.path.join(os.path.dirname(path), "metrics.jsonl")
+        r["history"] = [json.loads(x) for x in open(metrics_path) if x.strip()] if os.path.isfile(metrics_path) else []
+        runs.setdefault(method_name(r), []).append(r)
+    return runs
+
+
+def load_failures(runs_dir):
+    path = os.path.join(runs_dir, "failed.txt")
+    failed = {}
+    if os.path.isfile(path):
+        for line in open(path):
+            parts = line.split()
+            if parts:
+                failed.setdefault(parts[0], []).append(" ".join(parts[1:]))
+    return failed
+
+
+def mean_std(values, scale=100.0, digits=1):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    m, s = np.mean(vals) * scale, (np.std(vals) * scale if len(vals) > 1 else 0.0)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def sort_key(name):
+    return (ORDER.index(name) if name in ORDER else len(ORDER), name)
+
+
+def table(runs, failed):
+    cols = ["best acc", "last acc", "best audio", "last audio", "best visual", "last visual", "best F1", "last F1"]
+    keys = ["test/acc", "test/acc", "test/acc_audio", "test/acc_audio", "test/acc_visual", "test/acc_visual",
+            "test/macro_f1", "test/macro_f1"]
+    lines = ["| method | seeds | " + " | ".join(cols) + " | s/epoch |", "|" + "---|" * (len(cols) + 3)]
+    for name in sorted(set(runs) | set(failed), key=sort_key):
+        rs = runs.get(name, [])
+        cells = []
+        for col, key in zip(cols, keys):
+            which = "best" if col.startswith("best") else "last"
+            cells.append(mean_std([r[which].get(key) for r in rs]))
+        seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])) or "–"
+        secs = mean_std([r["seconds_per_epoch"] for r in rs], scale=1.0) if rs else "–"
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {secs} |")
+        for f in failed.get(name, []):
+            lines.append(f"| {name} | FAILED ({f}) |" + " |" * (len(cols) + 1))
+    return "\n".join(lines)
+
+
+def curve(rs, key):
+    n = min(len(r["history"]) for r in rs)
+    if n == 0 or any(key not in h for r in rs for h in r["history"][:n]):
+        return None
+    return np.array([[h[key] for h in r["history"][:n]] for r in rs]).mean(0)
+
+
+def plots(runs, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(runs, key=sort_key)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        c = curve(runs[name], "test/acc")
+        if c is not None:
+            ax.plot(np.arange(len(c)), 100 * c, marker="o", ms=3, label=name)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Fused test accuracy per epoch (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "test_acc.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(names)), 4.5))
+    width = 0.27
+    for k, (key, label) in enumerate([("test/acc", "fused"), ("test/acc_audio", "audio"), ("test/acc_visual", "visual")]):
+        means, stds = [], []
+        for name in names:
+            vals = [r["last"][key] for r in runs[name] if key in r["last"]]
+            means.append(100 * np.mean(vals) if vals else 0.0)
+            stds.append(100 * np.std(vals) if len(vals) > 1 else 0.0)
+        ax.bar(np.arange(len(names)) + (k - 1) * width, means, width, yerr=stds, capsize=2, label=label)
+    ax.set_xticks(np.arange(len(names)), names, rotation=20, ha="right")
+    ax.set(ylabel="last-epoch test accuracy (%)", title="Fused, audio-only and visual-only accuracy per method")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "modalities.png"), dpi=120)
+    plt.close(fig)
+
+    signal = [n for n in names if n in SIGNAL and curve(runs[n], "train/coeff_audio") is not None]
+    cols = max(1, min(3, len(signal)))
+    rows = max(1, int(np.ceil(len(signal) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, signal):
+        for key, label in (("train/coeff_audio", "audio"), ("train/coeff_visual", "visual")):
+            c = curve(runs[name], key)
+            ax.plot(np.arange(len(c)), c, marker="o", ms=3, label=label)
+        ax.set(title=f"{name}: {SIGNAL[name]}", xlabel="epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(signal):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "modulation.png"), dpi=120)
+    plt.close(fig)
+
+
+def write_report(runs_dir, out=None):
+    out = out or os.path.join(os.path.dirname(os.path.normpath(runs_dir)) or ".", "report")
+    os.makedirs(out, exist_ok=True)
+    runs, failed = load_runs(runs_dir), load_failures(runs_dir)
+    if not runs and not failed:
+        raise SystemExit(f"no results.json under {runs_dir}: run a script or run_all.sh first")
+    text = "\n".join([f"Results from `{runs_dir}` (accuracy and macro-F1 in %, mean ± std over seeds)", "", table(runs, failed), ""])
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    if runs:
+        plots(runs, out)
+    print(text)
+    print(f"wrote {out}/results.md" + (", test_acc.png, modalities.png, modulation.png" if runs else ""))
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs_dir", help="folder searched recursively for results.json")
+    p.add_argument("--out", default=None, help="output folder (default: runs/report next to runs_dir)")
+    a = p.parse_args()
+    write_report(a.runs_dir, a.out)
