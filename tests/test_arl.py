@@ -1,0 +1,327 @@
+"""ARL (arl.py): the properties of ../shared/reference/arl.md section 8, on CPU with tiny tensors and tiny synthetic data."""
+
+import copy
+import json
+import math
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import arl
+from common.models import AVClassifier
+from conftest import ROOT, read_results, run_script
+
+B, C = 4, 6
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, 1, 32, 32, generator=g), torch.randn(B, 3, 1, 32, 32, generator=g), torch.tensor([0, 1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def model0():
+    torch.manual_seed(0)
+    model = AVClassifier(C)
+    with torch.no_grad():  # a trained-looking, non-zero, class-dependent bias (the init bias is zero)
+        model.head.fc_out.bias.copy_(torch.linspace(-1, 1, C))
+    return model
+
+
+def grads_of(module):
+    return {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in module.named_parameters()}
+
+
+def run_inprocess(runs_dir, data_root, *extra):
+    """Run arl.py's __main__ in this process (no interpreter start-up); return its run folder."""
+    argv = ["arl.py", "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir),
+            "--no-progress", "--batch-size", "4", *map(str, extra)]
+    old, sys.argv = sys.argv, argv
+    try:
+        runpy.run_path(os.path.join(ROOT, "arl.py"), run_name="__main__")
+    except SystemExit as e:  # --stop-after-epochs exits with 0
+        assert e.code in (0, None), e.code
+    finally:
+        sys.argv = old
+    runs = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_weights(run_dir):
+    return torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=False)["model"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1-3: GradScale
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("w", [0.0, 0.3, 0.9])
+def test_gradscale_forward_is_identity(w):
+    x = torch.randn(5, 7)
+    assert torch.equal(arl.GradScale.apply(x, w), x)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.3, 0.9])
+def test_gradscale_backward_scales_by_one_plus_w(w):
+    x = torch.randn(5, 7, requires_grad=True)
+    w_t = torch.tensor(w, requires_grad=True)
+    g = torch.randn(5, 7)
+    arl.GradScale.apply(x, w_t).backward(g)
+    torch.testing.assert_close(x.grad, (1 + w) * g, rtol=1e-6, atol=0)
+    assert w_t.grad is None  # w is a constant
+    # float64 Jacobian of the backward: exactly (1 + w) I. (The spec's gradcheck can only pass for w = 0: gradcheck
+    # compares with the numerical Jacobian of the forward, the identity, and GradScale departs from it on purpose.)
+    xd = torch.randn(3, 4, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda t: arl.GradScale.apply(t, w), xd).reshape(12, 12)
+    assert torch.equal(jac, (1 + w) * torch.eye(12, dtype=torch.float64))
+    if w == 0.0:
+        assert torch.autograd.gradcheck(lambda t: arl.GradScale.apply(t, w), (xd.requires_grad_(),))
+
+
+def test_gradscale_placement_before_or_after_pooling(model0, batch):
+    """GradScale on the layer-4 map before pooling == on the pooled vector (pooling is linear, the scale a scalar)."""
+    audio, w = batch[0], 0.7
+    proj = torch.randn(512, 3)
+    out = []
+    for before in (True, False):
+        net = copy.deepcopy(model0.audio_net)
+        m = net.trunk(audio)
+        if before:
+            a = torch.flatten(F.adaptive_avg_pool2d(arl.GradScale.apply(m, w), 1), 1)
+        else:
+            a = arl.GradScale.apply(torch.flatten(F.adaptive_avg_pool2d(m, 1), 1), w)
+        (a @ proj).square().sum().backward()
+        out.append(grads_of(net))
+    for n in out[0]:
+        torch.testing.assert_close(out[0][n], out[1][n], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4-5, 12: coefficients
+# ---------------------------------------------------------------------------------------------------------------
+def entropy(row):
+    e = [math.exp(x) for x in row]
+    p = [x / sum(e) for x in e]
+    return -sum(q * math.log(q + 1e-16) for q in p)
+
+
+def test_coefficients_match_hand_computation():
+    z_a, z_v = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[1.0, -1.0, 0.0], [0.0, 0.0, 3.0]]
+    T = 8.0
+    D_a = (2 + 0) / 2 + (0 + 1) / 2 + 0  # sum over classes of the batch-mean |z|
+    D_v = (1 + 0) / 2 + (1 + 0) / 2 + (0 + 3) / 2
+    d_a = D_a / (D_a + D_v)
+    H_a, H_v = sum(map(entropy, z_a)) / 2, sum(map(entropy, z_v)) / 2
+    h_a, h_v = max(H_a / (H_a + H_v), 0.3), max(H_v / (H_a + H_v), 0.3)
+    w_a = (1 / h_a) / (1 / h_a + 1 / h_v)
+    e1, e2 = math.exp(T * (1 - d_a) * w_a), math.exp(T * d_a * (1 - w_a))
+    r = arl.arl_coefficients(torch.tensor(z_a), torch.tensor(z_v), T)
+    assert r["d_a"].item() == pytest.approx(d_a, abs=1e-6)
+    assert r["entropy_a"].item() == pytest.approx(H_a, abs=1e-6)
+    assert r["entropy_v"].item() == pytest.approx(H_v, abs=1e-6)
+    assert r["w_a"].item() == pytest.approx(w_a, abs=1e-6)
+    assert r["c_a"].item() == pytest.approx(e1 / (e1 + e2), abs=1e-6)
+    assert r["c_v"].item() == pytest.approx(e2 / (e1 + e2), abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_coefficient_identities_and_ranges(seed):
+    g = torch.Generator().manual_seed(seed)
+    z_a = torch.randn(8, C, generator=g) * 10 ** (seed - 2)  # from near-uniform to saturated predictions
+    z_v = torch.randn(8, C, generator=g) * 3
+    T = 8.0
+    r = arl.arl_coefficients(z_a, z_v, T)
+    assert (r["c_a"] + r["c_v"]).item() == pytest.approx(1.0, abs=1e-6)
+    assert r["c_a"].item() == pytest.approx(torch.sigmoid(T * (r["w_a"] - r["d_a"])).item(), abs=1e-6)
+    assert 0.3 / 1.3 - 1e-6 <= r["w_a"].item() <= 1 / 1.3 + 1e-6  # the 0.3 floor bounds w_a to [0.231, 0.769]
+
+
+def test_equal_logits_give_equal_coefficients():
+    z = torch.randn(8, C)
+    r = arl.arl_coefficients(z, z.clone(), 8.0)
+    assert r["d_a"].item() == 0.5 and r["w_a"].item() == 0.5
+    assert r["c_a"].item() == 0.5 and r["c_v"].item() == 0.5
+
+
+def test_boosts_the_reliable_but_under_relied_upon_modality():
+    """c_a > 0.5 exactly when audio's inverse-variance share exceeds its dependence share (not simply the weaker one)."""
+    sharp_small = torch.tensor([[3.0, 0, 0, 0, 0, 0]]).repeat(4, 1)  # confident, small |logits|
+    flat_large = torch.tensor([[5.0, 5, 5, 5, 5, 5.5]]).repeat(4, 1)  # near-uniform, large |logits|
+    r = arl.arl_coefficients(sharp_small, flat_large, 8.0)
+    assert r["w_a"] > 0.5 > r["d_a"] and r["c_a"] > 0.9  # audio is reliable and under-used: boost audio
+    r = arl.arl_coefficients(flat_large, sharp_small, 8.0)
+    assert r["w_a"] < 0.5 < r["d_a"] and r["c_a"] < 0.1  # the mirror case: boost visual
+    dominant = 10 * F.one_hot(torch.arange(4), C).float()  # audio confident *and* relied upon far more
+    r = arl.arl_coefficients(dominant, dominant / 10, 8.0)
+    assert r["w_a"] > 0.5 and r["d_a"] > r["w_a"] and r["c_a"] < 0.5  # even the more reliable one can be damped
+
+
+def test_monotone_in_audio_entropy_and_dependence():
+    z_v = torch.randn(4, C, generator=torch.Generator().manual_seed(1))
+    prev_ent, prev_w, prev_c = None, None, None
+    for k in (5, 4, 3, 2, 1):  # the same L1 mass 6 per row spread over fewer classes: sharper, same D_a
+        z_a = torch.zeros(4, C)
+        z_a[:, :k] = 6.0 / k
+        r = arl.arl_coefficients(z_a, z_v, 8.0)
+        if prev_ent is not None:
+            assert r["entropy_a"] < prev_ent  # precondition: the audio entropy does fall
+            assert r["w_a"] >= prev_w and r["c_a"] >= prev_c  # non-strict once the floor binds
+        prev_ent, prev_w, prev_c = r["entropy_a"], r["w_a"], r["c_a"]
+    assert prev_c > arl.arl_coefficients(torch.full((4, C), 1.0), z_v, 8.0)["c_a"]  # strictly overall
+    base = torch.rand(4, C, generator=torch.Generator().manual_seed(2)) + 0.1  # positive, so a shift grows |z_a|
+    cs = [arl.arl_coefficients(base + s, z_v, 8.0) for s in (0.0, 1.0, 2.0)]
+    for lo, hi in zip(cs, cs[1:]):
+        assert hi["entropy_a"].item() == pytest.approx(lo["entropy_a"].item(), abs=1e-5)  # softmax is shift-invariant
+        assert hi["d_a"] > lo["d_a"] and hi["c_a"] < lo["c_a"]
+
+
+def test_temperature_zero_gives_equal_coefficients():
+    r = arl.arl_coefficients(torch.randn(4, C) * 5, torch.randn(4, C), 0.0)
+    assert r["c_a"].item() == 0.5 and r["c_v"].item() == 0.5
+
+
+def test_guards_on_degenerate_logits():
+    for z_a, z_v in ((torch.zeros(4, C), torch.zeros(4, C)),
+                     (1e4 * F.one_hot(torch.arange(4), C).float(), 1e4 * F.one_hot(torch.arange(4), C).float())):
+        r = arl.arl_coefficients(z_a, z_v, 8.0)
+        assert all(torch.isfinite(t).all() for t in r.values())
+        assert r["c_a"].item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7, 9, 10: the training step's gradients
+# ---------------------------------------------------------------------------------------------------------------
+def step_grads(model0, batch, coeff, weight, dtype=torch.float32):
+    model = copy.deepcopy(model0).to(dtype)
+    audio, visual, y = batch
+    audio, visual = audio.to(dtype), visual.to(dtype)
+    _, _, z, z_a, z_v = arl.arl_forward(model, audio, visual, coeff)
+    loss = arl.arl_loss(z, z_a, z_v, y, weight)[0]
+    loss.backward()
+    return model, {k: grads_of(getattr(model, k)) for k in ("audio_net", "visual_net", "head")}
+
+
+def test_warmup_loss_is_unweighted_sum(model0, batch):
+    audio, visual, y = batch
+    model = copy.deepcopy(model0)
+    _, _, z, z_a, z_v = arl.arl_forward(model, audio, visual, (0.0, 0.0))
+    loss, loss_f, loss_a, loss_v = arl.arl_loss(z, z_a, z_v, y, 1.0)
+    assert loss.item() == pytest.approx((F.cross_entropy(z, y) + F.cross_entropy(z_a, y) + F.cross_entropy(z_v, y)).item())
+    assert loss_f.item() == pytest.approx(F.cross_entropy(model(audio, visual)[2], y).item(), abs=1e-5)
+
+
+def test_encoder_gradients_scaled_by_one_plus_c_head_unscaled(model0, batch):
+    """After warm-up each encoder's gradient is (1 + c_m) times that of L_f + gamma (L_a + L_v); the head is unscaled."""
+    # float64: in fp32 the scaled and unscaled backward passes round differently inside the convolutions
+    _, ref = step_grads(model0, batch, (0.0, 0.0), 4.0, torch.float64)
+    c_a, c_v = 0.8, 0.2
+    _, got = step_grads(model0, batch, (c_a, c_v), 4.0, torch.float64)
+    for role, s in (("audio_net", 1 + c_a), ("visual_net", 1 + c_v)):
+        for n, g in ref[role].items():
+            torch.testing.assert_close(got[role][n], s * g, rtol=1e-6, atol=1e-12)
+        assert any(g.abs().sum() > 0 for g in ref[role].values())
+    for n, g in ref["head"].items():
+        torch.testing.assert_close(got["head"][n], g, rtol=1e-6, atol=1e-12)
+
+
+def test_zero_fill_logits_and_audio_loss_reaches_only_audio_columns(model0, batch):
+    audio, visual, y = batch
+    model = copy.deepcopy(model0)
+    a, v, z, z_a, z_v = arl.arl_forward(model, audio, visual, (0.5, 0.5))
+    W, b = model.head.fc_out.weight, model.head.fc_out.bias
+    torch.testing.assert_close(z_a, a @ W[:, :512].T + b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(z_a + z_v - b, z, atol=1e-5, rtol=0)
+    F.cross_entropy(z_a, y).backward()
+    assert torch.count_nonzero(W.grad[:, 512:]) == 0
+    assert W.grad[:, :512].abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+def test_clipping_at_40_by_default(model0, batch):
+    for dataset in arl.PRESETS:
+        args = arl.apply_preset(arl.parse_args(["--dataset", dataset]), arl.PRESETS)
+        assert args.clip_grad == 40.0
+    model, _ = step_grads(model0, batch, (0.9, 0.1), 4.0)
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), 40.0)
+    assert total > 40  # precondition: this gradient is clipped
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert norm <= 40 + 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end: smoke, timing and warm-up in the logs, T = 0 vs fixed, resume
+# ---------------------------------------------------------------------------------------------------------------
+SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "train/coeff_audio",
+               "train/coeff_visual", "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map",
+               "charts/lr", "charts/samples_per_sec"]
+EXTRA_KEYS = ["train/loss_fused", "train/dep_audio", "train/var_share_audio", "train/target_ratio",
+              "train/entropy_audio", "train/entropy_visual"]
+
+
+def test_smoke(tiny_data, tmp_path):
+    proc, run = run_script("arl.py", tiny_data, tmp_path, "--epochs", "2", "--max-steps", "2", "--warmup-epochs", "1")
+    r = read_results(run)
+    for key in SHARED_KEYS + EXTRA_KEYS:
+        assert key in r["last"], key
+    assert 0 <= r["best"]["test/acc"] <= 1
+    assert r["args"]["clip_grad"] == 40.0 and r["args"]["gamma"] == 4.0 and r["args"]["temperature"] == 8.0
+
+
+@pytest.fixture(scope="module")
+def three_epoch_run(tiny_data, tmp_path_factory):
+    """3 epochs of 1 step each, warm-up = epoch 0: every logged value is one step's value."""
+    return run_inprocess(tmp_path_factory.mktemp("arl3"), tiny_data, "--epochs", "3", "--max-steps", "1", "--warmup-epochs", "1")
+
+
+def test_warmup_and_previous_step_timing_in_the_logs(three_epoch_run):
+    m = read_metrics(three_epoch_run)
+    T, gamma = 8.0, 4.0
+    assert m[0]["train/coeff_audio"] == 1.0 and m[0]["train/coeff_visual"] == 1.0  # warm-up: no scaling
+    assert m[0]["train/loss"] == pytest.approx(m[0]["train/loss_fused"] + m[0]["train/loss_audio"] + m[0]["train/loss_visual"], rel=1e-5)
+    assert m[1]["train/coeff_audio"] == 1.5 and m[1]["train/coeff_visual"] == 1.5  # first post-warm-up step: (0.5, 0.5)
+    for e in (1, 2):
+        assert m[e]["train/loss"] == pytest.approx(
+            m[e]["train/loss_fused"] + gamma * (m[e]["train/loss_audio"] + m[e]["train/loss_visual"]), rel=1e-5)
+    c_a_epoch1 = 1 / (1 + math.exp(-T * (m[1]["train/var_share_audio"] - m[1]["train/dep_audio"])))
+    assert m[2]["train/coeff_audio"] == pytest.approx(1 + c_a_epoch1, abs=1e-5)  # step t uses step t-1, across epochs
+    assert m[2]["train/coeff_audio"] + m[2]["train/coeff_visual"] == pytest.approx(3.0, abs=1e-6)
+    assert m[2]["train/coeff_audio"] != 1.5
+
+
+def test_current_timing_uses_the_same_batch(tiny_data, tmp_path):
+    m = read_metrics(run_inprocess(tmp_path, tiny_data, "--epochs", "2", "--max-steps", "1", "--warmup-epochs", "1",
+                                   "--arl-coeff-timing", "current"))
+    c_a = 1 / (1 + math.exp(-8.0 * (m[1]["train/var_share_audio"] - m[1]["train/dep_audio"])))
+    assert m[1]["train/coeff_audio"] == pytest.approx(1 + c_a, abs=1e-5) and m[1]["train/coeff_audio"] != 1.5
+
+
+def test_temperature_zero_run_is_the_fixed_weights_run(tiny_data, tmp_path):
+    common = ["--epochs", "1", "--max-steps", "3", "--warmup-epochs", "0"]
+    runs = {name: final_weights(run_inprocess(tmp_path / name, tiny_data, *common, *flags))
+            for name, flags in (("t0", ["--T", "0"]), ("fixed", ["--arl-weights", "fixed"]), ("computed", []))}
+    assert all(torch.equal(runs["t0"][k], runs["fixed"][k]) for k in runs["t0"])
+    assert not all(torch.equal(runs["computed"][k], runs["fixed"][k]) for k in runs["t0"])  # control: the flag matters
+
+
+def test_resume_continues_exactly(three_epoch_run, tiny_data, tmp_path):
+    """Interrupt after 2 epochs, resume: the coefficient state carries over and the result equals an uninterrupted run."""
+    args = ["--epochs", "3", "--max-steps", "1", "--warmup-epochs", "1"]
+    run = run_inprocess(tmp_path, tiny_data, *args, "--stop-after-epochs", "2")
+    assert len(read_metrics(run)) == 2
+    ckpt = torch.load(os.path.join(run, "last.pt"), map_location="cpu", weights_only=False)
+    assert ckpt["arl_coeff"] != (0.5, 0.5)
+    run_inprocess(tmp_path, tiny_data, "--resume", run)
+    full, resumed = read_metrics(three_epoch_run), read_metrics(run)
+    assert [m["train/coeff_audio"] for m in resumed] == [m["train/coeff_audio"] for m in full]
+    assert [m["test/acc"] for m in resumed] == [m["test/acc"] for m in full]
+    a, b = final_weights(three_epoch_run), final_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
