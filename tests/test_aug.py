@@ -1,0 +1,428 @@
+"""AUG (aug.py): the properties of ../shared/reference/aug.md section 9, on CPU with tiny tensors and tiny synthetic data."""
+
+import json
+import os
+import runpy
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aug
+from common.utils import apply_preset
+from conftest import ROOT
+from preprocess.synthetic import generate
+
+B, C = 4, 6
+TRUNKS = 11_170_240 + 11_176_512  # audio (1-channel stem) + visual (3-channel stem), models.md section 2
+FIRST_LAYER = 512 * 256 + 256  # 131,328
+
+
+def make_args(*extra):
+    return apply_preset(aug.parse_args(["--dataset", "synthetic", *map(str, extra)]), aug.PRESETS)
+
+
+def setup(*extra, seed=0):
+    """(args, model, optimizer) as aug.py builds them, on CPU."""
+    args = make_args(*extra)
+    torch.manual_seed(seed)
+    model = aug.AUGClassifier(C)
+    return args, model, aug.make_optimizer(args, model)
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 1, 32, 32, generator=g), torch.randn(B, 3, 1, 32, 32, generator=g), torch.tensor([0, 1, 2, 3])
+
+
+def clone_params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def run_inprocess(runs_dir, data_root, *extra):
+    """Run aug.py's __main__ in this process (no interpreter start-up); return its run folder."""
+    argv = ["aug.py", "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir),
+            "--no-progress", "--batch-size", "4", *map(str, extra)]
+    old, sys.argv = sys.argv, argv
+    try:
+        runpy.run_path(os.path.join(ROOT, "aug.py"), run_name="__main__")
+    except SystemExit as e:  # --stop-after-epochs and --eval-only exit with 0
+        assert e.code in (0, None), e.code
+    finally:
+        sys.argv = old
+    runs = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1-2. residual loss and loss structure
+# ---------------------------------------------------------------------------------------------------------------
+def test_residual_loss_two_forms_and_per_sample_weight():
+    g = torch.Generator().manual_seed(0)
+    prev = [3 * torch.randn(16, C, generator=g) for _ in range(2)]
+    q, y = torch.randn(16, C, generator=g), torch.randint(0, C, (16,), generator=g)
+    p_prev = torch.softmax(prev[0] + prev[1], 1)
+    for lam in (0.2, 0.5, 1.0):
+        eps = aug.residual_loss(prev, q, y, lam)
+        soft_target = F.one_hot(y, C).float() * p_prev  # the release's form: CE(q, y) - lam * SoftCE(q, Y * sg(p_prev))
+        release = F.cross_entropy(q, y) - lam * (-(soft_target * F.log_softmax(q, 1)).sum(1)).mean()
+        assert torch.allclose(eps, release, atol=1e-6)
+        w = aug.residual_weights(prev, y, lam)
+        expected = torch.tensor([1 - lam * p_prev[i, y[i]].item() for i in range(16)])
+        assert torch.allclose(w, expected, atol=1e-6)
+        assert (w >= 1 - lam - 1e-6).all() and (w <= 1 + 1e-6).all()
+        assert w.std() > 0  # confident samples count less
+    assert torch.allclose(aug.residual_loss(prev, q, y, 0.0), F.cross_entropy(q, y), atol=1e-6)
+    # --residual-source sum-probs (the paper): p_prev is the sum of the per-classifier softmaxes, and can exceed 1
+    w = aug.residual_weights(prev, y, 0.5, "sum-probs")
+    expected = 1 - 0.5 * (torch.softmax(prev[0], 1) + torch.softmax(prev[1], 1)).gather(1, y[:, None]).squeeze(1)
+    assert torch.allclose(w, expected, atol=1e-6)
+
+
+def test_boosting_loss_structure_and_residual_gradient():
+    g = torch.Generator().manual_seed(1)
+    qs, y = [torch.randn(8, C, generator=g) for _ in range(3)], torch.randint(0, C, (8,), generator=g)
+    assert torch.allclose(aug.boosting_loss(qs[:1], y, 0.5), F.cross_entropy(qs[0], y))
+    full = F.cross_entropy(sum(qs), y) + F.cross_entropy(qs[0] + qs[1], y) + aug.residual_loss(qs[:2], qs[2], y, 0.5)
+    assert torch.allclose(aug.boosting_loss(qs, y, 0.5), full, atol=1e-6)
+    # eps alone sends no gradient to the first layers of the older classifiers, only to the newest
+    _, model, _ = setup()
+    aug.add_classifier(model, "audio")
+    aug.add_classifier(model, "audio")
+    logits = model.classifier_logits(torch.randn(8, 512, generator=g), "audio")
+    aug.residual_loss(logits[:-1], logits[-1], y, 0.5).backward()
+    for layer in model.audio_classifiers[:-1]:
+        assert layer.weight.grad is None or not layer.weight.grad.any()
+    assert model.audio_classifiers[-1].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3-4, 6. model: the shared layer, parameter counts, ensemble output, added-classifier initialisation
+# ---------------------------------------------------------------------------------------------------------------
+def test_shared_head_parameter_counts_and_roles():
+    _, model, _ = setup()
+    n0 = sum(p.numel() for p in model.parameters())
+    assert n0 == TRUNKS + 2 * FIRST_LAYER + (256 * C + C)
+    aug.add_classifier(model, "visual")
+    assert sum(p.numel() for p in model.parameters()) == n0 + FIRST_LAYER
+    aug.add_classifier(model, "audio")
+    assert sum(p.numel() for p in model.parameters()) == n0 + 2 * FIRST_LAYER
+    calls = []
+    model.head.register_forward_hook(lambda m, i, o: calls.append(m))
+    u = torch.randn(B, 512)
+    model.classifier_logits(u, "audio"), model.classifier_logits(u, "visual")
+    assert len(calls) == 4 and all(m is model.head for m in calls)  # every classifier calls the one shared h
+    roles = [model.audio_net, model.visual_net, model.audio_classifiers, model.visual_classifiers, model.head]
+    ids = [id(p) for r in roles for p in r.parameters()]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_ensemble_output_is_sum_of_classifier_logits():
+    _, model, _ = setup()
+    u = torch.randn(B, 512)
+    for n in (1, 2, 3):
+        logits = model.classifier_logits(u, "visual")
+        assert len(logits) == n
+        manual = [model.head(F.relu(layer(u))) for layer in model.visual_classifiers]
+        assert torch.allclose(sum(logits), sum(manual), atol=1e-6)
+        aug.add_classifier(model, "visual")
+    assert len(model.classifier_logits(u, "audio")) == 1
+
+
+def test_added_classifier_init():
+    _, model, _ = setup()
+    for modality in ("visual", "audio", "visual"):
+        n = {m: len(model.classifiers(m)) for m in ("audio", "visual")}
+        layer = aug.add_classifier(model, modality)
+        assert model.classifiers(modality)[-1] is layer and len(model.classifiers(modality)) == n[modality] + 1
+        other = "audio" if modality == "visual" else "visual"
+        assert len(model.classifiers(other)) == n[other]
+        assert not layer.bias.any()
+        assert abs(layer.weight.std().item() / (2 / 768) ** 0.5 - 1) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. ACA decision and check epochs
+# ---------------------------------------------------------------------------------------------------------------
+def test_aca_decision_and_check_epochs():
+    assert aug.aca_decision(1.02, 1.0, 1.0, 0.01) == 1  # audio more confident -> visual gets a classifier
+    assert aug.aca_decision(0.98, 1.0, 1.0, 0.01) == -1
+    assert aug.aca_decision(1.005, 1.0, 1.0, 0.01) == 0
+    assert aug.aca_decision(0.995, 1.0, 1.0, 0.01) == 0
+    assert aug.aca_decision(0.51, 0.5, 1.0, 0.01) == 1  # a ratio: the scale of the scores does not matter
+    # --aca-rule difference: s_a - sigma s_v against +- tau
+    assert aug.aca_decision(0.52, 0.5, 1.0, 0.01, "difference") == 1
+    assert aug.aca_decision(0.48, 0.5, 1.0, 0.01, "difference") == -1
+    assert aug.aca_decision(0.505, 0.5, 1.0, 0.01, "difference") == 0
+    assert aug.aca_decision(0.051, 0.05, 1.0, 0.01, "difference") == 0  # ratio 1.02, but a difference of 0.001
+    assert aug.aca_check_period(200) == 20 and aug.aca_check_period(100) == 10 and aug.aca_check_period(10) == 1
+    assert aug.aca_check_period(5) == 1
+    for epochs, expected in ((200, {0} | set(range(19, 200, 20))), (100, {0} | set(range(9, 100, 10))), (10, set(range(10)))):
+        assert {e for e in range(epochs) if aug.is_check_epoch(e, aug.aca_check_period(epochs))} == expected
+    assert len({e for e in range(200) if aug.is_check_epoch(e, 20)}) == 11
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7-11. the training step: frozen / trainable added classifiers, alternation, gradients, confidence sums
+# ---------------------------------------------------------------------------------------------------------------
+def test_added_classifier_frozen_by_default():
+    args, model, opt = setup()
+    layer = aug.add_classifier(model, "visual")
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    enc0, h0, enc_a0 = clone_params(model.visual_net), clone_params(model.head), clone_params(model.audio_net)
+    has_grad = []
+    opt.register_step_pre_hook(lambda o, a, k: has_grad.append(layer.weight.grad is not None))
+    for s in range(3):
+        aug.aug_step(model, opt, *batch(s), args)
+    assert torch.equal(layer.weight, w0) and torch.equal(layer.bias, b0)  # bitwise unchanged
+    assert not {id(p) for p in layer.parameters()} & {id(p) for g in opt.param_groups for p in g["params"]}
+    assert has_grad == [False, True] * 3  # audio step: none; visual step: the gradient flowed through it
+    assert not same(clone_params(model.visual_net), enc0) and not same(clone_params(model.head), h0)
+    assert not same(clone_params(model.audio_net), enc_a0)
+
+
+def test_train_new_heads_registers_and_trains_added_classifier():
+    args, model, opt = setup("--train-new-heads", "--lr-milestones", 1, 2)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, args.lr_milestones, args.lr_gamma)
+    aug.aug_step(model, opt, *batch(0), args)
+    scheduler.step()  # epoch 1: LR 1e-3
+    layer = aug.add_classifier(model, "visual", opt if args.train_new_heads else None)
+    group = opt.param_groups[-1]
+    assert len(opt.param_groups) == 2 and {id(p) for p in group["params"]} == {id(p) for p in layer.parameters()}
+    assert group["lr"] == pytest.approx(1e-3) == opt.param_groups[0]["lr"]
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
+    w0 = layer.weight.detach().clone()
+    for s in range(2):
+        aug.aug_step(model, opt, *batch(s), args)
+    assert not torch.equal(layer.weight, w0)
+    scheduler.step()  # the schedule decays the new group with the others
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 1e-4])
+
+
+def test_alternation_visual_sees_h_after_audio_step():
+    args, model, opt = setup()
+    visual0 = clone_params(model.visual_net)
+    events = []
+    model.visual_net.register_forward_hook(lambda m, i, o: events.append(("visual_net", None)))
+    model.head.register_forward_pre_hook(lambda m, i: events.append(("head", m.weight.detach().clone())))
+    opt.register_step_post_hook(lambda o, a, k: events.append(("step", model.head.weight.detach().clone(),
+                                                                clone_params(model.visual_net))))
+    h0 = model.head.weight.detach().clone()
+    aug.aug_step(model, opt, *batch(0), args)
+    assert [e[0] for e in events] == ["visual_net", "head", "step", "head", "step"]
+    assert torch.equal(events[1][1], h0)  # audio classifier: h before any step
+    assert torch.equal(events[3][1], events[2][1]) and not torch.equal(events[3][1], h0)  # visual: h after the audio step
+    assert same(events[2][2], visual0)  # the audio step leaves the visual encoder (computed before it) unchanged
+
+
+def test_no_cross_modal_gradient_and_legacy_zero_grad():
+    args, model, opt = setup()
+    audio_side = list(model.audio_net.parameters()) + list(model.audio_classifiers[0].parameters())
+    visual_side = list(model.visual_net.parameters()) + list(model.visual_classifiers[0].parameters())
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append((all(p.grad is not None for p in audio_side),
+                                                            all(p.grad is None for p in audio_side),
+                                                            all(p.grad is not None for p in visual_side),
+                                                            all(p.grad is None for p in visual_side))))
+    for s in range(2):
+        aug.aug_step(model, opt, *batch(s), args)
+    assert seen == [(True, False, False, True), (False, True, True, False)] * 2
+    assert all(p.grad is None for p in model.parameters())  # cleared after the step
+    # --legacy-zero-grad (PyTorch 1.11 zero_grad): the audio side moves in the visual step (momentum and weight decay)
+    args, model, opt = setup("--legacy-zero-grad")
+    snaps = []
+    opt.register_step_post_hook(lambda o, a, k: snaps.append(clone_params(model.audio_net)))
+    for s in range(2):  # the second step also moves visual parameters saved for the visual backward
+        aug.aug_step(model, opt, *batch(s), args)
+    assert not same(snaps[0], snaps[1]) and not same(snaps[2], snaps[3])
+    args, model, opt = setup()  # and without the flag it does not
+    snaps = []
+    opt.register_step_post_hook(lambda o, a, k: snaps.append(clone_params(model.audio_net)))
+    for s in range(2):
+        aug.aug_step(model, opt, *batch(s), args)
+    assert same(snaps[0], snaps[1]) and same(snaps[2], snaps[3])
+
+
+def test_confidence_sums_match_train_mode_forward_at_lr0():
+    args, model, opt = setup("--lr", 0)
+    aug.add_classifier(model, "visual")
+    model.train()
+    total, expected = {"audio": 0.0, "visual": 0.0}, {"audio": 0.0, "visual": 0.0}
+    for s in range(3):
+        audio, visual, y = batch(s)
+        with torch.no_grad():
+            for m, x, net in (("audio", audio, model.audio_net), ("visual", visual, model.visual_net)):
+                p = torch.softmax(sum(model.classifier_logits(net(x), m)), 1)
+                expected[m] += p.gather(1, y[:, None]).sum().item()
+        out = aug.aug_step(model, opt, audio, visual, y, args)
+        for m in total:
+            assert all(isinstance(v, float) for v in out[m])  # plain floats: no graph is kept
+            total[m] += out[m][2]
+    for m in total:
+        assert total[m] == pytest.approx(expected[m], abs=1e-5)
+    assert total["visual"] != pytest.approx(total["audio"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 12-13. inference fusion and the unimodal metrics
+# ---------------------------------------------------------------------------------------------------------------
+def test_merge_logits_and_unimodal_metrics():
+    p_a, p_v = torch.randn(5, C), torch.randn(5, C)
+    assert torch.allclose(aug.merge_logits(p_a, p_v, 0.4), 0.4 * p_a + 0.6 * p_v)
+    assert torch.equal(aug.merge_logits(p_a, p_v, 1.0), p_a)
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1],
+                          [0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.5, 0.1, 0.4]])
+    y = torch.tensor([0, 0, 1, 1, 2, 2]).numpy()
+    perfect = 5 * F.one_hot(torch.tensor([0, 0, 1, 1, 2, 2]), 3).float()
+    recorded = [(probs[:4].log(), perfect[:4]), (probs[4:].log(), perfect[4:])]  # two test batches
+    m = aug.unimodal_metrics(recorded, y, 3)
+    # by hand: F1 per class 1/2, 4/5, 2/3; AP per class (1 + 2/3)/2, (1 + 2/3)/2, 1
+    assert m["test/macro_f1_audio"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert m["test/map_audio"] == pytest.approx((5 / 6 + 5 / 6 + 1) / 3)
+    assert m["test/macro_f1_visual"] == pytest.approx(1.0) and m["test/map_visual"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# whole runs: smoke, ACA in the loop, checkpoints, --eval-only, --resume, imbalance
+# ---------------------------------------------------------------------------------------------------------------
+KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ce_audio", "train/ce_visual", "train/ratio",
+        "train/coeff_audio", "train/coeff_visual", "train/score_audio", "train/score_visual", "train/aca_action",
+        "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map", "test/macro_f1_audio",
+        "test/map_audio", "test/macro_f1_visual", "test/map_visual", "charts/lr", "charts/samples_per_sec"]
+
+
+def test_smoke_and_logged_keys(tiny_data, tmp_path):
+    run = run_inprocess(tmp_path, tiny_data, "--epochs", 2, "--max-steps", 2)
+    with open(os.path.join(run, "results.json")) as f:
+        r = json.load(f)
+    assert r["epochs_run"] == 2 and 0 <= r["best"]["test/acc"] <= 1
+    for row in read_metrics(run):
+        assert set(KEYS) <= set(row), set(KEYS) - set(row)
+        assert row["train/ratio"] == pytest.approx(row["train/score_audio"] / row["train/score_visual"])
+        assert 0 < row["train/score_audio"] <= 1 and row["charts/lr"] == 1e-2
+
+
+def test_merge_alpha_one_gives_audio_accuracy(tiny_data, tmp_path):
+    run = run_inprocess(tmp_path, tiny_data, "--epochs", 1, "--max-steps", 1, "--merge-alpha", 1.0)
+    row = read_metrics(run)[0]
+    assert row["test/acc"] == row["test/acc_audio"] and row["test/map"] == row["test/map_audio"]
+
+
+def test_aca_adds_to_weaker_modality_exactly_when_the_rule_says(tiny_data, tmp_path):
+    # with the default thresholds, every epoch a check: logged decision == rule on the logged scores, counts follow
+    run = run_inprocess(tmp_path / "rule", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1)
+    rows = read_metrics(run)
+    for e, row in enumerate(rows):
+        rule = aug.aca_decision(row["train/score_audio"], row["train/score_visual"], 1.0, 0.01)
+        assert row["train/aca_action"] == (rule if e + 1 < len(rows) else 0)
+        if e + 1 < len(rows):
+            assert rows[e + 1]["train/coeff_visual"] == row["train/coeff_visual"] + (rule == 1)
+            assert rows[e + 1]["train/coeff_audio"] == row["train/coeff_audio"] + (rule == -1)
+    # sigma 100: audio is always the less confident side. Period 3: checks after epochs 0 and 2; epoch 1 is no check
+    # epoch and 2 is the last (a classifier added then would never be trained or evaluated)
+    run = run_inprocess(tmp_path / "forced", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 3,
+                        "--aca-sigma", 100)
+    rows = read_metrics(run)
+    assert [r["train/aca_action"] for r in rows] == [-1, 0, 0]
+    assert [r["train/coeff_audio"] for r in rows] == [1, 2, 2] and [r["train/coeff_visual"] for r in rows] == [1] * 3
+    assert load(os.path.join(run, "last.pt"))["added"] == ["audio"]
+
+
+def eval_only(capsys, tiny_data, tmp_path, checkpoint):
+    capsys.readouterr()
+    argv = ["aug.py", "--dataset", "synthetic", "--data-root", str(tiny_data), "--runs-dir", str(tmp_path),
+            "--no-progress", "--eval-only", "--checkpoint", checkpoint]
+    old, sys.argv = sys.argv, argv
+    try:
+        runpy.run_path(os.path.join(ROOT, "aug.py"), run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None)
+    finally:
+        sys.argv = old
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(checkpoint)][-1]
+    return dict(kv.split("=") for kv in line.split(": ", 1)[1].split())
+
+
+def test_checkpoint_with_added_classifiers_evaluates_to_same_accuracy(tiny_data, tmp_path, capsys):
+    # tau -1: the visual side gets a classifier after every check (epochs 0 and 1; not after the last)
+    run = run_inprocess(tmp_path / "run", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1,
+                        "--aca-tau", -1)
+    rows = read_metrics(run)
+    last, best = load(os.path.join(run, "last.pt")), load(os.path.join(run, "best.pt"))
+    assert last["added"] == ["visual", "visual"]
+    assert len([k for k in last["model"] if k.startswith("visual_classifiers.") and k.endswith(".weight")]) == 3
+    # best.pt is the model as evaluated at its epoch: the classifiers added *after* that epoch are not in it
+    assert best["added"] == ["visual"] * best["epoch"]
+    for ckpt, row in (("last.pt", rows[-1]), ("best.pt", rows[best["epoch"]])):
+        m = eval_only(capsys, tiny_data, tmp_path / "eval", os.path.join(run, ckpt))
+        for key in ("acc", "acc_audio", "acc_visual", "macro_f1"):
+            assert float(m[key]) == pytest.approx(row[f"test/{key}"], abs=5e-5), (ckpt, key)
+
+
+def test_rebuilt_model_reproduces_logits():
+    _, model, _ = setup()
+    for modality in ("visual", "audio", "visual"):
+        aug.add_classifier(model, modality)
+    state = model.state_dict()
+    _, fresh, _ = setup(seed=1)
+    for modality in ("visual", "audio", "visual"):  # what --eval-only and --resume do with ckpt["added"]
+        aug.add_classifier(fresh, modality)
+    fresh.load_state_dict(state)
+    model.eval(), fresh.eval()
+    audio, visual, _ = batch(0)
+    with torch.no_grad():
+        for m, x in (("audio", model.audio_net(audio)), ("visual", model.visual_net(visual))):
+            assert torch.equal(sum(model.classifier_logits(x, m)), sum(fresh.classifier_logits(x, m)))
+
+
+@pytest.mark.parametrize("train_new_heads", [False, True])
+def test_resume_with_added_classifiers(tiny_data, tmp_path, train_new_heads):
+    flags = ["--epochs", 2, "--max-steps", 2, "--aca-check-every", 1, "--aca-tau", -1]
+    flags += ["--train-new-heads"] if train_new_heads else []
+    straight = read_metrics(run_inprocess(tmp_path / "straight", tiny_data, *flags))
+    run = run_inprocess(tmp_path / "split", tiny_data, *flags, "--stop-after-epochs", 1)
+    first = load(os.path.join(run, "last.pt"))
+    assert first["added"] == ["visual"] and len(first["optimizer"]["param_groups"]) == 1 + train_new_heads
+    shutil.copy(os.path.join(run, "last.pt"), tmp_path / "after_epoch0.pt")
+    old, sys.argv = sys.argv, ["aug.py", "--resume", run, "--no-progress", "--data-root", str(tiny_data)]
+    try:
+        runpy.run_path(os.path.join(ROOT, "aug.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+    resumed = read_metrics(run)
+    assert len(resumed) == 2
+    for a, b in zip(straight, resumed):  # the interrupted run continues exactly as the uninterrupted one
+        for k in KEYS:
+            if not k.startswith("charts/"):
+                assert a[k] == b[k], (a["epoch"], k)
+    final = load(os.path.join(run, "last.pt"))
+    assert final["added"] == ["visual"] and len(final["optimizer"]["param_groups"]) == 1 + train_new_heads
+    w_added = load(tmp_path / "after_epoch0.pt")["model"]["visual_classifiers.1.weight"]
+    # the classifier added after epoch 0 trained during epoch 1 only with --train-new-heads
+    assert torch.equal(final["model"]["visual_classifiers.1.weight"], w_added) != train_new_heads
+
+
+def test_imbalance_first_check_adds_to_visual(tmp_path):
+    """Clean audio, pure-noise video: after epoch 0 audio is the more confident side, so visual gets the classifier."""
+    generate(str(tmp_path / "data" / "synthetic"), n_train=48, n_test=12, audio_snr=10.0, visual_strength=0.0,
+             uninformative_audio=0.0)
+    run = run_inprocess(tmp_path / "runs", tmp_path / "data", "--epochs", 2, "--batch-size", 8, "--stop-after-epochs", 1)
+    row = read_metrics(run)[0]
+    assert row["train/score_audio"] > 1.01 * row["train/score_visual"]
+    assert row["train/aca_action"] == 1 and load(os.path.join(run, "last.pt"))["added"] == ["visual"]
