@@ -104,6 +104,8 @@ if __name__ == "__main__":
 
     def logits_fn(audio, visual):
         f_a, f_v, z = forward(model, audio, visual, args.modality)
+        if args.fusion == "film":  # FiLM has no unimodal logits (models.md 7.4): fused metrics only
+            return z, None, None
         z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
         return z, (z_a if args.modality != "visual" else None), (z_v if args.modality != "audio" else None)
 
@@ -143,7 +145,7 @@ if __name__ == "__main__":
             f_a, f_v, z = forward(model, audio, visual, args.modality)
             loss = F.cross_entropy(z, label)
             with torch.no_grad():  # monitoring only: unimodal losses and the score ratio s_a / s_v
-                z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
+                z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half") if args.fusion != "film" else (z, z)
                 loss_a, loss_v = F.cross_entropy(z_a, label), F.cross_entropy(z_v, label)
                 s_a = torch.softmax(z_a, 1).gather(1, label[:, None]).sum()
                 s_v = torch.softmax(z_v, 1).gather(1, label[:, None]).sum()

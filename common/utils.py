@@ -19,6 +19,10 @@ def apply_preset(args, presets):
     for key, value in presets[args.dataset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    for key in ("epochs", "batch_size", "lr"):
+        value = getattr(args, key, None)
+        if value is not None and value <= 0:
+            raise SystemExit(f"--{key.replace('_', '-')} must be positive, got {value}")
     return args
 
 

@@ -33,7 +33,7 @@ def test_unimodal_baselines(tiny_data, tmp_path, modality, absent):
     assert absent not in r["last"] and r["last"][f"test/acc_{modality}"] == r["last"]["test/acc"]
 
 
-@pytest.mark.parametrize("fusion", ["sum", "gated"])
+@pytest.mark.parametrize("fusion", ["sum", "film", "gated"])
 def test_other_fusions(tiny_data, tmp_path, fusion):
     _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "1", "--fusion", fusion)
     assert read_results(run)["args"]["fusion"] == fusion
