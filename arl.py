@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-gamma", type=float, default=0.1, help="LR decay factor at each milestone")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 1e-4 SGD, 0.01 AdamW)")
     p.add_argument("--clip-grad", "--grad-clip", type=float, default=None, help="max global gradient norm (0 = no clipping; default: preset, 40)")
-    p.add_argument("--fusion", default="concat", choices=["concat", "sum", "film", "gated"], help="fusion head")
+    p.add_argument("--fusion", default="concat", choices=["concat", "sum", "gated"], help="fusion head (FiLM has no unimodal logits)")
     p.add_argument("--max-steps", type=int, default=0, help="cap on training steps per epoch (0 = full epoch; for smoke tests)")
     p.add_argument("--eval-max-steps", type=int, default=0, help="cap on test batches (0 = the full test split)")
     p.add_argument("--runs-dir", default="runs", help="where run folders are written")
