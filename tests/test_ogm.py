@@ -1,0 +1,369 @@
+"""ogm.py: the properties of ../shared/reference/ogm.md section 8, on CPU and tiny synthetic data.
+
+Unit tests import the script (`import ogm`); end-to-end tests run it in this process with `runpy` (the same code
+path as `python ogm.py ...`, without paying the torch/torchvision import for every run), one `subprocess` smoke test.
+"""
+
+import copy
+import glob
+import json
+import math
+import os
+import random
+import runpy
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, read_results, run_script
+
+import ogm  # noqa: E402  (conftest puts the repo root on sys.path)
+from common.models import AVClassifier, unimodal_logits
+from preprocess.synthetic import generate
+
+SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "train/coeff_audio",
+               "train/coeff_visual", "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map",
+               "charts/lr", "charts/samples_per_sec"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def run_inproc(script, data_root, runs_dir, *extra):
+    """`python <script> --dataset synthetic ... --batch-size 4 <extra>` in this process; returns the run folder."""
+    argv = [script, "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir), "--no-progress",
+            "--batch-size", "4", *map(str, extra)]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:  # --stop-after-epochs exits with 0
+        if e.code not in (0, None):
+            raise
+    finally:
+        sys.argv = old
+    return sorted(glob.glob(os.path.join(str(runs_dir), "*")), key=os.path.getmtime)[-1]
+
+
+def ckpt(run_dir, name="last.pt"):
+    return torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=False)
+
+
+def history(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def same_state(sd1, sd2):
+    return sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def no_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("charts/samples_per_sec", "charts/epoch_time")} for r in rows]
+
+
+def tiny_batch(b=4, seed=0):
+    """Inputs of the synthetic pipeline's shapes: spectrogram (B, 1, 33, 33), one 32 px frame."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 1, 33, 33, generator=g), torch.randn(b, 3, 1, 32, 32, generator=g),
+            torch.arange(b) % 6)
+
+
+def model_with_grads(seed=0, b=4):
+    """A model after one forward/backward of the fused loss, as in the training loop (before modulation)."""
+    torch.manual_seed(seed)
+    model = AVClassifier(6, "concat")
+    with torch.no_grad():
+        model.head.fc_out.bias.normal_()  # non-zero bias: the half-bias convention matters
+    audio, visual, label = tiny_batch(b, seed)
+    f_a, f_v, z = model.head(model.audio_net(audio), model.visual_net(visual))
+    F.cross_entropy(z, label).backward()
+    with torch.no_grad():
+        s_a, s_v = ogm.scores(*unimodal_logits(model.head, f_a, f_v, bias="half"), label)
+    return model, s_a.item(), s_v.item()
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def baseline_2ep(tiny_data, tmp_path_factory):
+    return run_inproc("baseline.py", tiny_data, tmp_path_factory.mktemp("base"), "--epochs", 2, "--max-steps", 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1-3, 10: the maths
+# ----------------------------------------------------------------------------------------------------------------
+# ogm.md section 2: k = 1 - tanh(alpha rho) for rho = 1, 1.2, 1.5, 2, 3
+K_TABLE = {
+    0.1: [0.900, 0.881, 0.851, 0.803, 0.709],
+    0.3: [0.709, 0.655, 0.578, 0.463, 0.284],
+    0.8: [0.336, 0.256, 0.166, 0.078, 0.016],
+    0.9: [0.284, 0.207, 0.126, 0.053, 0.009],
+    2.6: [0.011, 0.004, 0.001, 0.000, 0.000],
+}
+
+
+@pytest.mark.parametrize("alpha", sorted(K_TABLE))
+def test_coefficients_table(alpha):
+    for rho, k in zip([1.2, 1.5, 2, 3], K_TABLE[alpha][1:]):
+        k_a, k_v = ogm.coefficients(3.0 * rho, 3.0, alpha)  # audio dominant
+        assert round(k_a, 3) == k and k_v == 1.0
+        k_a, k_v = ogm.coefficients(3.0, 3.0 * rho, alpha)  # visual dominant
+        assert round(k_v, 3) == k and k_a == 1.0
+    k_a, k_v = ogm.coefficients(2.5, 2.5, alpha)  # a tie: audio is modulated
+    assert k_a == pytest.approx(1 - math.tanh(alpha)) and round(k_a, 3) == K_TABLE[alpha][0] and k_v == 1.0
+
+
+def test_exactly_one_side_modulated():
+    rng = random.Random(0)
+    for _ in range(2000):
+        s_a, s_v, alpha = rng.uniform(0.01, 64), rng.uniform(0.01, 64), rng.uniform(0.05, 3)
+        k_a, k_v = ogm.coefficients(s_a, s_v, alpha)
+        assert max(k_a, k_v) == 1.0
+        assert min(k_a, k_v) <= 1 - math.tanh(alpha) + 1e-12
+        assert (k_a < 1) == (s_a > s_v) and (k_v < 1) == (s_v > s_a)
+
+
+def test_ratio_offset_is_continuous_at_one():
+    assert ogm.coefficients(2.0, 2.0, 0.8, ratio_offset=1.0) == (1.0, 1.0)
+    k_a, _ = ogm.coefficients(2.0 * 1.5, 2.0, 0.8, ratio_offset=1.0)
+    assert k_a == pytest.approx(1 - math.tanh(0.8 * 0.5))
+
+
+def test_half_bias_identity():
+    torch.manual_seed(0)
+    a, v = torch.randn(5, 512), torch.randn(5, 512)
+    for fusion in ("concat", "sum"):
+        model = AVClassifier(6, fusion)
+        with torch.no_grad():
+            for p in model.head.parameters():
+                if p.dim() == 1:
+                    p.normal_()
+        f_a, f_v, z = model.head(a, v)
+        z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
+        torch.testing.assert_close(z_a + z_v, z, atol=1e-5, rtol=0)
+
+
+def test_scores_are_batch_sums_and_ratio_is_batch_size_free():
+    torch.manual_seed(0)
+    z_a, z_v, y = torch.randn(8, 6), torch.randn(8, 6), torch.randint(0, 6, (8,))
+    s_a, s_v = ogm.scores(z_a, z_v, y)
+    assert s_a.item() == pytest.approx(sum(torch.softmax(z_a[i], 0)[y[i]].item() for i in range(8)), rel=1e-6)
+    s2_a, s2_v = ogm.scores(torch.cat([z_a, z_a]), torch.cat([z_v, z_v]), torch.cat([y, y]))
+    assert s2_a.item() == pytest.approx(2 * s_a.item(), rel=1e-6)
+    assert (s2_a / s2_v).item() == pytest.approx((s_a / s_v).item(), rel=1e-6)
+
+
+def test_scores_do_not_train():
+    """Gradients after backward equal those of CE(z, y) alone; the scores carry no graph."""
+    torch.manual_seed(0)
+    model = AVClassifier(6, "concat")
+    ref = copy.deepcopy(model)
+    audio, visual, label = tiny_batch()
+    f_a, f_v, z = model.head(model.audio_net(audio), model.visual_net(visual))
+    loss = F.cross_entropy(z, label)
+    with torch.no_grad():  # exactly the loop's block
+        z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
+        s_a, s_v = ogm.scores(z_a, z_v, label)
+    assert not s_a.requires_grad and not s_v.requires_grad
+    loss.backward()
+    _, _, z_ref = ref.head(ref.audio_net(audio), ref.visual_net(visual))
+    F.cross_entropy(z_ref, label).backward()
+    got, want = grads(model), grads(ref)
+    assert got.keys() == want.keys() and all(torch.equal(g, want[n]) for n, g in got.items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6-8: which gradients are scaled, and the GE noise
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("swap", [False, True])
+def test_only_dominant_conv_kernels_scaled(swap):
+    model, s_a, s_v = model_with_grads()
+    k_a, k_v = ogm.coefficients(s_v, s_a, 0.8) if swap else ogm.coefficients(s_a, s_v, 0.8)
+    k_a, k_v = (k_v, k_a) if swap else (k_a, k_v)  # swap: the other encoder is the dominant one
+    dominant, k = ("audio_net.", k_a) if k_a < 1 else ("visual_net.", k_v)
+    assert k < 1 and max(k_a, k_v) == 1.0
+    old = grads(model)
+    ogm.modulate_gradients(model, k_a, k_v, False, False)
+    new = grads(model)
+    n_scaled = 0
+    for n, g in old.items():
+        if n.startswith(dominant) and g.dim() == 4:
+            torch.testing.assert_close(new[n], k * g, rtol=1e-6, atol=0)
+            assert torch.equal(new[n], g * k)
+            n_scaled += 1
+        else:  # the other encoder, every BatchNorm weight and bias, the head
+            assert torch.equal(new[n], g), n
+    assert n_scaled == 20  # ResNet18: stem + 16 block convs + 3 shortcut convs
+
+
+def test_nonbias_selects_the_same_params_for_resnet18():
+    model, s_a, s_v = model_with_grads()
+    old = grads(model)
+    ogm.modulate_gradients(model, 0.3, 0.7, False, False, params="conv")
+    conv = grads(model)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            p.grad = old[n].clone()
+    ogm.modulate_gradients(model, 0.3, 0.7, False, False, params="nonbias")
+    nonbias = grads(model)
+    assert all(torch.equal(g, nonbias[n]) for n, g in conv.items())
+    assert not all(torch.equal(g, old[n]) for n, g in conv.items())
+
+
+def test_ge_noise_statistics():
+    model, s_a, s_v = model_with_grads()
+    k_a, k_v = ogm.coefficients(s_a, s_v, 0.8)
+    old = grads(model)
+    gen = torch.Generator().manual_seed(0)
+    ogm.modulate_gradients(model, k_a, k_v, True, True, gen)
+    first = grads(model)
+    checked = {"audio_net": 0, "visual_net": 0}
+    for n, g in old.items():
+        if g.dim() != 4:
+            assert torch.equal(first[n], g), n  # BN and head untouched
+            continue
+        k = k_a if n.startswith("audio_net") else k_v
+        r = first[n] - k * g
+        sigma = g.std().item() + 1e-8
+        assert r.abs().max() > 0, n  # noise on both encoders, the weaker one included
+        if g.numel() >= 10_000:
+            assert abs(r.mean().item()) < 0.05 * sigma, n
+            assert abs(r.std().item() / sigma - 1) < 0.05, n
+            checked[n.split(".")[0]] += 1
+    assert checked["audio_net"] >= 15 and checked["visual_net"] >= 15
+    for n, p in model.named_parameters():  # a second step draws different noise
+        if p.grad is not None:
+            p.grad = old[n].clone()
+    ogm.modulate_gradients(model, k_a, k_v, True, True, gen)
+    second = grads(model)
+    for n, g in old.items():
+        if g.dim() == 4:
+            assert not torch.equal(second[n], first[n]), n
+
+
+def test_ge_target_dominant_leaves_the_weak_encoder_alone():
+    model, s_a, s_v = model_with_grads()
+    k_a, k_v = ogm.coefficients(s_a, s_v, 0.8)
+    audio_dominant = k_a < 1
+    old = grads(model)
+    ogm.modulate_gradients(model, k_a, k_v, audio_dominant, not audio_dominant, torch.Generator().manual_seed(0))
+    weak = "visual_net." if audio_dominant else "audio_net."
+    new = grads(model)
+    assert all(torch.equal(g, new[n]) for n, g in old.items() if n.startswith(weak))
+    assert not all(torch.equal(g, new[n]) for n, g in old.items())
+
+
+@pytest.mark.parametrize("source,expected", [("unscaled", 1.0), ("scaled", 0.1)])
+def test_ge_std_source(source, expected):
+    conv = torch.nn.Conv2d(64, 64, 3, bias=False)
+    conv.weight.grad = torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(1)) * 2.0
+    g_old = conv.weight.grad.clone()
+    model = types.SimpleNamespace(audio_net=conv, visual_net=torch.nn.Identity())
+    ogm.modulate_gradients(model, 0.1, 1.0, True, True, torch.Generator().manual_seed(0), std_source=source)
+    noise = conv.weight.grad - 0.1 * g_old
+    assert noise.std().item() / (expected * g_old.std().item()) == pytest.approx(1.0, abs=0.03)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4, 5, 6 end to end, 11, 12, resume, smoke
+# ----------------------------------------------------------------------------------------------------------------
+def test_alpha0_ogm_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "a0", "--epochs", 2, "--max-steps", 2, "--modulation", "ogm", "--alpha", 0)
+    assert [r["train/coeff_audio"] for r in history(run)] == [1.0, 1.0]
+    c, b = ckpt(run), ckpt(baseline_2ep)
+    assert same_state(c["model"], b["model"])
+    assert same_state(c["optimizer"]["state"][0], b["optimizer"]["state"][0])
+    strip = [{k: v for k, v in r.items() if k != "train/modulated_audio_frac"} for r in no_timing(history(run))]
+    assert strip == no_timing(history(baseline_2ep))
+    # the control: with alpha > 0 the same run differs (so the comparison above can fail)
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "a8", "--epochs", 2, "--max-steps", 2, "--modulation", "ogm")
+    assert not same_state(ckpt(run)["model"], b["model"])
+
+
+def test_window_start_respected(tiny_data, tmp_path):
+    base = run_inproc("baseline.py", tiny_data, tmp_path / "b", "--epochs", 1, "--max-steps", 2)
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "o", "--epochs", 1, "--max-steps", 2, "--modulation-starts", 1)
+    assert same_state(ckpt(run)["model"], ckpt(base)["model"])  # ogm_ge: not even noise outside the window
+
+
+def test_tpami_warmup_is_baseline(tiny_data, tmp_path):
+    """Journal preset: warm-up epochs are bitwise joint training, the first epoch after them is modulated.
+
+    The real-dataset rows warm up for epochs 0-5 (checked in the table); the synthetic row scales that to epoch 0.
+    """
+    assert all(row["warmup_epochs"] == 6 for d, row in ogm.PRESETS["tpami"].items() if d != "synthetic")
+    assert ogm.PRESETS["tpami"]["synthetic"]["warmup_epochs"] == 1
+    extra = ("--epochs", 2, "--max-steps", 2, "--stop-after-epochs", 1)
+    base = run_inproc("baseline.py", tiny_data, tmp_path / "b", *extra)
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "o", *extra, "--preset", "tpami")
+    assert ckpt(run)["epoch"] == 0 and ckpt(run)["args"]["alpha"] == 2.6
+    assert same_state(ckpt(run)["model"], ckpt(base)["model"])
+    assert history(run)[0]["train/coeff_audio"] == history(run)[0]["train/coeff_visual"] == 1.0
+    run_inproc("baseline.py", tiny_data, tmp_path / "b", "--resume", base)
+    run_inproc("ogm.py", tiny_data, tmp_path / "o", "--resume", run)
+    assert ckpt(run)["epoch"] == 1 and not same_state(ckpt(run)["model"], ckpt(base)["model"])
+    assert min(history(run)[1]["train/coeff_audio"], history(run)[1]["train/coeff_visual"]) < 0.1  # alpha 2.6
+
+
+def test_dominant_conv_kernels_frozen_with_k0_end_to_end(tiny_data, tmp_path):
+    """alpha = 100 makes k exactly 0: after one SGD step (no weight decay) exactly the dominant encoder's conv
+    kernels are still at their initial values; its BN parameters, the other encoder and the head moved as in joint
+    training."""
+    one = ("--epochs", 1, "--max-steps", 1, "--weight-decay", 0)
+    torch.manual_seed(0)  # the script's initialisation: seed, then the model is the first draw
+    init = dict(AVClassifier(6, "concat").named_parameters())
+    joint = ckpt(run_inproc("baseline.py", tiny_data, tmp_path / "joint", *one))["model"]
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "ogm", *one, "--modulation", "ogm", "--alpha", 100)
+    m = ckpt(run)["model"]
+    dominant = "audio_net." if history(run)[0]["train/modulated_audio_frac"] == 1.0 else "visual_net."
+    n_frozen = 0
+    for name, value in m.items():
+        if name.startswith(dominant) and value.dim() == 4:
+            assert torch.equal(value, init[name]) and not torch.equal(value, joint[name]), name
+            n_frozen += 1
+        else:
+            assert torch.equal(value, joint[name]), name
+    assert n_frozen == 20
+
+
+def test_imbalance_smoke(tmp_path):
+    root = tmp_path / "data"
+    generate(str(root / "synthetic"), n_train=64, n_test=12, audio_snr=10, visual_strength=0.1, uninformative_audio=0.0)
+    run = run_inproc("ogm.py", root, tmp_path / "runs", "--epochs", 2, "--batch-size", 8)
+    second = history(run)[1]
+    assert second["train/modulated_audio_frac"] > 0.8
+    assert second["train/coeff_audio"] < 1.0 and second["train/ratio"] > 1.0
+
+
+def test_unsupported_heads(tiny_data, tmp_path):
+    for extra in (["--fusion", "film"], ["--fusion", "gated"], ["--fusion", "film", "--unimodal-logits", "self-gate"]):
+        with pytest.raises(SystemExit, match="cannot be split"):
+            run_inproc("ogm.py", tiny_data, tmp_path, *extra)
+    for extra in (["--fusion", "sum"], ["--fusion", "gated", "--unimodal-logits", "self-gate"]):
+        run = run_inproc("ogm.py", tiny_data, tmp_path / extra[1], "--epochs", 1, "--max-steps", 1, *extra)
+        assert min(history(run)[0]["train/coeff_audio"], history(run)[0]["train/coeff_visual"]) < 1.0
+
+
+def test_resume_is_exact(tiny_data, tmp_path):
+    """ogm_ge (the default): two epochs in one go == one epoch, stop, --resume (model, optimizer, GE noise stream)."""
+    straight = run_inproc("ogm.py", tiny_data, tmp_path / "s", "--epochs", 2, "--max-steps", 2)
+    part = run_inproc("ogm.py", tiny_data, tmp_path / "p", "--epochs", 2, "--max-steps", 2, "--stop-after-epochs", 1)
+    assert ckpt(part)["epoch"] == 0
+    run_inproc("ogm.py", tiny_data, tmp_path / "p", "--resume", part)
+    a, b = ckpt(straight), ckpt(part)
+    assert b["epoch"] == 1 and same_state(a["model"], b["model"]) and torch.equal(a["noise_rng"], b["noise_rng"])
+    assert no_timing(history(straight)) == no_timing(history(part))
+
+
+def test_smoke_cli(tiny_data, tmp_path):
+    proc, run = run_script("ogm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2")
+    r = read_results(run)
+    for key in SHARED_KEYS + ["train/modulated_audio_frac"]:
+        assert key in r["last"], key
+    assert 0 <= r["best"]["test/acc"] <= 1 and r["args"]["alpha"] == 0.8 and r["args"]["modulation"] == "ogm_ge"

@@ -1,0 +1,352 @@
+"""opm.py: the properties of ../shared/reference/opm.md section 8, on CPU and tiny synthetic data.
+
+Unit tests import the script (`import opm`); end-to-end tests run it in this process with `runpy` (the same code
+path as `python opm.py ...`, without paying the torch/torchvision import for every run), one `subprocess` smoke test.
+"""
+
+import argparse
+import copy
+import glob
+import json
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, read_results, run_script
+
+import opm  # noqa: E402  (conftest puts the repo root on sys.path)
+from common.data import build_datasets, make_loaders
+from common.evaluate import evaluate
+from common.models import AVClassifier, unimodal_logits
+from common.utils import apply_preset
+from preprocess.synthetic import generate
+
+SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "train/coeff_audio",
+               "train/coeff_visual", "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map",
+               "charts/lr", "charts/samples_per_sec"]
+OPM_KEYS = ["train/drop_exec_frac", "train/drop_frac_audio", "train/drop_frac_visual", "train/rescale"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def run_inproc(script, data_root, runs_dir, *extra):
+    """`python <script> --dataset synthetic ... --batch-size 4 <extra>` in this process; returns the run folder."""
+    argv = [script, "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir), "--no-progress",
+            "--batch-size", "4", *map(str, extra)]
+    old = sys.argv
+    sys.argv = argv
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:  # --stop-after-epochs exits with 0
+        if e.code not in (0, None):
+            raise
+    finally:
+        sys.argv = old
+    return sorted(glob.glob(os.path.join(str(runs_dir), "*")), key=os.path.getmtime)[-1]
+
+
+def ckpt(run_dir, name="last.pt"):
+    return torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=False)
+
+
+def history(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def same_state(sd1, sd2):
+    return sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def shared_only(rows):
+    """The keys baseline.py logs too, without timings and the method's coefficients."""
+    drop = ("charts/samples_per_sec", "train/coeff_audio", "train/coeff_visual")
+    return [{k: v for k, v in r.items() if k == "epoch" or (k in SHARED_KEYS and k not in drop)} for r in rows]
+
+
+def fresh_opm_gen_state(seed=0):
+    return torch.Generator().manual_seed(seed + 1_000_000).get_state()
+
+
+@pytest.fixture(scope="module")
+def baseline_2ep(tiny_data, tmp_path_factory):
+    return run_inproc("baseline.py", tiny_data, tmp_path_factory.mktemp("base"), "--epochs", 2, "--max-steps", 2)
+
+
+@pytest.fixture(scope="module")
+def opm_2ep(tiny_data, tmp_path_factory):
+    """OPM on from epoch 0 and executed at every step: the strongest setting for the end-to-end checks."""
+    return run_inproc("opm.py", tiny_data, tmp_path_factory.mktemp("opm"), "--epochs", 2, "--max-steps", 2,
+                      "--warmup-epochs", 0, "--p-exe", 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1, 4, 5, 6, 7, 10, 11: the maths
+# ----------------------------------------------------------------------------------------------------------------
+RHOS = [1.01, 1.2, 1.5, 2, 3, 1e6]
+Q_TABLE = {(0.5, 0.5): [0.503, 0.549, 0.616, 0.690, 0.741, 0.75], (0.4, 0.5): [0.402, 0.440, 0.492, 0.552, 0.593, 0.60]}
+
+
+@pytest.mark.parametrize("q_base,lam", sorted(Q_TABLE))
+def test_drop_probability_table(q_base, lam):
+    for rho, q in zip(RHOS, Q_TABLE[(q_base, lam)]):
+        # abs 1e-3: two table entries are rounded up from x.xxx4999 (0.5025 - 8e-8 and 0.4395 - 2.5e-5)
+        assert opm.drop_probabilities(4.0 * rho, 4.0, q_base, lam) == (pytest.approx(q, abs=1e-3), 0.0)
+        assert opm.drop_probabilities(4.0, 4.0 * rho, q_base, lam) == (0.0, pytest.approx(q, abs=1e-3))
+    assert opm.drop_probabilities(3.0, 3.0, q_base, lam) == (0.0, 0.0)
+
+
+def test_drop_probabilities_one_nonzero_and_clipped():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        s_a, s_v = (torch.rand(2, generator=g) * 32 + 1e-6).tolist()
+        q_base, lam = torch.rand(2, generator=g).tolist()
+        q_a, q_v = opm.drop_probabilities(s_a, s_v, q_base, lam * 2)
+        assert (q_a > 0) + (q_v > 0) == (1 if q_base > 0 else 0)
+        assert (q_a > 0) == (s_a > s_v and q_base > 0)
+    for s in [(1e-30, 1.0), (1.0, 1e-30), (1e30, 1.0), (1.0, 1e30)]:
+        assert all(0.0 <= q <= 1.0 for q in opm.drop_probabilities(*s, 0.9, 1.0))
+    assert max(opm.drop_probabilities(1e6, 1.0, 0.9, 1.0)) == 1.0  # 0.9 (1 + tanh(big)) = 1.8, clipped
+
+
+def test_rescale_factors():
+    for q, f in [(0.5, 1.333), (0.616, 1.445), (0.690, 1.527), (0.75, 1.600)]:
+        assert tuple(round(x, 3) for x in opm.rescale_factors(q, 0.0, "mean")) == (f, f)
+        assert tuple(round(x, 3) for x in opm.rescale_factors(0.0, q, "mean")) == (f, f)
+    assert opm.rescale_factors(0.5, 0.0, "per-modality") == (2.0, 1.0)
+    assert opm.rescale_factors(0.5, 0.0, "none") == (1.0, 1.0)
+
+
+def test_weak_modality_never_masked():
+    gen = torch.Generator().manual_seed(0)
+    q_a, q_v = opm.drop_probabilities(20.0, 10.0, 0.5, 0.5)  # audio dominant
+    assert q_v == 0.0
+    n_exec = 0
+    while n_exec < 1000:
+        if opm.execute_drop(0.7, gen):
+            keep_a, keep_v = opm.feature_masks(q_a, q_v, 16, gen)
+            assert torch.equal(keep_v, torch.ones(16))
+            n_exec += 1
+
+
+def test_drop_frequencies():
+    gen = torch.Generator().manual_seed(0)
+    q_a, p_exe, b, n = 0.62, 0.7, 8, 10_000
+    executed, dropped = 0, 0.0
+    for _ in range(n):
+        if opm.execute_drop(p_exe, gen):
+            executed += 1
+            keep_a, keep_v = opm.feature_masks(q_a, 0.0, b, gen)
+            dropped += 1 - keep_a.mean().item()
+            assert keep_v.min() == 1
+    assert abs(executed / n - p_exe) < 0.02
+    assert abs(dropped / executed - q_a) < 0.02
+    assert not opm.execute_drop(0.0, gen) and opm.execute_drop(1.0, gen)
+
+
+def test_masked_values_and_rescale():
+    torch.manual_seed(0)
+    a, v, y = torch.randn(6, 512), torch.randn(6, 512), torch.arange(6)
+    keep_a, keep_v = torch.tensor([1.0, 0, 1, 0, 0, 1]), torch.ones(6)
+    q_a, q_v = 0.616, 0.0
+    a_t, v_t, y_t = opm.drop_features(a, v, y, keep_a, keep_v, q_a, q_v)
+    theta = (q_a + q_v) / 2
+    assert torch.equal(y_t, y)  # the visual side is kept everywhere: no sample removed
+    assert torch.all(a_t[keep_a == 0] == 0)
+    torch.testing.assert_close(a_t[keep_a == 1], a[keep_a == 1] / (1 - theta), rtol=1e-6, atol=0)
+    torch.testing.assert_close(v_t, v / (1 - theta), rtol=1e-6, atol=0)  # the weaker side is rescaled too
+
+
+def test_gradient_through_the_drop():
+    torch.manual_seed(0)
+    head = AVClassifier(6, "concat").head
+    a = torch.randn(6, 512, requires_grad=True)
+    v = torch.randn(6, 512, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    keep_a, keep_v, q_a, q_v = torch.tensor([1.0, 0, 1, 1, 0, 1]), torch.ones(6), 0.69, 0.0
+    theta = (q_a + q_v) / 2
+    a_t, v_t, y_t = opm.drop_features(a, v, y, keep_a, keep_v, q_a, q_v)
+    _, _, z = head(a_t, v_t)
+    F.cross_entropy(z, y_t).backward()
+    assert torch.all(a.grad[keep_a == 0] == 0)
+    w_a = head.fc_out.weight[:, :512].detach()
+    expected = (torch.softmax(z, 1) - F.one_hot(y_t, 6)).detach() @ w_a / (1 - theta) / len(y_t)
+    torch.testing.assert_close(a.grad[keep_a == 1], expected[keep_a[y_t] == 1], atol=1e-6, rtol=0)
+
+    class ReleaseRescale(torch.autograd.Function):  # the release's custom function: divide forward and backward
+        @staticmethod
+        def forward(ctx, x, t):
+            ctx.t = t
+            return x / (1 - t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g / (1 - ctx.t), None
+
+    a2, v2 = a.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    keep = (keep_a + keep_v) > 0
+    a2_t = ReleaseRescale.apply(a2 * keep_a[:, None], theta)[keep]
+    v2_t = ReleaseRescale.apply(v2 * keep_v[:, None], theta)[keep]
+    _, _, z2 = head(a2_t, v2_t)
+    F.cross_entropy(z2, y[keep]).backward()
+    torch.testing.assert_close(a2.grad, a.grad, rtol=1e-5, atol=1e-7)  # divide vs multiply: last-bit differences
+    torch.testing.assert_close(v2.grad, v.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_scores_do_not_train():
+    """After backward, gradients equal those of CE(head(a~, v~), y_kept) alone on the same masked features."""
+    torch.manual_seed(0)
+    model = AVClassifier(6, "concat")
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    audio, visual, y = torch.randn(4, 1, 33, 33, generator=g), torch.randn(4, 3, 1, 32, 32, generator=g), torch.arange(4)
+    keep_a, keep_v = torch.tensor([1.0, 0, 1, 0]), torch.ones(4)
+    a, v = model.audio_net(audio), model.visual_net(visual)
+    with torch.no_grad():  # exactly the loop's block
+        z_a, z_v = unimodal_logits(model.head, *model.head(a, v)[:2], bias="half")
+        s_a, s_v = opm.scores(z_a, z_v, y)
+    assert not s_a.requires_grad and not s_v.requires_grad
+    a, v, y_k = opm.drop_features(a, v, y, keep_a, keep_v, 0.6, 0.0)
+    F.cross_entropy(model.head(a, v)[2], y_k).backward()
+    a_r, v_r, y_r = opm.drop_features(ref.audio_net(audio), ref.visual_net(visual), y, keep_a, keep_v, 0.6, 0.0)
+    F.cross_entropy(ref.head(a_r, v_r)[2], y_r).backward()
+    got = {n: p.grad for n, p in model.named_parameters()}
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_empty_sample_removal():
+    gen = torch.Generator().manual_seed(0)
+    keep_a, keep_v = opm.feature_masks(1.0, 1.0, 5, gen)
+    assert keep_a.sum() == keep_v.sum() == 0
+    a, v, y = torch.randn(5, 512), torch.randn(5, 512), torch.arange(5)
+    a_t, v_t, y_t = opm.drop_features(a, v, y, keep_a, keep_v, 1.0, 1.0)
+    assert a_t.shape == (0, 512) and v_t.shape == (0, 512) and y_t.numel() == 0
+    keep_a, keep_v = torch.tensor([0.0, 1, 0, 1, 0]), torch.tensor([0.0, 1, 1, 0, 0])  # hand-made, both dropped: 0, 4
+    a_t, v_t, y_t = opm.drop_features(a, v, y, keep_a, keep_v, 0.5, 0.5, rescale="none")
+    assert y_t.tolist() == [1, 2, 3]
+    assert torch.equal(a_t, a[[1, 2, 3]] * torch.tensor([1.0, 0, 1])[:, None])
+    assert torch.equal(v_t, v[[1, 2, 3]] * torch.tensor([1.0, 1, 0])[:, None])
+
+
+def test_empty_batches_skip_the_step(tiny_data, tmp_path, monkeypatch):
+    """Every mask all zeros (torch.bernoulli patched): every step is skipped, so the parameters stay at their
+    initial values (the script's seed-0 initialisation) and the optimizer never steps."""
+    monkeypatch.setattr(torch, "bernoulli", lambda p, generator=None: torch.zeros_like(p))
+    run = run_inproc("opm.py", tiny_data, tmp_path / "o", "--epochs", 1, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 1)
+    c = ckpt(run)
+    torch.manual_seed(0)
+    init = AVClassifier(6, "concat")
+    assert all(torch.equal(c["model"][n], p) for n, p in init.named_parameters())
+    assert c["optimizer"]["state"] == {}
+    assert c["model"]["audio_net.trunk.bn1.num_batches_tracked"] == 2  # the encoders did run forward
+    assert "train/loss" not in history(run)[0]  # no step was taken, so no training metric was logged
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2, 3, 8, 9, 12, resume, smoke: end to end
+# ----------------------------------------------------------------------------------------------------------------
+def test_p_exe0_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
+    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 0)
+    assert same_state(ckpt(run)["model"], ckpt(baseline_2ep)["model"])
+    assert shared_only(history(run)) == shared_only(history(baseline_2ep))
+    assert all(r["train/drop_exec_frac"] == 0 for r in history(run))
+
+
+def test_q_base0_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep, opm_2ep):
+    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 1,
+                     "--q-base", 0)
+    assert all(r["train/drop_exec_frac"] == 1 for r in history(run))  # masks drawn at every step, all ones
+    assert same_state(ckpt(run)["model"], ckpt(baseline_2ep)["model"])
+    assert shared_only(history(run)) == shared_only(history(baseline_2ep))
+    # the control: the same run with q_base 0.5 differs (so the comparisons above can fail)
+    assert not same_state(ckpt(opm_2ep)["model"], ckpt(baseline_2ep)["model"])
+
+
+def test_warmup_is_baseline_and_draws_nothing(tiny_data, tmp_path):
+    """Epochs 0..W-1 are joint training bitwise and leave OPM's generator untouched; epoch W drops."""
+    assert all(row["warmup_epochs"] == 6 for d, row in opm.PRESETS.items() if d != "synthetic")
+    extra = ("--epochs", 3, "--max-steps", 2, "--stop-after-epochs", 2)
+    base = run_inproc("baseline.py", tiny_data, tmp_path / "b", *extra)
+    run = run_inproc("opm.py", tiny_data, tmp_path / "o", *extra, "--warmup-epochs", 2, "--p-exe", 1)
+    c = ckpt(run)
+    assert c["epoch"] == 1 and same_state(c["model"], ckpt(base)["model"])
+    assert torch.equal(c["opm_rng"], fresh_opm_gen_state())
+    assert all(r["train/drop_exec_frac"] == 0 and r["train/coeff_audio"] == 0 for r in history(run))
+    run_inproc("baseline.py", tiny_data, tmp_path / "b", "--resume", base)
+    run_inproc("opm.py", tiny_data, tmp_path / "o", "--resume", run)
+    assert history(run)[2]["train/drop_exec_frac"] == 1.0
+    assert not same_state(ckpt(run)["model"], ckpt(base)["model"])
+    assert not torch.equal(ckpt(run)["opm_rng"], fresh_opm_gen_state())
+
+
+def test_evaluation_has_no_drop(tiny_data, opm_2ep):
+    """The logged test metrics of an OPM run equal a plain forward pass of its checkpoint, twice over."""
+    args = apply_preset(opm.parse_args(["--dataset", "synthetic", "--data-root", tiny_data, "--batch-size", "4"]), opm.PRESETS)
+    args.num_workers = 0
+    _, test_set, classes = build_datasets(args)
+    _, test_loader = make_loaders(test_set, test_set, 4, 0, torch.Generator())
+    model = AVClassifier(len(classes), "concat")
+    model.load_state_dict(ckpt(opm_2ep)["model"])
+    model.eval()
+
+    def plain(audio, visual):
+        f_a, f_v, z = model(audio, visual)
+        return (z, *unimodal_logits(model.head, f_a, f_v, bias="half"))
+
+    first = evaluate(plain, test_loader, "cpu", len(classes))
+    second = evaluate(plain, test_loader, "cpu", len(classes))
+    logged = {k: v for k, v in history(opm_2ep)[-1].items() if k.startswith("test/")}
+    assert first == second == logged
+    assert history(opm_2ep)[-1]["train/drop_exec_frac"] == 1.0  # training did drop
+
+
+def test_imbalance_smoke(tmp_path):
+    root = tmp_path / "data"
+    generate(str(root / "synthetic"), n_train=64, n_test=12, audio_snr=10, visual_strength=0.1, uninformative_audio=0.0)
+    run = run_inproc("opm.py", root, tmp_path / "runs", "--epochs", 2, "--batch-size", 8)  # warm-up: epoch 0
+    warm, on = history(run)
+    assert warm["train/drop_exec_frac"] == 0 and warm["train/ratio"] > 1
+    q_base = 0.5
+    # q_v > 0 on a share of steps <= mean(q_v) / q_base; every other step has q_a > 0 (a tie has measure zero)
+    assert on["train/coeff_visual"] / q_base < 0.2 and on["train/coeff_audio"] >= q_base * 0.8
+    assert on["train/drop_frac_visual"] <= on["train/coeff_visual"] + 0.1
+    assert on["train/drop_exec_frac"] > 0
+    # dropped share on executed steps ~ q_a (8 samples per step: a loose tolerance)
+    assert abs(on["train/drop_frac_audio"] / on["train/drop_exec_frac"] - on["train/coeff_audio"]) < 0.2
+
+
+def test_unsupported_heads(tiny_data, tmp_path):
+    for extra in (["--fusion", "film"], ["--fusion", "gated"], ["--fusion", "film", "--unimodal-logits", "self-gate"]):
+        with pytest.raises(SystemExit, match="cannot be split"):
+            run_inproc("opm.py", tiny_data, tmp_path, *extra)
+    for extra in (["--fusion", "sum"], ["--fusion", "gated", "--unimodal-logits", "self-gate"]):
+        run = run_inproc("opm.py", tiny_data, tmp_path / extra[1], "--epochs", 1, "--max-steps", 2,
+                         "--warmup-epochs", 0, "--p-exe", 1, *extra)
+        assert history(run)[0]["train/drop_exec_frac"] == 1.0
+
+
+def test_resume_is_exact(tiny_data, tmp_path, opm_2ep):
+    """Two epochs in one go == one epoch, stop, --resume (model, optimizer, OPM's generator)."""
+    part = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 1,
+                      "--stop-after-epochs", 1)
+    assert ckpt(part)["epoch"] == 0
+    run_inproc("opm.py", tiny_data, tmp_path, "--resume", part)
+    a, b = ckpt(opm_2ep), ckpt(part)
+    assert b["epoch"] == 1 and same_state(a["model"], b["model"]) and torch.equal(a["opm_rng"], b["opm_rng"])
+    strip = [{k: v for k, v in r.items() if k not in ("charts/samples_per_sec", "charts/epoch_time")} for r in history(part)]
+    assert strip == [{k: v for k, v in r.items() if k not in ("charts/samples_per_sec", "charts/epoch_time")}
+                     for r in history(opm_2ep)]
+
+
+def test_smoke_cli(tiny_data, tmp_path):
+    proc, run = run_script("opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2")
+    r = read_results(run)
+    for key in SHARED_KEYS + OPM_KEYS:
+        assert key in r["last"], key
+    assert 0 <= r["best"]["test/acc"] <= 1 and r["args"]["q_base"] == 0.5 and r["args"]["p_exe"] == 0.7
