@@ -140,12 +140,12 @@ def modulate_gradients(model, k_a, k_v, noise_a, noise_v, generator=None, std_so
         for p in encoder.parameters():
             if p.grad is None or (p.grad.dim() != 4 if params == "conv" else p.grad.dim() < 2):
                 continue
-            g = p.grad
-            new = g * k
+            g = p.grad  # edited in place (the same values as g * k + noise * std, without temporary copies)
+            std = g.std() + 1e-8 if noise and std_source == "unscaled" else None
+            g.mul_(k)
             if noise:
-                std = (g if std_source == "unscaled" else new).std() + 1e-8
-                new = new + torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype) * std
-            p.grad = new
+                std = g.std() + 1e-8 if std is None else std
+                g.add_(torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype).mul_(std))
 
 
 if __name__ == "__main__":
