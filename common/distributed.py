@@ -257,7 +257,7 @@ def _trace(record):
 
 
 def trace_step(model, stats):
-    """With $BML_TRACE_DIR set: append this step's logged values, the time and the peak memory (and with
+    """With $BML_TRACE_DIR set: append this step's logged values, the wall and CPU times, the peak memory (and with
     $BML_TRACE_PARAMS=1 a digest of the parameters) to $BML_TRACE_DIR/rank<r>.jsonl. No-op otherwise."""
     if not os.environ.get("BML_TRACE_DIR"):
         return
@@ -267,7 +267,8 @@ def trace_step(model, stats):
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    record = {"step": {k: float(v) for k, v in stats.items()}, "time": time.perf_counter(), "peak_mb": peak_mb}
+    record = {"step": {k: float(v) for k, v in stats.items()}, "time": time.perf_counter(), "cpu": time.process_time(),
+              "peak_mb": peak_mb}
     if os.environ.get("BML_TRACE_PARAMS") == "1":
         h = hashlib.sha1()
         for p in model.parameters():
