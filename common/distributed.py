@@ -10,6 +10,7 @@ used, so all processes use the global batch's value and the replicas never drift
 batch statistics (DDP's default). Only rank 0 writes logs, checkpoints and results, and prints.
 """
 
+import atexit
 import builtins
 import hashlib
 import json
@@ -73,8 +74,6 @@ def init(args):
     if not is_main():
         args.no_progress = True
         builtins.print = lambda *a, **k: None
-    import atexit
-
     atexit.register(lambda: dist.destroy_process_group() if active() else None)
 
 
