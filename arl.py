@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import distributed
 from common.data import DATASETS, add_data_args, build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
@@ -72,6 +73,7 @@ def parse_args(argv=None):
                    help="multiplier of step t from the coefficients of step t-1 (previous) or of the same batch (current)")
     p.add_argument("--select-after", type=int, default=-1, help="best-epoch selection only over epochs > N (the release: 30)")
     add_data_args(p)
+    distributed.add_speed_args(p)
     return p.parse_args(argv)
 
 
@@ -102,13 +104,19 @@ def arl_coefficients(z_a, z_v, temperature, entropy_floor=0.3):
 
     d_a: dependence share, from the mean absolute logit; w_a: inverse-variance share, from the mean entropy
     (floored at `entropy_floor`); c = softmax(T [d_v w_a, d_a w_v]) = (sigmoid(T (w_a - d_a)), 1 - c_a).
+    Under torchrun the means are over the global batch: per-class |logit| sums, entropy sums and the sample count
+    are summed over all processes first, then divided.
     """
-    dep_a, dep_v = z_a.abs().mean(0).sum(), z_v.abs().mean(0).sum()
+    p_a, p_v = torch.softmax(z_a, 1), torch.softmax(z_v, 1)
+    c = z_a.shape[1]
+    sums = distributed.all_reduce_sum(torch.cat([
+        z_a.abs().sum(0), z_v.abs().sum(0), -(p_a * torch.log(p_a + 1e-16)).sum(1).sum()[None],
+        -(p_v * torch.log(p_v + 1e-16)).sum(1).sum()[None], z_a.new_tensor([z_a.shape[0]])]))
+    n = sums[-1]
+    dep_a, dep_v = (sums[:c] / n).sum(), (sums[c:2 * c] / n).sum()
     d_a = dep_a / (dep_a + dep_v) if dep_a + dep_v >= 1e-12 else z_a.new_tensor(0.5)  # guard: all-zero logits
     d_v = 1 - d_a
-    p_a, p_v = torch.softmax(z_a, 1), torch.softmax(z_v, 1)
-    ent_a = -(p_a * torch.log(p_a + 1e-16)).sum(1).mean()
-    ent_v = -(p_v * torch.log(p_v + 1e-16)).sum(1).mean()
+    ent_a, ent_v = sums[2 * c] / n, sums[2 * c + 1] / n
     if ent_a + ent_v >= 1e-12:
         h_a = torch.clamp(ent_a / (ent_a + ent_v), min=entropy_floor)
         h_v = torch.clamp(ent_v / (ent_a + ent_v), min=entropy_floor)
@@ -145,6 +153,8 @@ if __name__ == "__main__":
     if args.select_after >= args.epochs - 1:
         raise SystemExit(f"--select-after {args.select_after} leaves no epoch to select among {args.epochs}")
 
+    distributed.init(args)  # torchrun: join the process group (no-op in a single process)
+
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -158,10 +168,12 @@ if __name__ == "__main__":
     num_classes = len(class_names)
     args.num_workers = (0 if args.dataset == "synthetic" else 4) if args.num_workers is None else args.num_workers
     loader_gen = torch.Generator()
-    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen)
+    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
+                                             args.pin_memory, args.persistent_workers)
     model = AVClassifier(num_classes, args.fusion).to(device)
     optimizer = make_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
+    train_model = distributed.wrap(model, args)  # DDP under torchrun; --amp
 
     def logits_fn(audio, visual):
         f_a, f_v, z = model.head(model.audio_net(audio), model.visual_net(visual))
@@ -196,6 +208,7 @@ if __name__ == "__main__":
         t0 = time.time()
         model.train()
         loader_gen.manual_seed(args.seed * 100_003 + epoch)  # shuffling and augmentation depend only on (seed, epoch)
+        distributed.set_epoch(train_loader)  # torchrun: this process's shard and augmentation stream
         sums, n_steps, n_samples = {}, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=args.no_progress)
         for step, (spec, frames, label) in enumerate(bar):
@@ -206,7 +219,7 @@ if __name__ == "__main__":
             # ALGO LOGIC: GradScale (after the warm-up), gamma-weighted unimodal losses, coefficients for the next step
             arl_on = epoch >= args.warmup_epochs
             applied = coeff if arl_on and args.arl_coeff_timing == "previous" else (0.0, 0.0)  # c of the previous step
-            a, v, z, z_a, z_v = arl_forward(model, audio, visual, applied)
+            a, v, z, z_a, z_v = train_model(arl_forward, audio, visual, applied)  # = arl_forward(model, ...), through DDP
             loss, loss_f, loss_a, loss_v = arl_loss(z, z_a, z_v, label, args.gamma if arl_on else 1.0)
             arl = arl_coefficients(z_a.detach(), z_v.detach(), args.temperature, args.entropy_floor)
             if arl_on and args.arl_weights == "computed":
@@ -228,10 +241,12 @@ if __name__ == "__main__":
                      "train/dep_audio": arl["d_a"].item(), "train/var_share_audio": arl["w_a"].item(),
                      "train/target_ratio": (arl["w_a"] / arl["w_v"]).item(), "train/entropy_audio": arl["entropy_a"].item(),
                      "train/entropy_visual": arl["entropy_v"].item()}
+            distributed.trace_step(model, stats)  # no-op unless $BML_TRACE_DIR is set (tests, benchmark)
             for k, val in stats.items():
                 sums[k] = sums.get(k, 0.0) + val
             n_steps, n_samples = n_steps + 1, n_samples + label.shape[0]
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        sums, n_samples = distributed.finish_epoch(model, sums, n_samples)  # torchrun: rank 0's BN buffers, global stats
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_time = time.time() - t0

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import distributed
 from common.data import DATASETS, add_data_args, build_datasets, make_loaders
 from common.evaluate import evaluate, macro_f1, mean_average_precision
 from common.models import AudioEncoder, VisualEncoder, init_weights
@@ -76,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--legacy-zero-grad", action="store_true",
                    help="zero gradients instead of None (PyTorch 1.11): the other modality gets momentum/weight-decay updates")
     add_data_args(p)
+    distributed.add_speed_args(p)
     return p.parse_args(argv)
 
 
@@ -117,6 +119,7 @@ def add_classifier(model, modality, optimizer=None):
     layer = nn.Linear(first.in_features, first.out_features).to(first.weight.device)
     nn.init.xavier_normal_(layer.weight)
     nn.init.zeros_(layer.bias)
+    distributed.broadcast_module(layer)  # torchrun: rank 0's draw in every process (their RNG streams differ)
     model.classifiers(modality).append(layer)
     if optimizer is not None:
         optimizer.add_param_group({"params": list(layer.parameters()), "lr": optimizer.param_groups[0]["lr"]})
@@ -150,18 +153,21 @@ def boosting_loss(logits, label, lam, source="ensemble"):
     return loss + F.cross_entropy(sum(logits[:-1]), label) + residual_loss(logits[:-1], logits[-1], label, lam, source)
 
 
-def aug_step(model, optimizer, audio, visual, label, args):
+def aug_step(model, optimizer, audio, visual, label, args, train_model=None):
     """One mini-batch: both encoders, an optimizer step on L_a, then one on L_v. The visual classifiers run only after
-    the audio step, so they see the h it just updated. Returns {modality: (L_m, CE(P_m, y), sum_i score_i)} (floats)."""
-    out = {}
+    the audio step, so they see the h it just updated. Returns {modality: (L_m, CE(P_m, y), sum_i score_i)} (floats).
+    `train_model(fn)` = fn(model) (common/distributed.py: autocast with --amp); under torchrun each backward pass is
+    followed by an average of the gradients over the processes (two optimizer steps per batch: no DDP)."""
+    out, run = {}, train_model or (lambda fn: fn(model))
     # --legacy-zero-grad: the audio step also moves visual parameters saved for the visual backward; keep the saved
     # pre-step copies, as the release's DataParallel replicas did (without it autograd raises an in-place error)
     with torch.autograd.graph.allow_mutation_on_saved_tensors() if args.legacy_zero_grad else contextlib.nullcontext():
-        u = {"audio": model.audio_net(audio), "visual": model.visual_net(visual)}
+        u = run(lambda m: {"audio": m.audio_net(audio), "visual": m.visual_net(visual)})
         for modality in ("audio", "visual"):
-            logits = model.classifier_logits(u[modality], modality)
+            logits = run(lambda m: m.classifier_logits(u[modality], modality))
             loss = boosting_loss(logits, label, args.lam_res, args.residual_source)
             loss.backward()
+            distributed.sync_grads(model)  # torchrun: the average over processes, as DDP would (no-op in one process)
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
@@ -202,7 +208,7 @@ def unimodal_metrics(test_logits, labels, num_classes):
     """Macro-F1 and mAP of each ensemble from the (P_a, P_v) recorded during evaluate()."""
     out = {}
     for i, modality in enumerate(("audio", "visual")):
-        p = torch.cat([t[i] for t in test_logits]).float()
+        p = distributed.gather_in_order(torch.cat([t[i] for t in test_logits]), len(labels)).float()  # all processes
         y = labels[: len(p)]
         out[f"test/macro_f1_{modality}"] = macro_f1(p.argmax(1).numpy(), y, num_classes)
         out[f"test/map_{modality}"] = mean_average_precision(torch.softmax(p, 1).numpy(), y, num_classes)
@@ -218,6 +224,8 @@ if __name__ == "__main__":
     args.aca_check_every = args.aca_check_every or aca_check_period(args.epochs)  # ALGO LOGIC: E // 10
     script = os.path.basename(__file__)[: -len(".py")]
 
+    distributed.init(args)  # torchrun: join the process group (no-op in a single process)
+
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -231,10 +239,12 @@ if __name__ == "__main__":
     num_classes = len(class_names)
     args.num_workers = (0 if args.dataset == "synthetic" else 4) if args.num_workers is None else args.num_workers
     loader_gen = torch.Generator()
-    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen)
+    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
+                                             args.pin_memory, args.persistent_workers)
     model = AUGClassifier(num_classes).to(device)
     optimizer = make_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
+    train_model = distributed.wrap(model, args, ddp=False)  # --amp; torchrun: no DDP, aug_step averages gradients
     test_labels = np.array([clip.label for clip in test_set.clips])  # the test loader is not shuffled
     test_logits = []  # ALGO LOGIC: (P_a, P_v) of each test batch, for the unimodal F1 and mAP
 
@@ -277,6 +287,7 @@ if __name__ == "__main__":
         t0 = time.time()
         model.train()
         loader_gen.manual_seed(args.seed * 100_003 + epoch)  # shuffling and augmentation depend only on (seed, epoch)
+        distributed.set_epoch(train_loader)  # torchrun: this process's shard and augmentation stream
         sums, n_steps, n_samples = {}, 0, 0
         score = {"audio": 0.0, "visual": 0.0}  # ALGO LOGIC: S_a, S_v, the epoch's running sums of true-class scores
         bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=args.no_progress)
@@ -286,7 +297,7 @@ if __name__ == "__main__":
             audio, visual, label = spec.unsqueeze(1).to(device), frames.to(device), label.to(device)
 
             # ALGO LOGIC: an audio step on L_a, then a visual step on L_v (no fused loss); accumulate S_a and S_v
-            out = aug_step(model, optimizer, audio, visual, label, args)
+            out = aug_step(model, optimizer, audio, visual, label, args, train_model)
             score["audio"], score["visual"] = score["audio"] + out["audio"][2], score["visual"] + out["visual"][2]
             loss = out["audio"][0] + out["visual"][0]
 
@@ -294,10 +305,13 @@ if __name__ == "__main__":
                      "train/ce_audio": out["audio"][1], "train/ce_visual": out["visual"][1],
                      "train/coeff_audio": float(len(model.audio_classifiers)),
                      "train/coeff_visual": float(len(model.visual_classifiers))}
+            distributed.trace_step(model, stats)  # no-op unless $BML_TRACE_DIR is set (tests, benchmark)
             for k, val in stats.items():
                 sums[k] = sums.get(k, 0.0) + val
             n_steps, n_samples = n_steps + 1, n_samples + label.shape[0]
             bar.set_postfix(loss=f"{loss:.3f}")
+        sums, n_samples = distributed.finish_epoch(model, sums, n_samples)  # torchrun: rank 0's BN buffers, global stats
+        score["audio"], score["visual"] = distributed.all_reduce_sum([score["audio"], score["visual"]])  # ALGO LOGIC
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_time = time.time() - t0

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import distributed
 from common.data import DATASETS, add_data_args, build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     # Algorithm specific arguments
     p.add_argument("--modality", default="both", choices=["both", "audio", "visual"], help="both = joint training; audio/visual = unimodal baseline")
     add_data_args(p)
+    distributed.add_speed_args(p)
     return p.parse_args(argv)
 
 
@@ -83,6 +85,7 @@ if __name__ == "__main__":
         ckpt = load_checkpoint(os.path.join(args.resume, "last.pt") if args.resume else args.checkpoint)
         args = merge_saved_args(args, ckpt["args"])
     script = os.path.basename(__file__)[: -len(".py")]
+    distributed.init(args)  # torchrun: join the process group (no-op in a single process)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -97,10 +100,12 @@ if __name__ == "__main__":
     num_classes = len(class_names)
     args.num_workers = (0 if args.dataset == "synthetic" else 4) if args.num_workers is None else args.num_workers
     loader_gen = torch.Generator()
-    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen)
+    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
+                                             args.pin_memory, args.persistent_workers)
     model = AVClassifier(num_classes, args.fusion).to(device)
     optimizer = make_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
+    train_model = distributed.wrap(model, args, find_unused=args.modality != "both")  # DDP under torchrun; --amp
 
     def logits_fn(audio, visual):
         f_a, f_v, z = forward(model, audio, visual, args.modality)
@@ -135,6 +140,7 @@ if __name__ == "__main__":
         t0 = time.time()
         model.train()
         loader_gen.manual_seed(args.seed * 100_003 + epoch)  # shuffling and augmentation depend only on (seed, epoch)
+        distributed.set_epoch(train_loader)  # torchrun: this process's shard and augmentation stream
         sums, n_steps, n_samples = {}, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=args.no_progress)
         for step, (spec, frames, label) in enumerate(bar):
@@ -142,7 +148,7 @@ if __name__ == "__main__":
                 break
             audio, visual, label = spec.unsqueeze(1).to(device), frames.to(device), label.to(device)
 
-            f_a, f_v, z = forward(model, audio, visual, args.modality)
+            f_a, f_v, z = train_model(forward, audio, visual, args.modality)  # = forward(model, ...), through DDP
             loss = F.cross_entropy(z, label)
             with torch.no_grad():  # monitoring only: unimodal losses and the score ratio s_a / s_v
                 z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half") if args.fusion != "film" else (z, z)
@@ -158,10 +164,12 @@ if __name__ == "__main__":
 
             stats = {"train/loss": loss.item(), "train/loss_audio": loss_a.item(), "train/loss_visual": loss_v.item(),
                      "train/ratio": (s_a / s_v).item(), "train/coeff_audio": 1.0, "train/coeff_visual": 1.0}
+            distributed.trace_step(model, stats)  # no-op unless $BML_TRACE_DIR is set (tests, benchmark)
             for k, val in stats.items():
                 sums[k] = sums.get(k, 0.0) + val
             n_steps, n_samples = n_steps + 1, n_samples + label.shape[0]
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        sums, n_samples = distributed.finish_epoch(model, sums, n_samples)  # torchrun: rank 0's BN buffers, global stats
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_time = time.time() - t0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import distributed
 from common.data import DATASETS, add_data_args, build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, GatedHead, unimodal_logits
@@ -65,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--gated-release-quirk", action="store_true",
                    help="gated head: detach after fc_x/fc_y in the fused path as the release does (fc_x, fc_y never train)")
     add_data_args(p)
+    distributed.add_speed_args(p)
     return p.parse_args(argv)
 
 
@@ -128,6 +130,8 @@ if __name__ == "__main__":
         args = merge_saved_args(args, ckpt["args"])
     script = os.path.basename(__file__)[: -len(".py")]
 
+    distributed.init(args)  # torchrun: join the process group (no-op in a single process)
+
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -141,10 +145,13 @@ if __name__ == "__main__":
     num_classes = len(class_names)
     args.num_workers = (0 if args.dataset == "synthetic" else 4) if args.num_workers is None else args.num_workers
     loader_gen = torch.Generator()
-    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen)
+    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
+                                             args.pin_memory, args.persistent_workers)
     model = AVClassifier(num_classes, args.fusion).to(device)
     optimizer = make_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
+    # DDP under torchrun (--dgl-impl two-pass: two backward passes, gradients averaged by sync_grads); --amp
+    train_model = distributed.wrap(model, args, ddp=args.dgl_impl == "single-pass", find_unused=args.gated_release_quirk)
 
     def logits_fn(audio, visual):
         f_a, f_v, z = model.head(model.audio_net(audio), model.visual_net(visual))
@@ -177,6 +184,7 @@ if __name__ == "__main__":
         t0 = time.time()
         model.train()
         loader_gen.manual_seed(args.seed * 100_003 + epoch)  # shuffling and augmentation depend only on (seed, epoch)
+        distributed.set_epoch(train_loader)  # torchrun: this process's shard and augmentation stream
         sums, n_steps, n_samples = {}, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=args.no_progress)
         for step, (spec, frames, label) in enumerate(bar):
@@ -185,8 +193,8 @@ if __name__ == "__main__":
             audio, visual, label = spec.unsqueeze(1).to(device), frames.to(device), label.to(device)
 
             # ALGO LOGIC: fused loss -> head only, alpha-weighted unimodal losses -> encoders only
-            a, v = model.audio_net(audio), model.visual_net(visual)
-            z, z_a, z_v = dgl_logits(model.head, a, v, args.dgl_impl, args.gated_release_quirk)
+            z, z_a, z_v = train_model(lambda m: dgl_logits(m.head, m.audio_net(audio), m.visual_net(visual), args.dgl_impl,
+                                                           args.gated_release_quirk))  # through DDP
             loss, loss_f, loss_a, loss_v = dgl_loss(z, z_a, z_v, label, args.alpha)
             with torch.no_grad():  # monitoring only: the score ratio s_a / s_v (zero-fill logits)
                 s_a = torch.softmax(z_a, 1).gather(1, label[:, None]).sum()
@@ -194,6 +202,8 @@ if __name__ == "__main__":
 
             optimizer.zero_grad()
             dgl_backward(model.head, loss, loss_f, loss_a, loss_v, args.alpha, args.dgl_impl)
+            if args.dgl_impl == "two-pass":
+                distributed.sync_grads(model)  # torchrun: average the gradients of both passes (no-op in one process)
             norms = {"train/grad_norm_audio": grad_norm(model.audio_net), "train/grad_norm_visual": grad_norm(model.visual_net),
                      "train/grad_norm_head": grad_norm(model.head)}  # ALGO LOGIC: before clipping
             clip_factor = 1.0
@@ -205,10 +215,12 @@ if __name__ == "__main__":
             stats = {"train/loss": loss.item(), "train/loss_audio": loss_a.item(), "train/loss_visual": loss_v.item(),
                      "train/ratio": (s_a / s_v).item(), "train/coeff_audio": 1.0, "train/coeff_visual": 1.0,
                      "train/loss_fused": loss_f.item(), "train/clip_factor": clip_factor, **norms}  # ALGO LOGIC: DGL's extras
+            distributed.trace_step(model, stats)  # no-op unless $BML_TRACE_DIR is set (tests, benchmark)
             for k, val in stats.items():
                 sums[k] = sums.get(k, 0.0) + val
             n_steps, n_samples = n_steps + 1, n_samples + label.shape[0]
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        sums, n_samples = distributed.finish_epoch(model, sums, n_samples)  # torchrun: rank 0's BN buffers, global stats
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_time = time.time() - t0

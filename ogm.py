@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import distributed
 from common.data import DATASETS, add_data_args, build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
@@ -89,6 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--unimodal-logits", default="split", choices=["split", "self-gate"],
                    help="split = slice the head (concat, sum); self-gate = gated head, each modality gates itself (extension)")
     add_data_args(p)
+    distributed.add_speed_args(p)
     return p.parse_args(argv)
 
 
@@ -110,9 +112,11 @@ def check_fusion(fusion, unimodal):
 
 @torch.no_grad()
 def scores(z_a, z_v, label):
-    """Paper Eq. 8: s_m = sum over the batch of softmax(z_m)[y], from the (half-bias) unimodal logits, without gradient."""
+    """Paper Eq. 8: s_m = sum over the batch of softmax(z_m)[y], from the (half-bias) unimodal logits, without gradient.
+    Under torchrun the sums run over the global batch (all processes), so every process gets the same coefficients."""
     s_a = torch.softmax(z_a, 1).gather(1, label[:, None]).sum()
     s_v = torch.softmax(z_v, 1).gather(1, label[:, None]).sum()
+    s_a, s_v = distributed.all_reduce_sum(torch.stack([s_a, s_v]))
     return s_a, s_v
 
 
@@ -136,12 +140,12 @@ def modulate_gradients(model, k_a, k_v, noise_a, noise_v, generator=None, std_so
         for p in encoder.parameters():
             if p.grad is None or (p.grad.dim() != 4 if params == "conv" else p.grad.dim() < 2):
                 continue
-            g = p.grad
-            new = g * k
+            g = p.grad  # edited in place (the same values as g * k + noise * std, without temporary copies)
+            std = g.std() + 1e-8 if noise and std_source == "unscaled" else None
+            g.mul_(k)
             if noise:
-                std = (g if std_source == "unscaled" else new).std() + 1e-8
-                new = new + torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype) * std
-            p.grad = new
+                std = g.std() + 1e-8 if std is None else std
+                g.add_(torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype).mul_(std))
 
 
 if __name__ == "__main__":
@@ -153,6 +157,8 @@ if __name__ == "__main__":
         args = merge_saved_args(args, ckpt["args"])
     script = os.path.basename(__file__)[: -len(".py")]
     check_fusion(args.fusion, args.unimodal_logits)  # ALGO LOGIC: film/gated have no unimodal split
+
+    distributed.init(args)  # torchrun: join the process group (no-op in a single process)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -167,12 +173,14 @@ if __name__ == "__main__":
     num_classes = len(class_names)
     args.num_workers = (0 if args.dataset == "synthetic" else 4) if args.num_workers is None else args.num_workers
     loader_gen = torch.Generator()
-    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen)
+    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
+                                             args.pin_memory, args.persistent_workers)
     model = AVClassifier(num_classes, args.fusion).to(device)
     optimizer = make_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
+    train_model = distributed.wrap(model, args)  # DDP under torchrun; --amp
     noise_gen = torch.Generator(device=device)  # ALGO LOGIC: GE noise has a stream of its own (data order and
-    noise_gen.manual_seed(args.seed + 1_000_000)  # augmentation are unchanged by it)
+    noise_gen.manual_seed(args.seed + 1_000_000)  # augmentation are unchanged by it), the same in every process
 
     def logits_fn(audio, visual):
         f_a, f_v, z = model.head(model.audio_net(audio), model.visual_net(visual))
@@ -206,6 +214,7 @@ if __name__ == "__main__":
         t0 = time.time()
         model.train()
         loader_gen.manual_seed(args.seed * 100_003 + epoch)  # shuffling and augmentation depend only on (seed, epoch)
+        distributed.set_epoch(train_loader)  # torchrun: this process's shard and augmentation stream
         sums, n_steps, n_samples = {}, 0, 0
         # ALGO LOGIC: modulate only after the warm-up and inside the inclusive window [starts, ends]
         modulate = (args.modulation != "none" and epoch >= args.warmup_epochs
@@ -216,7 +225,7 @@ if __name__ == "__main__":
                 break
             audio, visual, label = spec.unsqueeze(1).to(device), frames.to(device), label.to(device)
 
-            f_a, f_v, z = model.head(model.audio_net(audio), model.visual_net(visual))
+            f_a, f_v, z = train_model(lambda m: m.head(m.audio_net(audio), m.visual_net(visual)))  # through DDP
             loss = F.cross_entropy(z, label)  # only the fused loss is back-propagated
             with torch.no_grad():  # ALGO LOGIC: scores s_a, s_v from the half-bias unimodal logits (losses: monitoring)
                 z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
@@ -227,7 +236,7 @@ if __name__ == "__main__":
             audio_modulated = s_v.item() / s_a.item() <= 1
 
             optimizer.zero_grad()
-            loss.backward()
+            loss.backward()  # under torchrun DDP averages the gradients here: the modulation edits synchronised ones
             if modulate:  # ALGO LOGIC: scale the dominant encoder's conv gradients; GE noise on both (or the dominant)
                 ge = args.modulation == "ogm_ge"
                 noise_a = ge and (args.ge_target == "both" or audio_modulated)
@@ -242,10 +251,12 @@ if __name__ == "__main__":
             stats = {"train/loss": loss.item(), "train/loss_audio": loss_a.item(), "train/loss_visual": loss_v.item(),
                      "train/ratio": (s_a / s_v).item(), "train/coeff_audio": k_a, "train/coeff_visual": k_v,
                      "train/modulated_audio_frac": float(audio_modulated)}  # ALGO LOGIC: OGM's k and the selected side
+            distributed.trace_step(model, stats)  # no-op unless $BML_TRACE_DIR is set (tests, benchmark)
             for k, val in stats.items():
                 sums[k] = sums.get(k, 0.0) + val
             n_steps, n_samples = n_steps + 1, n_samples + label.shape[0]
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        sums, n_samples = distributed.finish_epoch(model, sums, n_samples)  # torchrun: rank 0's BN buffers, global stats
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_time = time.time() - t0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import distributed
 from common.data import DATASETS, add_data_args, build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
@@ -75,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--unimodal-logits", default="split", choices=["split", "self-gate"],
                    help="split = slice the head (concat, sum); self-gate = gated head, each modality gates itself (extension)")
     add_data_args(p)
+    distributed.add_speed_args(p)
     return p.parse_args(argv)
 
 
@@ -96,9 +98,11 @@ def check_fusion(fusion, unimodal):
 
 @torch.no_grad()
 def scores(z_a, z_v, label):
-    """s_m = sum over the batch of softmax(z_m)[y], from the half-bias unimodal logits, without gradient."""
+    """s_m = sum over the batch of softmax(z_m)[y], from the half-bias unimodal logits, without gradient.
+    Under torchrun the sums run over the global batch (all processes), so every process gets the same q."""
     s_a = torch.softmax(z_a, 1).gather(1, label[:, None]).sum()
     s_v = torch.softmax(z_v, 1).gather(1, label[:, None]).sum()
+    s_a, s_v = distributed.all_reduce_sum(torch.stack([s_a, s_v]))
     return s_a, s_v
 
 
@@ -152,6 +156,8 @@ if __name__ == "__main__":
     script = os.path.basename(__file__)[: -len(".py")]
     check_fusion(args.fusion, args.unimodal_logits)  # ALGO LOGIC: film/gated have no unimodal split
 
+    distributed.init(args)  # torchrun: join the process group (no-op in a single process)
+
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -165,10 +171,12 @@ if __name__ == "__main__":
     num_classes = len(class_names)
     args.num_workers = (0 if args.dataset == "synthetic" else 4) if args.num_workers is None else args.num_workers
     loader_gen = torch.Generator()
-    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen)
+    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
+                                             args.pin_memory, args.persistent_workers)
     model = AVClassifier(num_classes, args.fusion).to(device)
     optimizer = make_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
+    train_model = distributed.wrap(model, args)  # DDP under torchrun; --amp
     opm_gen = torch.Generator()  # ALGO LOGIC: OPM's draws have a stream of their own (CPU, so any device draws
     opm_gen.manual_seed(args.seed + 1_000_000)  # the same masks); data order and augmentation are unchanged by it
 
@@ -204,6 +212,7 @@ if __name__ == "__main__":
         t0 = time.time()
         model.train()
         loader_gen.manual_seed(args.seed * 100_003 + epoch)  # shuffling and augmentation depend only on (seed, epoch)
+        distributed.set_epoch(train_loader)  # torchrun: this process's shard and augmentation stream
         sums, n_steps, n_samples = {}, 0, 0
         # ALGO LOGIC: OPM acts after the warm-up, to the last epoch (or inside --opm-window)
         opm_on = epoch >= args.warmup_epochs and (args.opm_window is None or args.opm_window[0] <= epoch <= args.opm_window[1])
@@ -214,7 +223,7 @@ if __name__ == "__main__":
                 break
             audio, visual, label = spec.unsqueeze(1).to(device), frames.to(device), label.to(device)
 
-            a, v = model.audio_net(audio), model.visual_net(visual)
+            a, v = train_model(lambda m: (m.audio_net(audio), m.visual_net(visual)))  # through DDP, as the head below
             with torch.no_grad():  # ALGO LOGIC: scores from the full batch before any drop (losses: monitoring only)
                 z_a, z_v = unimodal_logits(model.head, *model.head(a, v)[:2], bias="half")
                 loss_a, loss_v = F.cross_entropy(z_a, label), F.cross_entropy(z_v, label)
@@ -225,13 +234,15 @@ if __name__ == "__main__":
                 q_a, q_v = drop_probabilities(s_a.item(), s_v.item(), args.q_base, args.lam)
                 executed = execute_drop(args.p_exe, opm_gen)
                 if executed:
-                    keep_a, keep_v = feature_masks(q_a, q_v, label.shape[0], opm_gen)
+                    # torchrun: the same draws in every process, for the global batch; each process keeps its rows
+                    keep_a, keep_v = feature_masks(q_a, q_v, label.shape[0] * distributed.world_size(), opm_gen)
+                    keep_a, keep_v = distributed.local_rows(keep_a), distributed.local_rows(keep_v)
                     a, v, y = drop_features(a, v, label, keep_a.to(device), keep_v.to(device), q_a, q_v, args.rescale)
                     dropped = (1 - keep_a.mean().item(), 1 - keep_v.mean().item())
                     rescale_sum, n_exec = rescale_sum + max(rescale_factors(q_a, q_v, args.rescale)), n_exec + 1
                     if y.shape[0] == 0:  # every sample lost both modalities: skip the step (never with two modalities)
                         continue
-            f_a, f_v, z = model.head(a, v)
+            f_a, f_v, z = train_model(lambda m: m.head(a, v))
             loss = F.cross_entropy(z, y)  # mean over the kept samples; only the fused loss is back-propagated
 
             optimizer.zero_grad()
@@ -244,10 +255,12 @@ if __name__ == "__main__":
                      "train/ratio": (s_a / s_v).item(), "train/coeff_audio": q_a, "train/coeff_visual": q_v,
                      "train/drop_exec_frac": float(executed), "train/drop_frac_audio": dropped[0],  # ALGO LOGIC: OPM's
                      "train/drop_frac_visual": dropped[1]}  # drop probabilities and what was dropped
+            distributed.trace_step(model, stats)  # no-op unless $BML_TRACE_DIR is set (tests, benchmark)
             for k, val in stats.items():
                 sums[k] = sums.get(k, 0.0) + val
             n_steps, n_samples = n_steps + 1, n_samples + label.shape[0]
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        sums, n_samples = distributed.finish_epoch(model, sums, n_samples)  # torchrun: rank 0's BN buffers, global stats
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_time = time.time() - t0

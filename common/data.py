@@ -23,6 +23,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from common import distributed
+
 CREMAD_LABELS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # fixed order (data.md 2.2)
 KS_CLASSES = [
     "blowing_nose", "blowing_out_candles", "bowling", "chopping_wood", "dribbling_basketball", "laughing",
@@ -420,6 +422,8 @@ def add_data_args(parser):
     g.add_argument("--ks-audio", dest="audio_pipeline", choices=["stft16k", "pkl1004", "fbank", "aug35k"], help="alias of --audio-pipeline")
     g.add_argument("--audio-seconds", type=float, default=None, help="audio window in seconds (e.g. 20 for AUG's CREMA-D setup)")
     g.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes (default: 0 synthetic, 4 otherwise)")
+    g.add_argument("--in-memory", action="store_true",
+                   help="benchmarks: random in-memory tensors at the dataset's input sizes instead of its files (no data loading)")
     return parser
 
 
@@ -460,6 +464,8 @@ def build_datasets(args):
         audio_cfg = replace(audio_cfg, clip_seconds=args.audio_seconds, tile_seconds=max(audio_cfg.tile_seconds, args.audio_seconds))
     frame_cfg = FrameConfig(n_frames, size, args.frame_select, args.clip_consistent_aug,
                             (0.25, 1.0) if args.tpami_frames else (0.08, 1.0), "center" if args.tpami_frames else "square")
+    if getattr(args, "in_memory", False):
+        return in_memory_datasets(args.dataset, audio_cfg, n_frames, size)
     root = os.path.join(args.data_root, facts["subdir"])
     if args.dataset == "synthetic":
         ensure_synthetic(root)
@@ -476,6 +482,39 @@ def build_datasets(args):
     return sets[0], sets[1], sets[0].class_names
 
 
+class InMemoryClips(torch.utils.data.Dataset):
+    """`n` clips of random tensors of the given shapes (a pool of 8, repeated) with random labels: the model step
+    without any data loading, at a dataset's real input sizes (common/benchmark.py, --in-memory)."""
+
+    def __init__(self, n, spec_shape, frames_shape, class_names, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.spec, self.frames = torch.randn(8, *spec_shape, generator=g), torch.randn(8, *frames_shape, generator=g)
+        self.labels = torch.randint(len(class_names), (n,), generator=g)
+        self.clips = [Clip(str(i), "", "", int(y)) for i, y in enumerate(self.labels)]
+        self.class_names, self.skipped = class_names, {}
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.spec[i % 8], self.frames[i % 8], self.labels[i]
+
+
+def spectrogram_shape(cfg: AudioConfig):
+    """(F, T) of an STFT pipeline: n_fft // 2 + 1 bins, 1 + samples // hop centred frames (CREMA-D 257 x 188)."""
+    if cfg.kind != "stft":
+        raise ValueError(f"--in-memory supports the STFT audio pipelines, not {cfg.kind}")
+    return cfg.n_fft // 2 + 1, 1 + int(round(cfg.clip_seconds * cfg.sample_rate)) // cfg.hop
+
+
+def in_memory_datasets(dataset, audio_cfg, n_frames, size):
+    facts = DATASETS[dataset]
+    names = CREMAD_LABELS if dataset in ("cremad", "synthetic") else KS_CLASSES if dataset == "ks" else [
+        f"class{i}" for i in range(facts["num_classes"])]
+    shapes = (spectrogram_shape(audio_cfg), (3, n_frames, size, size))
+    return InMemoryClips(4096, *shapes, names, 0), InMemoryClips(256, *shapes, names, 1), names
+
+
 def seed_worker(worker_id):
     """DataLoader workers: derive python/numpy seeds from the torch seed the loader's generator gave this worker."""
     s = torch.initial_seed() % 2**32
@@ -483,10 +522,24 @@ def seed_worker(worker_id):
     np.random.seed(s)
 
 
-def make_loaders(train_set, test_set, batch_size, num_workers, generator):
-    """Training loader shuffled by `generator` (reseed it each epoch for exact resume), drop_last; full test loader."""
-    kw = dict(num_workers=num_workers, worker_init_fn=seed_worker, pin_memory=torch.cuda.is_available())
-    train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                                        generator=generator, **kw)
-    test = torch.utils.data.DataLoader(test_set, batch_size, shuffle=False, drop_last=False, **kw)
+def make_loaders(train_set, test_set, batch_size, num_workers, generator, pin_memory="auto", persistent_workers=False):
+    """Training loader shuffled by `generator` (reseed it each epoch for exact resume), drop_last; full test loader.
+
+    Under torchrun `batch_size` is the global batch: each process loads batch_size / world of its shard
+    (common/distributed.py). pin_memory "auto" pins with CUDA; the test loader keeps its workers between epochs
+    (deterministic transforms), the training loader only with persistent_workers (worker seeds are then drawn once).
+    """
+    world = distributed.world_size()
+    if batch_size % world:
+        raise SystemExit(f"--batch-size {batch_size} (the global batch) must be divisible by the {world} processes")
+    batch_size //= world
+    train_sampler, test_sampler = distributed.samplers(train_set, test_set)
+    pin = torch.cuda.is_available() if pin_memory == "auto" else pin_memory in ("on", True)
+    kw = dict(num_workers=num_workers, worker_init_fn=seed_worker, pin_memory=pin)
+    n_train = len(train_sampler) if train_sampler is not None else len(train_set)
+    train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=train_sampler is None, sampler=train_sampler,
+                                        drop_last=n_train > batch_size, generator=generator,
+                                        persistent_workers=persistent_workers and num_workers > 0, **kw)
+    test = torch.utils.data.DataLoader(test_set, batch_size, shuffle=False, sampler=test_sampler, drop_last=False,
+                                       persistent_workers=num_workers > 0, **kw)
     return train, test

@@ -3,6 +3,8 @@
 import numpy as np
 import torch
 
+from common.distributed import gather_in_order
+
 
 def macro_f1(pred, target, num_classes):
     f1 = []
@@ -35,6 +37,7 @@ def evaluate(logits_fn, loader, device, num_classes, max_steps=0):
     """Run `logits_fn(audio (B,1,F,T), visual (B,3,T_f,H,W)) -> (z, z_a, z_v)` over the loader (z_a/z_v may be None).
 
     Returns test/acc, test/acc_audio, test/acc_visual, test/macro_f1, test/map (as fractions in [0, 1]).
+    Under torchrun each process runs its shard and the metrics are computed over all of them, every clip once.
     """
     zs, zas, zvs, ys = [], [], [], []
     for step, (spec, frames, label) in enumerate(loader):
@@ -45,8 +48,9 @@ def evaluate(logits_fn, loader, device, num_classes, max_steps=0):
         zas.append(None if z_a is None else z_a.float().cpu())
         zvs.append(None if z_v is None else z_v.float().cpu())
         ys.append(label)
-    y = torch.cat(ys).numpy()
-    z = torch.cat(zs)
+    n = len(loader.dataset)
+    y = gather_in_order(torch.cat(ys), n).numpy()
+    z = gather_in_order(torch.cat(zs), n)
     pred = z.argmax(1).numpy()
     out = {
         "test/acc": float(np.mean(pred == y)),
@@ -55,5 +59,5 @@ def evaluate(logits_fn, loader, device, num_classes, max_steps=0):
     }
     for key, parts in (("test/acc_audio", zas), ("test/acc_visual", zvs)):
         if parts[0] is not None:
-            out[key] = float(np.mean(torch.cat(parts).argmax(1).numpy() == y))
+            out[key] = float(np.mean(gather_in_order(torch.cat(parts), n).argmax(1).numpy() == y))
     return out

@@ -9,9 +9,12 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from common.distributed import broadcast_object, is_main
+
 # flags that describe *how* to run, not *what* to train: on --resume/--eval-only these come from the command line
 OPERATIONAL_FLAGS = {"resume", "stop_after_epochs", "eval_only", "checkpoint", "device", "num_workers", "data_root",
-                     "no_progress", "runs_dir"}
+                     "no_progress", "runs_dir", "channels_last", "compile", "cudnn_benchmark", "pin_memory",
+                     "persistent_workers"}
 
 
 def apply_preset(args, presets):
@@ -31,11 +34,14 @@ def run_name(args, script):
 
 
 def make_run_dir(runs_dir, name):
-    path, k = os.path.join(runs_dir, name), 1
-    while os.path.exists(path):  # two runs started in the same second
-        path, k = os.path.join(runs_dir, f"{name}_{k}"), k + 1
-    os.makedirs(path)
-    return path
+    """Create runs_dir/name (rank 0 under torchrun; the other processes get its path)."""
+    path = None
+    if is_main():
+        path, k = os.path.join(runs_dir, name), 1
+        while os.path.exists(path):  # two runs started in the same second
+            path, k = os.path.join(runs_dir, f"{name}_{k}"), k + 1
+        os.makedirs(path)
+    return broadcast_object(path)
 
 
 def capture_rng():
@@ -54,7 +60,9 @@ def restore_rng(state):
 
 
 def save_checkpoint(path, state):
-    """Write atomically (temp file + rename), so an interruption never leaves a truncated checkpoint."""
+    """Write atomically (temp file + rename), so an interruption never leaves a truncated checkpoint. Rank 0 only."""
+    if not is_main():
+        return
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -78,10 +86,13 @@ def merge_saved_args(args, saved):
 
 
 class RunLogger:
-    """runs/<name>/: TensorBoard scalars, metrics.jsonl (one line per epoch) and results.json at the end."""
+    """runs/<name>/: TensorBoard scalars, metrics.jsonl (one line per epoch) and results.json at the end.
+    Under torchrun only rank 0 writes (the others return the same results without writing)."""
 
     def __init__(self, run_dir, args, resume_epoch=None):
-        self.run_dir = run_dir
+        self.run_dir, self.writes = run_dir, is_main()
+        if not self.writes:
+            return
         self.writer = SummaryWriter(run_dir)
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if resume_epoch is None:
@@ -96,6 +107,8 @@ class RunLogger:
                 f.writelines(keep)
 
     def log_epoch(self, epoch, metrics):
+        if not self.writes:
+            return
         for key, value in metrics.items():
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, epoch)
@@ -116,9 +129,10 @@ class RunLogger:
             "wall_time_sec": wall_time,
             "seconds_per_epoch": wall_time / max(1, len(history)),
         }
-        with open(os.path.join(self.run_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, sort_keys=True)
-        self.writer.close()
+        if self.writes:
+            with open(os.path.join(self.run_dir, "results.json"), "w") as f:
+                json.dump(results, f, indent=1, sort_keys=True)
+            self.writer.close()
         return results
 
 

@@ -1,0 +1,179 @@
+"""Throughput benchmark: data loading alone, the model step alone, end to end, per method, with peak memory.
+
+    python -m common.benchmark                                  # all sizes and methods (2-core CPU: ~15 minutes)
+    python -m common.benchmark --sizes synthetic cremad         # a few minutes
+    python -m common.benchmark --sizes cremad --batch-size 64 --steps 20 --device cuda      # on a GPU
+    python -m common.benchmark --script-args="--amp --channels-last"                       # the speed flags
+
+For the synthetic dataset and for synthetic data at the real CREMA-D (audio 257 x 188, one 224 x 224 frame) and
+VGGSound (129 x 626, three frames) input sizes, it prints:
+- data loading alone: the training DataLoader iterated without a model (clips/s), with 0 workers and the default;
+- model step alone: each method script run on in-memory tensors (`--in-memory`): the median wall time of a
+  training step, clips/s, the ratio to baseline.py's step (on a CPU, of the fastest step's CPU time, which other
+  jobs on a shared machine disturb least; --rounds repeats the runs), and peak memory (CUDA: max allocated; CPU:
+  the process's peak RSS);
+- end to end: baseline.py (or every method, --e2e-all) reading the files with its default loader settings, and
+  its throughput as a share of the model-only throughput.
+Step times come from the scripts themselves ($BML_TRACE_DIR, common/distributed.py), so they time the real loops.
+For the real sizes a small synthetic set is written in the CREMA-D layout (wav files and JPEG frames of
+--frame-px pixels), so decoding, STFT, resizing and augmentation cost what they would on the real clips.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["baseline", "ogm", "opm", "arl", "dgl", "aug"]
+METHOD_ARGS = {"opm": ["--warmup-epochs", "0"], "arl": ["--warmup-epochs", "0"]}  # the method active from step 0
+# size -> (--dataset for --in-memory, loader flags for the on-disk synthetic set, generator settings or None)
+SIZES = {
+    "synthetic": ("synthetic", [], None),
+    "cremad": ("cremad", ["--audio-pipeline", "cremad", "--n-frames", "1", "--frame-size", "224"],
+               dict(sample_rate=16000, audio_seconds=3.0, min_frames=2, max_frames=3)),
+    "vggsound": ("vggsound", ["--audio-pipeline", "stft16k", "--n-frames", "3", "--frame-size", "224"],
+                 dict(sample_rate=16000, audio_seconds=10.0, min_frames=3, max_frames=4)),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="input sizes to measure")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="method scripts to time (baseline first)")
+    p.add_argument("--batch-size", type=int, default=4, help="global batch of every run")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per run (after one untimed step)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the model-only runs (interleaved); the fastest counts")
+    p.add_argument("--data-batches", type=int, default=6, help="timed batches of the data-loading measurement")
+    p.add_argument("--num-workers", type=int, default=None, help="loader workers of the end-to-end runs (default: the scripts')")
+    p.add_argument("--frame-px", type=int, default=360, help="side of the written JPEG frames (real clips: 360p video)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the runs")
+    p.add_argument("--script-args", default="", help="extra flags for every script run, e.g. \"--amp --channels-last\"")
+    p.add_argument("--e2e-all", action="store_true", help="end-to-end runs of every method, not only baseline.py")
+    p.add_argument("--work-dir", default=None, help="keep data and runs here (default: a temporary folder, removed)")
+    p.add_argument("--json", default=None, help="also write the numbers to this file")
+    return p.parse_args(argv)
+
+
+def write_data(size, work, args):
+    """--data-root for the on-disk runs of `size`: the default synthetic set, or a small one at the real sizes."""
+    from common.data import ensure_synthetic
+    from preprocess.synthetic import generate
+
+    root = os.path.join(work, size)
+    if SIZES[size][2] is None:
+        ensure_synthetic(os.path.join(root, "synthetic"))
+    elif not os.path.isfile(os.path.join(root, "synthetic", "meta.json")):
+        n_train = max(32, args.batch_size * (max(args.steps, args.data_batches) + 2))
+        generate(os.path.join(root, "synthetic"), n_train=n_train, n_test=args.batch_size, frame_px=args.frame_px,
+                 **SIZES[size][2])
+    return root
+
+
+def loading_throughput(size, data_root, args, num_workers):
+    """clips/s of the training loader alone (the first batch, worker start-up included there, is not timed)."""
+    import baseline
+    from common.data import build_datasets, make_loaders
+
+    a = baseline.parse_args(["--dataset", "synthetic", "--data-root", data_root, *SIZES[size][1]])
+    train_set, test_set, _ = build_datasets(a)
+    loader, _ = make_loaders(train_set, test_set, args.batch_size, num_workers, torch.Generator().manual_seed(0))
+    it, n, t0 = iter(loader), 0, None
+    for k in range(args.data_batches + 1):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        if k == 0:
+            t0 = time.perf_counter()
+        else:
+            n += batch[2].shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def run_script(method, flags, work, tag, args):
+    """Run `<method>.py` for steps + 1 training steps with tracing; returns the step times in seconds (median wall
+    time, and the fastest step's CPU time of the training process) and the peak memory in MB."""
+    trace = os.path.join(work, "traces", tag)
+    shutil.rmtree(trace, ignore_errors=True)
+    cmd = [sys.executable, os.path.join(ROOT, f"{method}.py"), *flags, "--runs-dir", os.path.join(work, "runs", tag),
+           "--no-progress", "--batch-size", str(args.batch_size), "--epochs", "1", "--max-steps", str(args.steps + 1),
+           "--eval-max-steps", "1", "--device", args.device, *METHOD_ARGS.get(method, []), *args.script_args.split()]
+    env = dict(os.environ, PYTHONPATH=ROOT, BML_TRACE_DIR=trace)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    shutil.rmtree(os.path.join(work, "runs", tag), ignore_errors=True)  # checkpoints: hundreds of MB
+    with open(os.path.join(trace, "rank0.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "step" in r]
+    wall = statistics.median(b["time"] - a["time"] for a, b in zip(steps, steps[1:]))
+    cpu = min(b["cpu"] - a["cpu"] for a, b in zip(steps, steps[1:]))  # other jobs only ever add time
+    return {"wall": wall, "cpu": cpu, "peak_mb": max(r["peak_mb"] for r in steps)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each table as soon as it is measured
+    work = args.work_dir or tempfile.mkdtemp(prefix="bml_bench_")
+    os.makedirs(work, exist_ok=True)
+    threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    print(f"device {args.device}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, global batch {args.batch_size}, "
+          f"{args.steps} timed steps, script flags: {args.script_args or '(none)'}")
+    results = {}
+    try:
+        for size in args.sizes:
+            dataset, loader_flags, _ = SIZES[size]
+            data_root = write_data(size, work, args)
+            default_workers = 0 if size == "synthetic" else 4  # the scripts' default for the dataset
+            e2e_workers = default_workers if args.num_workers is None else args.num_workers
+            workers = sorted({0, e2e_workers})
+            load = {w: loading_throughput(size, data_root, args, w) for w in workers}
+            model, e2e = {}, {}
+            for _ in range(args.rounds):
+                for m in args.methods:
+                    t = run_script(m, ["--dataset", dataset, "--in-memory", "--num-workers", "0"], work, f"{size}_{m}_model", args)
+                    model[m] = {k: min(v, model[m][k]) for k, v in t.items()} if m in model else t
+            for m in (args.methods if args.e2e_all else args.methods[:1]):
+                flags = ["--dataset", "synthetic", "--data-root", data_root, "--num-workers", str(e2e_workers), *loader_flags]
+                e2e[m] = run_script(m, flags, work, f"{size}_{m}_e2e", args)
+            results[size] = {"loading_clips_per_s": load, "model": model, "e2e": e2e, "e2e_workers": e2e_workers}
+            report(size, results[size], args)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def report(size, r, args):
+    from common.data import DATASETS
+
+    b = args.batch_size
+    shape = {"synthetic": "audio 33x33, frames 1x32x32", "cremad": "audio 257x188, frames 1x224x224",
+             "vggsound": "audio 129x626, frames 3x224x224"}[size]
+    print(f"\n== {size} ({shape}; {DATASETS[SIZES[size][0]]['num_classes']} classes in the model-only runs) ==")
+    print("data loading alone: " + ", ".join(f"{v:.1f} clips/s with {w} workers" for w, v in r["loading_clips_per_s"].items()))
+    # on a CPU the ratio uses the fastest step's CPU time: on a shared machine other jobs inflate the wall time
+    key = "cpu" if args.device == "cpu" else "wall"
+    base = r["model"]["baseline"][key] if "baseline" in r["model"] else None
+    print(f"{'model step':<12}{'wall ms':>9}{'CPU ms':>9}{'clips/s':>9}{'x baseline':>12}{'peak MB':>9}")
+    for m, t in r["model"].items():
+        ratio = f"{t[key] / base:.2f}" if base else "-"
+        print(f"{m:<12}{1000 * t['wall']:>9.0f}{1000 * t['cpu']:>9.0f}{b / t[key]:>9.1f}{ratio:>12}{t['peak_mb']:>9.0f}")
+    for m, t in r["e2e"].items():
+        share = r["model"][m]["wall"] / t["wall"] if m in r["model"] else float("nan")
+        print(f"end to end  {m}.py, {r['e2e_workers']} workers: {1000 * t['wall']:.0f} ms/step (CPU {1000 * t['cpu']:.0f}), "
+              f"{b / t['wall']:.1f} clips/s = {share:.2f} x model-only (wall), peak {t['peak_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Run by tests/test_distributed.py as `torchrun --standalone --nproc_per_node=2 tests/distributed_driver.py JOBS.json`.
+
+In one 2-process gloo group (one start-up for everything): first the shared statistics functions on this process's
+half of a fixed global batch (results to <out>/functions_rank<r>.json, compared with one process by the test), then
+each job: a script run end to end with runpy, exactly as `python <script> <argv>`, tracing every step to its folder.
+"""
+
+import gc
+import json
+import os
+import runpy
+import sys
+from types import SimpleNamespace
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import arl  # noqa: E402
+import ogm  # noqa: E402
+import opm  # noqa: E402
+from common import distributed  # noqa: E402
+
+
+def global_batch():
+    """The fixed global batch (12 samples, 5 classes) the test also builds in a single process."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(12, 5, generator=g) * 3, torch.randn(12, 5, generator=g), torch.randint(5, (12,), generator=g)
+
+
+def function_checks(out):
+    r, w = distributed.rank(), distributed.world_size()
+    z_a, z_v, y = global_batch()
+    mine = slice(r * 12 // w, (r + 1) * 12 // w)
+    res = {"ogm_scores": [s.item() for s in ogm.scores(z_a[mine], z_v[mine], y[mine])],
+           "opm_scores": [s.item() for s in opm.scores(z_a[mine], z_v[mine], y[mine])],
+           "arl": {k: v.item() for k, v in arl.arl_coefficients(z_a[mine], z_v[mine], 8.0).items()}}
+    gen = torch.Generator().manual_seed(3)
+    keep_a, keep_v = opm.feature_masks(0.5, 0.0, 6 * w, gen)  # as opm.py: drawn for the global batch, local rows kept
+    res["opm_masks"] = [distributed.local_rows(keep_a).tolist(), distributed.local_rows(keep_v).tolist()]
+    test_set = list(range(13))  # a test split that does not divide evenly: the sampler pads, the gather removes it
+    _, sampler = distributed.samplers(test_set, test_set)
+    res["gathered"] = distributed.gather_in_order(torch.tensor(list(sampler)), len(test_set)).tolist()
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.full((2, 3), float(r + 1))  # bias.grad stays None (must stay None)
+    distributed.sync_grads(model)
+    res["synced_grad"], res["bias_grad_none"] = model.weight.grad.tolist(), model.bias.grad is None
+    res["reduced_floats"] = distributed.all_reduce_sum([1.5, float(r)])
+    with open(os.path.join(out, f"functions_rank{r}.json"), "w") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
+    distributed.init(SimpleNamespace(device="cpu", no_progress=False))
+    function_checks(jobs["out"])
+    for job in jobs["runs"]:
+        os.environ["BML_TRACE_DIR"] = job["trace"]
+        sys.argv = [job["script"], *job["argv"]]
+        try:
+            runpy.run_path(os.path.join(ROOT, job["script"]), run_name="__main__")
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise
+        gc.collect()

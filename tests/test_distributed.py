@@ -1,0 +1,190 @@
+"""Every script under torchrun with 2 CPU processes (gloo): the replicas stay identical, and at every step both
+processes use the same coefficient, the one computed from the statistics summed over both processes' samples.
+
+One torchrun launch (tests/distributed_driver.py) runs all the scripts in a single process group, each tracing its
+steps ($BML_TRACE_DIR, common/distributed.py: logged values, reduced statistics, a digest of the parameters).
+BatchNorm keeps per-process batch statistics, so the coefficients are checked against the gathered statistics, not
+against a single-process run.
+"""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, read_results
+
+import aug  # noqa: E402
+import arl  # noqa: E402
+import ogm  # noqa: E402
+import opm  # noqa: E402
+from common.data import build_datasets, make_loaders  # noqa: E402
+from common.evaluate import evaluate  # noqa: E402
+from common.models import AVClassifier, unimodal_logits  # noqa: E402
+from distributed_driver import global_batch  # noqa: E402
+
+TINY = ["--epochs", "1", "--max-steps", "2", "--eval-max-steps", "1"]
+RUNS = {
+    "baseline_audio": ("baseline.py", ["--modality", "audio"]),  # the visual encoder is unused: find_unused_parameters
+    "ogm": ("ogm.py", ["--eval-max-steps", "0"]),  # the whole test split: test_gathered_test_metrics_count_every_clip_once
+    "ogm_amp": ("ogm.py", ["--amp", "--channels-last"]),
+    "opm": ("opm.py", ["--warmup-epochs", "0"]),
+    "arl": ("arl.py", ["--warmup-epochs", "0", "--arl-coeff-timing", "current"]),
+    "dgl": ("dgl.py", []),
+    "dgl_two_pass": ("dgl.py", ["--dgl-impl", "two-pass"]),  # two backward passes: sync_grads instead of DDP
+    "aug": ("aug.py", ["--epochs", "2", "--max-steps", "2", "--aca-check-every", "1"]),  # ACA after epoch 0
+}
+
+
+@pytest.fixture(scope="module")
+def ddp(tiny_data, tmp_path_factory):
+    """Launch the driver once; returns the output folder (function results, traces/<run>, runs/<run>)."""
+    out = tmp_path_factory.mktemp("ddp")
+    runs = []
+    for name, (script, extra) in RUNS.items():
+        argv = ["--dataset", "synthetic", "--data-root", tiny_data, "--runs-dir", str(out / "runs" / name), "--no-progress",
+                "--batch-size", "4", *TINY, *extra]
+        runs.append({"script": script, "argv": argv, "trace": str(out / "traces" / name)})
+    with open(out / "jobs.json", "w") as f:
+        json.dump({"out": str(out), "runs": runs}, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "distributed_driver.py"), str(out / "jobs.json")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, BML_TRACE_PARAMS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return out
+
+
+def traces(out, name):
+    """Per rank: a list of steps, each {"step": logged values, "params": digest, "reduces": [(local, sum), ...]} with
+    the reductions made since the previous step; reductions after the last step of an epoch open the next entry."""
+    per_rank = []
+    for r in (0, 1):
+        steps, pending = [], []
+        with open(out / "traces" / name / f"rank{r}.jsonl") as f:
+            for line in map(json.loads, f):
+                if "reduce" in line:
+                    pending.append((line["reduce"], line["sum"]))
+                else:
+                    steps.append({**line, "reduces": pending})
+                    pending = []
+        per_rank.append((steps, pending))
+    return per_rank
+
+
+def test_statistics_functions_match_one_process_on_the_global_batch(ddp):
+    """ogm/opm scores and ARL's coefficients from two halves of a batch equal one process on the whole batch."""
+    z_a, z_v, y = global_batch()
+    res = [json.load(open(ddp / f"functions_rank{r}.json")) for r in (0, 1)]
+    for r in res:
+        assert r["ogm_scores"] == pytest.approx([s.item() for s in ogm.scores(z_a, z_v, y)], rel=1e-6)
+        assert r["opm_scores"] == pytest.approx([s.item() for s in opm.scores(z_a, z_v, y)], rel=1e-6)
+        one = arl.arl_coefficients(z_a, z_v, 8.0)
+        for k, v in r["arl"].items():
+            assert v == pytest.approx(one[k].item(), rel=1e-5, abs=1e-7), k
+        assert r["gathered"] == list(range(13))  # every test clip once, in order, padding removed
+        assert r["synced_grad"] == [[1.5] * 3] * 2 and r["bias_grad_none"]
+        assert r["reduced_floats"] == [3.0, 1.0]
+    keep_a, keep_v = opm.feature_masks(0.5, 0.0, 12, torch.Generator().manual_seed(3))
+    assert res[0]["opm_masks"] == [keep_a[:6].tolist(), keep_v[:6].tolist()]
+    assert res[1]["opm_masks"] == [keep_a[6:].tolist(), keep_v[6:].tolist()]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_replicas_stay_identical(ddp, name):
+    (s0, _), (s1, _) = traces(ddp, name)
+    n_steps = 4 if name == "aug" else 2
+    assert len(s0) == len(s1) == n_steps
+    digests = [s["params"] for s in s0]
+    assert digests == [s["params"] for s in s1]  # identical parameters after every step
+    assert len(set(digests)) == n_steps  # and they did train
+    for a, b in zip(s0, s1):
+        for key in ("train/coeff_audio", "train/coeff_visual", "train/drop_exec_frac", "train/clip_factor",
+                    "train/grad_norm_audio", "train/grad_norm_head"):
+            if key in a["step"]:
+                assert a["step"][key] == b["step"][key], key
+    assert any(a["step"]["train/loss"] != b["step"]["train/loss"] for a, b in zip(s0, s1))  # different shards
+    assert len(glob.glob(str(ddp / "runs" / name / "*"))) == 1  # one run folder: only rank 0 writes
+    r = read_results(glob.glob(str(ddp / "runs" / name / "*"))[0])
+    assert r["epochs_run"] == (2 if name == "aug" else 1) and math.isfinite(r["last"]["train/loss"])
+
+
+def arl_c_audio(sums, n_classes, temperature=8.0, floor=0.3):
+    """c_a of arl.md 2.2 from the summed statistics (|z_a| per class, |z_v| per class, entropy sums, count)."""
+    s = torch.tensor(sums, dtype=torch.float64)
+    n, c = s[-1], n_classes
+    dep_a, dep_v = (s[:c] / n).sum(), (s[c:2 * c] / n).sum()
+    ent_a, ent_v = s[2 * c] / n, s[2 * c + 1] / n
+    h_a, h_v = max(ent_a / (ent_a + ent_v), floor), max(ent_v / (ent_a + ent_v), floor)
+    w_a = (1 / h_a) / (1 / h_a + 1 / h_v)
+    return torch.sigmoid(temperature * (w_a - dep_a / (dep_a + dep_v))).item()
+
+
+def test_arl_formula_of_the_sums_is_the_script_function():
+    """The test's own reading of the summed statistics (used below) agrees with arl.arl_coefficients."""
+    z_a, z_v, _ = global_batch()
+    p_a, p_v = torch.softmax(z_a, 1), torch.softmax(z_v, 1)
+    ent = lambda p: -(p * torch.log(p + 1e-16)).sum()  # noqa: E731
+    sums = [*z_a.abs().sum(0).tolist(), *z_v.abs().sum(0).tolist(), ent(p_a).item(), ent(p_v).item(), 12.0]
+    assert arl_c_audio(sums, 5) == pytest.approx(arl.arl_coefficients(z_a, z_v, 8.0)["c_a"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ogm", "ogm_amp", "opm", "arl"])
+def test_each_step_uses_the_coefficient_of_the_summed_statistics(ddp, name):
+    (s0, _), (s1, _) = traces(ddp, name)
+    differ = False
+    for a, b in zip(s0, s1):
+        (loc0, sum0), (loc1, sum1) = a["reduces"][-1], b["reduces"][-1]  # the step's statistics, before and after
+        assert sum0 == sum1 == pytest.approx([x + y for x, y in zip(loc0, loc1)], rel=1e-6)
+        differ |= loc0 != loc1
+        if name.startswith("ogm"):
+            expected = ogm.coefficients(sum0[0], sum0[1], 0.8)  # synthetic cvpr preset: alpha 0.8, modulated in epoch 0
+        elif name == "opm":
+            expected = opm.drop_probabilities(sum0[0], sum0[1], 0.5, 0.5)
+        else:  # ARL, --arl-coeff-timing current: the step's own coefficients, as multipliers 1 + c
+            c_a = arl_c_audio(sum0, (len(sum0) - 3) // 2)
+            expected = (1 + c_a, 2 - c_a)
+        for step in (a, b):
+            got = (step["step"]["train/coeff_audio"], step["step"]["train/coeff_visual"])
+            assert got == pytest.approx(expected, rel=1e-5)
+    assert differ  # the two processes had different samples
+
+
+def test_aug_classifier_assignment_uses_the_summed_confidence(ddp):
+    for steps, _ in traces(ddp, "aug"):
+        epoch1 = steps[2]
+        (_, totals), (_, s) = epoch1["reduces"][-2:]  # after epoch 0: finish_epoch (count last), then S_a, S_v
+        n = totals[-1]
+        assert n == 8  # 2 steps x global batch 4
+        action = aug.aca_decision(s[0] / n, s[1] / n, 1.0, 0.01)
+        for step in steps[2:]:
+            assert step["step"]["train/coeff_audio"] == 1 + (action == -1)
+            assert step["step"]["train/coeff_visual"] == 1 + (action == 1)
+
+
+def test_gathered_test_metrics_count_every_clip_once(ddp, tiny_data):
+    """The metrics the 2-process run logged equal one process evaluating its checkpoint on the whole test split."""
+    run = glob.glob(str(ddp / "runs" / "ogm" / "*"))[0]
+    logged = read_results(run)["last"]
+    args = ogm.parse_args(["--dataset", "synthetic", "--data-root", tiny_data])
+    _, test_set, classes = build_datasets(args)
+    _, loader = make_loaders(test_set, test_set, 4, 0, torch.Generator())
+    model = AVClassifier(len(classes), "concat")
+    model.load_state_dict(torch.load(os.path.join(run, "last.pt"), weights_only=False)["model"])
+    model.eval()
+
+    def logits_fn(audio, visual):
+        f_a, f_v, z = model(audio, visual)
+        return (z, *unimodal_logits(model.head, f_a, f_v, bias="half"))
+
+    single = evaluate(logits_fn, loader, "cpu", len(classes))
+    for key in ("test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1"):
+        assert logged[key] == single[key], key
+    assert logged["test/map"] == pytest.approx(single["test/map"], abs=1e-6)
+    assert read_results(run)["args"]["batch_size"] == 4 and len(test_set) == 12
