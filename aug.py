@@ -1,5 +1,5 @@
 # docs and experiment results: docs/aug.md
-"""AUG, sustained boosting with adaptive classifier assignment (Jiang, Huang, Yang, NeurIPS 2025; spec: ../shared/reference/aug.md).
+"""AUG: sustained boosting with adaptive classifier assignment (Jiang, Huang, Yang, NeurIPS 2025; spec: reference/aug.md).
 
 No fusion head and no fused loss. Each modality has a list of classifiers q_j = h(ReLU(L_j u)) that share one output
 layer h; its output is the sum of their logits. Every mini-batch makes two optimizer steps, audio then visual, each on
@@ -61,19 +61,21 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     # Algorithm specific arguments
-    p.add_argument("--lam-res", type=float, default=0.5, help="lambda of the residual label Y - lambda Y*sg(p_prev) (earlier KS release: 0.2)")
+    p.add_argument("--lam-res", type=float, default=0.5, help="lambda of the residual label (earlier KS release: 0.2)")
     p.add_argument("--aca-sigma", type=float, default=1.0, help="ACA centre sigma")
     p.add_argument("--aca-tau", type=float, default=0.01, help="ACA dead zone tau")
-    p.add_argument("--aca-check-every", type=int, default=None, help="ACA after epoch 0 and every N epochs (default: epochs // 10, at least 1)")
+    p.add_argument("--aca-check-every", type=int, default=None,
+                   help="ACA after epoch 0 and every N epochs (default: epochs // 10, at least 1)")
     p.add_argument("--aca-rule", default="ratio", choices=["ratio", "difference"],
                    help="ratio = release: s_a / s_v vs sigma +- tau; difference = paper: s_a - sigma s_v vs +- tau")
     p.add_argument("--residual-source", default="ensemble", choices=["ensemble", "sum-probs"],
-                   help="p_prev and the confidence score: softmax of the summed logits (release) or sum of per-classifier softmaxes (paper)")
-    p.add_argument("--train-new-heads", action="store_true", help="train added classifiers (paper figure); the release never registers them with the optimizer")
-    p.add_argument("--max-classifiers", type=int, default=0, help="cap on classifiers per modality (0 = unlimited, the release)")
-    p.add_argument("--merge-alpha", type=float, default=0.4, help="audio weight of the test-time fusion z = alpha P_a + (1 - alpha) P_v")
+                   help="p_prev and the confidence: softmax of the summed logits (release) or sum of softmaxes (paper)")
+    p.add_argument("--train-new-heads", action="store_true",
+                   help="train the added classifiers (paper figure); the release never gives them to the optimizer")
+    p.add_argument("--max-classifiers", type=int, default=0, help="cap on classifiers per modality (0 = unlimited)")
+    p.add_argument("--merge-alpha", type=float, default=0.4, help="audio weight of the test fusion a P_a + (1 - a) P_v")
     p.add_argument("--legacy-zero-grad", action="store_true",
-                   help="zero the gradients instead of None (PyTorch 1.11): the other modality then gets momentum and weight-decay updates")
+                   help="zero gradients instead of None (PyTorch 1.11): the other modality gets momentum/weight-decay updates")
     add_data_args(p)
     distributed.add_speed_args(p)
     return p.parse_args(argv)
@@ -333,7 +335,7 @@ if __name__ == "__main__":
                         "charts/epoch_time": time.time() - t0})
         history.append({"epoch": epoch, **metrics})
         logger.log_epoch(epoch, metrics)
-        is_best = best is None or metrics["test/acc"] >= best["test/acc"]  # ALGO LOGIC: the release: ties go to the later epoch
+        is_best = best is None or metrics["test/acc"] >= best["test/acc"]  # ALGO LOGIC: ties go to the later epoch
         best = {"epoch": epoch, **metrics} if is_best else best
         elapsed += time.time() - t0
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -260,7 +260,9 @@ def test_no_cross_modal_gradient_and_legacy_zero_grad():
 
 
 def test_confidence_sums_match_train_mode_forward_at_lr0():
-    args, model, opt = setup("--lr", 0)
+    args, model, opt = setup()
+    for group in opt.param_groups:  # LR 0 (apply_preset refuses --lr 0 on the command line)
+        group["lr"] = 0.0
     aug.add_classifier(model, "visual")
     model.train()
     total, expected = {"audio": 0.0, "visual": 0.0}, {"audio": 0.0, "visual": 0.0}
