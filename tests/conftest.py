@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from preprocess.synthetic import generate  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _free_disk(request):
+    """Delete each test's tmp_path when it ends: every run writes ~0.2 GB checkpoints (two ResNet18s + momentum)."""
+    yield
+    path = request.node.funcargs.get("tmp_path")
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
