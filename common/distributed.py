@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 def add_speed_args(parser):
     """Flags for speed only: what is trained stays the same (up to bfloat16 rounding with --amp)."""
     g = parser.add_argument_group("speed")
-    g.add_argument("--amp", action="store_true", help="bfloat16 autocast in the training forward passes (evaluation stays float32)")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast in the training forward passes (evaluation stays float32); for GPUs or CPUs with bf16")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the encoders (faster convs on GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (slow first steps)")
     g.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the fastest (non-deterministic) kernels")
