@@ -6,6 +6,7 @@ each job: a script run end to end with runpy, exactly as `python <script> <argv>
 """
 
 import gc
+import glob
 import json
 import os
 import runpy
@@ -21,6 +22,14 @@ import arl  # noqa: E402
 import ogm  # noqa: E402
 import opm  # noqa: E402
 from common import distributed  # noqa: E402
+
+
+def resolve(arg, out):
+    """"{RUN:name}" -> the run folder an earlier job wrote under <out>/runs/name (for --resume jobs)."""
+    if not arg.startswith("{RUN:"):
+        return arg
+    (run_dir,) = glob.glob(os.path.join(out, "runs", arg[len("{RUN:"):-1], "*"))
+    return run_dir
 
 
 def global_batch():
@@ -58,10 +67,11 @@ if __name__ == "__main__":
     function_checks(jobs["out"])
     for job in jobs["runs"]:
         os.environ["BML_TRACE_DIR"] = job["trace"]
-        sys.argv = [job["script"], *job["argv"]]
+        sys.argv = [job["script"], *(resolve(a, jobs["out"]) for a in job["argv"])]
         try:
             runpy.run_path(os.path.join(ROOT, job["script"]), run_name="__main__")
         except SystemExit as e:
             if e.code not in (0, None):
                 raise
+        torch.distributed.barrier()  # rank 0 has written its checkpoints before any process starts the next job
         gc.collect()

@@ -39,6 +39,15 @@ RUNS = {
     "dgl_two_pass": ("dgl.py", ["--dgl-impl", "two-pass"]),  # two backward passes: sync_grads instead of DDP
     "aug": ("aug.py", ["--epochs", "2", "--max-steps", "2", "--aca-check-every", "1"]),  # ACA after epoch 0
 }
+# --resume under torchrun: stop after epoch 0, resume ("{RUN:name}": that job's run folder), compare with 2 epochs run
+# straight through (aug: the "aug" run above, which adds a classifier after epoch 0)
+RESUME_RUNS = {
+    "ogm_full": ("ogm.py", ["--epochs", "2"]),
+    "ogm_stop": ("ogm.py", ["--epochs", "2", "--stop-after-epochs", "1"]),
+    "ogm_resume": ("ogm.py", ["--epochs", "2", "--resume", "{RUN:ogm_stop}"]),
+    "aug_stop": ("aug.py", ["--epochs", "2", "--aca-check-every", "1", "--stop-after-epochs", "1"]),
+    "aug_resume": ("aug.py", ["--epochs", "2", "--aca-check-every", "1", "--resume", "{RUN:aug_stop}"]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +55,7 @@ def ddp(tiny_data, tmp_path_factory):
     """Launch the driver once; returns the output folder (function results, traces/<run>, runs/<run>)."""
     out = tmp_path_factory.mktemp("ddp")
     runs = []
-    for name, (script, extra) in RUNS.items():
+    for name, (script, extra) in {**RUNS, **RESUME_RUNS}.items():
         argv = ["--dataset", "synthetic", "--data-root", tiny_data, "--runs-dir", str(out / "runs" / name), "--no-progress",
                 "--batch-size", "4", *TINY, *extra]
         runs.append({"script": script, "argv": argv, "trace": str(out / "traces" / name)})
@@ -188,3 +197,31 @@ def test_gathered_test_metrics_count_every_clip_once(ddp, tiny_data):
         assert logged[key] == single[key], key
     assert logged["test/map"] == pytest.approx(single["test/map"], abs=1e-6)
     assert read_results(run)["args"]["batch_size"] == 4 and len(test_set) == 12
+
+
+@pytest.mark.parametrize("full, stopped, resumed", [("ogm_full", "ogm_stop", "ogm_resume"), ("aug", "aug_stop", "aug_resume")])
+def test_resume_under_torchrun_continues_exactly(ddp, full, stopped, resumed):
+    """Stopping after epoch 0 and resuming with 2 processes gives the checkpoint of the uninterrupted run, bitwise:
+    the shards, augmentation streams, GE noise stream (ogm) and added classifiers (aug) all continue exactly."""
+    (run_full,), (run_resumed,) = glob.glob(str(ddp / "runs" / full / "*")), glob.glob(str(ddp / "runs" / stopped / "*"))
+    assert not os.path.exists(ddp / "runs" / resumed)  # --resume continues in the stopped run's folder
+    a = torch.load(os.path.join(run_full, "last.pt"), weights_only=False)
+    b = torch.load(os.path.join(run_resumed, "last.pt"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 1 and len(b["history"]) == 2
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for i in opt_a:
+        for k, v in opt_a[i].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt_b[i][k])), (i, k)
+    drop_timing = lambda h: {k: v for k, v in h.items() if not k.startswith("charts/")}  # noqa: E731
+    assert [drop_timing(h) for h in a["history"]] == [drop_timing(h) for h in b["history"]]
+    for key in ("noise_rng", "added"):  # ogm: the GE noise stream; aug: the classifiers ACA added
+        if key in a:
+            assert (torch.equal(a[key], b[key]) if key == "noise_rng" else a[key] == b[key]), key
+    for r in (0, 1):  # the resumed process's steps are the full run's epoch-1 steps, on both ranks
+        (steps_full, _), (steps_resumed, _) = traces(ddp, full)[r], traces(ddp, resumed)[r]
+        assert len(steps_resumed) == 2
+        assert [s["params"] for s in steps_full[-2:]] == [s["params"] for s in steps_resumed]
