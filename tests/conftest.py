@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny synthetic dataset (CREMA-D layout) and a helper that runs a script as a subprocess."""
+"""Shared fixtures: a tiny synthetic dataset (CREMA-D layout), and helpers that run a script in a subprocess or in
+this process."""
 
 import glob
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -42,6 +44,22 @@ def run_script(script, data_root, runs_dir, *extra, check=True):
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     runs = sorted(glob.glob(os.path.join(str(runs_dir), "*")), key=os.path.getmtime)
     return proc, (runs[-1] if runs else None)
+
+
+def run_inproc(script, data_root, runs_dir, *extra):
+    """`python <script> --dataset synthetic ... --batch-size 4 <extra>` in this process with runpy (the same code path,
+    without an interpreter start-up); returns the newest run folder. A non-zero exit is raised."""
+    argv = [script, "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir), "--no-progress",
+            "--batch-size", "4", *map(str, extra)]
+    old, sys.argv = sys.argv, argv
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:  # --stop-after-epochs and --eval-only exit with 0
+        if e.code not in (0, None):
+            raise
+    finally:
+        sys.argv = old
+    return sorted(glob.glob(os.path.join(str(runs_dir), "*")), key=os.path.getmtime)[-1]
 
 
 def read_results(run_dir):

@@ -4,8 +4,6 @@ import copy
 import json
 import math
 import os
-import runpy
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 
 import arl
 from common.models import AVClassifier
-from conftest import ROOT, read_results, run_script
+from conftest import ROOT, read_results, run_script, run_inproc
 
 B, C = 4, 6
 
@@ -38,19 +36,7 @@ def grads_of(module):
 
 
 def run_inprocess(runs_dir, data_root, *extra):
-    """Run arl.py's __main__ in this process (no interpreter start-up); return its run folder."""
-    argv = ["arl.py", "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir),
-            "--no-progress", "--batch-size", "4", *map(str, extra)]
-    old, sys.argv = sys.argv, argv
-    try:
-        runpy.run_path(os.path.join(ROOT, "arl.py"), run_name="__main__")
-    except SystemExit as e:  # --stop-after-epochs exits with 0
-        assert e.code in (0, None), e.code
-    finally:
-        sys.argv = old
-    runs = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)]
-    assert len(runs) == 1, runs
-    return runs[0]
+    return run_inproc("arl.py", data_root, runs_dir, *extra)
 
 
 def read_metrics(run_dir):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import aug
 from common.utils import apply_preset
-from conftest import ROOT
+from conftest import ROOT, run_inproc
 from preprocess.synthetic import generate
 
 B, C = 4, 6
@@ -46,19 +46,7 @@ def same(a, b):
 
 
 def run_inprocess(runs_dir, data_root, *extra):
-    """Run aug.py's __main__ in this process (no interpreter start-up); return its run folder."""
-    argv = ["aug.py", "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir),
-            "--no-progress", "--batch-size", "4", *map(str, extra)]
-    old, sys.argv = sys.argv, argv
-    try:
-        runpy.run_path(os.path.join(ROOT, "aug.py"), run_name="__main__")
-    except SystemExit as e:  # --stop-after-epochs and --eval-only exit with 0
-        assert e.code in (0, None), e.code
-    finally:
-        sys.argv = old
-    runs = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)]
-    assert len(runs) == 1, runs
-    return runs[0]
+    return run_inproc("aug.py", data_root, runs_dir, *extra)
 
 
 def read_metrics(run_dir):

@@ -5,20 +5,17 @@ path as `python ogm.py ...`, without paying the torch/torchvision import for eve
 """
 
 import copy
-import glob
 import json
 import math
 import os
 import random
-import runpy
-import sys
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, read_results, run_script
+from conftest import ROOT, read_results, run_script, run_inproc
 
 import ogm  # noqa: E402  (conftest puts the repo root on sys.path)
 from common.models import AVClassifier, unimodal_logits
@@ -32,22 +29,6 @@ SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/rat
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-def run_inproc(script, data_root, runs_dir, *extra):
-    """`python <script> --dataset synthetic ... --batch-size 4 <extra>` in this process; returns the run folder."""
-    argv = [script, "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir), "--no-progress",
-            "--batch-size", "4", *map(str, extra)]
-    old = sys.argv
-    sys.argv = argv
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as e:  # --stop-after-epochs exits with 0
-        if e.code not in (0, None):
-            raise
-    finally:
-        sys.argv = old
-    return sorted(glob.glob(os.path.join(str(runs_dir), "*")), key=os.path.getmtime)[-1]
-
-
 def ckpt(run_dir, name="last.pt"):
     return torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=False)
 

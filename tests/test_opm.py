@@ -6,17 +6,14 @@ path as `python opm.py ...`, without paying the torch/torchvision import for eve
 
 import argparse
 import copy
-import glob
 import json
 import os
-import runpy
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, read_results, run_script
+from conftest import ROOT, read_results, run_script, run_inproc
 
 import opm  # noqa: E402  (conftest puts the repo root on sys.path)
 from common.data import build_datasets, make_loaders
@@ -34,22 +31,6 @@ OPM_KEYS = ["train/drop_exec_frac", "train/drop_frac_audio", "train/drop_frac_vi
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-def run_inproc(script, data_root, runs_dir, *extra):
-    """`python <script> --dataset synthetic ... --batch-size 4 <extra>` in this process; returns the run folder."""
-    argv = [script, "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir), "--no-progress",
-            "--batch-size", "4", *map(str, extra)]
-    old = sys.argv
-    sys.argv = argv
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as e:  # --stop-after-epochs exits with 0
-        if e.code not in (0, None):
-            raise
-    finally:
-        sys.argv = old
-    return sorted(glob.glob(os.path.join(str(runs_dir), "*")), key=os.path.getmtime)[-1]
-
-
 def ckpt(run_dir, name="last.pt"):
     return torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=False)
 
