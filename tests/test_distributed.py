@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, read_results
+from conftest import ROOT, read_results, run_inproc
 
 import aug  # noqa: E402
 import arl  # noqa: E402
@@ -225,3 +225,26 @@ def test_resume_under_torchrun_continues_exactly(ddp, full, stopped, resumed):
         (steps_full, _), (steps_resumed, _) = traces(ddp, full)[r], traces(ddp, resumed)[r]
         assert len(steps_resumed) == 2
         assert [s["params"] for s in steps_full[-2:]] == [s["params"] for s in steps_resumed]
+
+
+@pytest.mark.parametrize("script", ["baseline.py", "ogm.py", "opm.py", "arl.py", "dgl.py", "aug.py"])
+def test_amp_and_channels_last_run_on_cpu(script, tiny_data, tmp_path, monkeypatch):
+    """Every script's training forward runs under bfloat16 autocast with --amp (the loss moves by bf16 rounding, and
+    stays float32 and close), and --channels-last stores the encoders' conv kernels channels-last."""
+    extra = ["--warmup-epochs", "0"] if script in ("opm.py", "arl.py") else []
+    first_loss, runs = {}, {}
+    for name, flags in (("fp32", []), ("amp", ["--amp", "--channels-last"])):
+        monkeypatch.setenv("BML_TRACE_DIR", str(tmp_path / "trace" / name))
+        runs[name] = run_inproc(script, tiny_data, tmp_path / name, "--epochs", 1, "--max-steps", 1, "--eval-max-steps", 1,
+                                *extra, *flags)
+        with open(tmp_path / "trace" / name / "rank0.jsonl") as f:
+            first_loss[name] = next(r for r in map(json.loads, f) if "step" in r)["step"]["train/loss"]
+    assert first_loss["amp"] != first_loss["fp32"]  # the forward pass did run in bfloat16
+    assert first_loss["amp"] == pytest.approx(first_loss["fp32"], rel=0.05)
+    assert read_results(runs["amp"])["args"]["amp"] is True
+    for name, channels_last in (("fp32", False), ("amp", True)):
+        state = torch.load(os.path.join(runs[name], "last.pt"), weights_only=False)["model"]
+        kernels = [v for k, v in state.items() if k.startswith(("audio_net", "visual_net")) and v.dim() == 4]
+        assert kernels and all(k.dtype == torch.float32 for k in kernels)
+        assert all(k.is_contiguous(memory_format=torch.channels_last) == channels_last for k in kernels
+                   if k.shape[1] > 1 and k.shape[-1] > 1)  # else both layouts count as contiguous
