@@ -161,3 +161,11 @@ def test_script_runs_with_cache(copy, tmp_path):
                         "--eval-max-steps", "1")
     r = read_results(run)
     assert r["args"]["cache"] is True and r["args"]["cache_frame_side"] == 256 and "test/acc" in r["last"]
+
+
+def test_cache_flags_are_saved_with_the_run():
+    """--cache changes the frames slightly (side != 0), so on --resume the saved value wins, like any training flag."""
+    from common.utils import merge_saved_args
+
+    args = merge_saved_args(data_args("elsewhere"), {"cache": True, "cache_frame_side": 24, "data_root": "saved"})
+    assert args.cache is True and args.cache_frame_side == 24 and args.data_root == "elsewhere"
