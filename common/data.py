@@ -503,7 +503,7 @@ def cache_command(args, side):
     if args.audio_pipeline:
         cmd += f" --audio-pipeline {args.audio_pipeline}"
     if args.audio_seconds:
-        cmd += f" --audio-seconds {args.audio_seconds:g}"
+        cmd += f" --audio-seconds {args.audio_seconds}"
     if args.n_frames:
         cmd += f" --n-frames {args.n_frames}"
     return cmd + f" --frame-side {side}"
@@ -526,7 +526,7 @@ def check_cache(args, root, audio_name, audio_cfg, clips):
         with open(meta_path) as f:
             meta = json.load(f)
         if any(meta.get(k) != v for k, v in want.items()):
-            raise SystemExit(f"--cache: {meta_path} was written for other settings; rewrite it with `{cmd}`")
+            raise SystemExit(f"--cache: {meta_path} was written for other settings; delete {folder} and run `{cmd}`")
     missing = [os.path.join(folder, f"{c.clip_id}.npy") for folder, _ in folders for c in clips
                if not os.path.isfile(os.path.join(folder, f"{c.clip_id}.npy"))]
     if missing:

@@ -113,18 +113,23 @@ def main(argv=None):
     clips = list({c.clip_id: c for c in train_set.clips + test_set.clips}.values())
     name, cfg = audio_config(args)
     key = audio_cache_key(name, cfg)
-    metas = {}  # kind -> (folder, meta.json content)
+    metas = {}  # kind -> (folder, what the loader checks in meta.json, what it records besides)
     if key:
-        metas["audio"] = (os.path.join(root, "cache", f"audio-{key}"),
-                          cache_meta("audio", pipeline=name, config=asdict(cfg), torch=torch.__version__,
-                                     torchaudio=torchaudio.__version__))
+        metas["audio"] = (os.path.join(root, "cache", f"audio-{key}"), cache_meta("audio", pipeline=name, config=asdict(cfg)),
+                          dict(torch=torch.__version__, torchaudio=torchaudio.__version__))
     else:
         print(f"audio not cached: the training window of the {name} pipeline is random, so its spectrogram is computed "
               "from the wav at every step (a few ms per clip, see docs/distributed.md)")
-    metas["frames"] = (os.path.join(root, "cache", f"frames-{a.frame_side}"),
-                       cache_meta("frames", side=a.frame_side, resize="torchvision Resize(side): PIL bilinear, antialiased; "
-                                  "frames with a short side <= side kept; side 0 = as decoded"))
-    for folder, _ in metas.values():
+    metas["frames"] = (os.path.join(root, "cache", f"frames-{a.frame_side}"), cache_meta("frames", side=a.frame_side),
+                       dict(resize="torchvision Resize(side): PIL bilinear, antialiased; frames with a short side <= side "
+                            "kept; side 0 = as decoded"))
+    for folder, want, _ in metas.values():
+        meta_path = os.path.join(folder, "meta.json")
+        if os.path.isfile(meta_path):  # never mix entries written for other settings (or by another format version)
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if any(meta.get(k) != v for k, v in want.items()):
+                raise SystemExit(f"{meta_path} was written for other settings; delete {folder} and run this again")
         os.makedirs(folder, exist_ok=True)
         for tmp in glob.glob(os.path.join(folder, "*.tmp")):  # left by an interrupted run
             os.remove(tmp)
@@ -146,9 +151,9 @@ def main(argv=None):
                 for kind, status, err in r:
                     counts[kind][status] += 1
                     errors += [err] if err else []
-    for kind, (folder, meta) in metas.items():
+    for kind, (folder, want, extra) in metas.items():
         c = counts[kind]
-        meta["clips"] = c["written"] + c["present"]
+        meta = dict(want, **extra, clips=c["written"] + c["present"])
         tmp = os.path.join(folder, f"meta.json.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)

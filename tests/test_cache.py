@@ -116,7 +116,7 @@ def test_missing_cache_is_a_one_line_error(copy):
     msg = str(e.value)
     assert "\n" not in msg and os.path.join(copy, "synthetic", "cache", "frames-256") in msg
     assert f"`python -m preprocess.cache --dataset synthetic --data-root {copy} --frame-side 256`" in msg
-    with pytest.raises(SystemExit, match=r"audio-cremad-\w+ not found.*--audio-pipeline cremad --audio-seconds 2 --frame-side 24`"):
+    with pytest.raises(SystemExit, match=r"audio-cremad-\w+ not found.*--audio-pipeline cremad --audio-seconds 2.0 --frame-side 24`"):
         build_datasets(data_args(copy, cache=True, cache_frame_side=24, audio_pipeline="cremad", audio_seconds=2.0))
 
 
@@ -128,6 +128,8 @@ def test_mismatched_meta_is_a_one_line_error(copy):
         build_datasets(data_args(copy, cache=True, cache_frame_side=24))
     assert "\n" not in str(e.value) and f"{meta_path} was written for other settings" in str(e.value)
     assert "--frame-side 24`" in str(e.value)
+    with pytest.raises(SystemExit, match="written for other settings; delete .*frames-24 and run this again"):
+        write_cache(copy, "--frame-side", 24)  # the cache step does not add entries to it either
 
 
 def test_missing_entry_is_a_one_line_error_at_index_time(copy):
@@ -169,3 +171,28 @@ def test_cache_flags_are_saved_with_the_run():
 
     args = merge_saved_args(data_args("elsewhere"), {"cache": True, "cache_frame_side": 24, "data_root": "saved"})
     assert args.cache is True and args.cache_frame_side == 24 and args.data_root == "elsewhere"
+
+
+def test_flat_layout_three_frames_exact_at_side_0(tmp_path):
+    """Kinetics-Sounds layout, 3 frames drawn per clip, a cached audio pipeline (pkl1004): items equal bitwise."""
+    from test_data import write_clip
+
+    root = tmp_path / "kinetics_sounds"
+    (root / "audio").mkdir(parents=True)
+    ids = ["--4-0ihtnBU_000058_000068", "abc_000010_000020", "-x_1"]
+    for i, c in enumerate(ids):
+        write_clip(str(root), c, n_frames=5, seed=i)
+    (root / "my_train.txt").write_text(f"{ids[0]},10,0\n{ids[1]},10,30\n")
+    (root / "my_test.txt").write_text(f"{ids[2]},10,7\n")
+    cache.main(["--dataset", "ks", "--data-root", str(tmp_path), "--audio-pipeline", "pkl1004", "--frame-side", "0", "--workers", "1"])
+    kw = dict(dataset="ks", audio_pipeline="pkl1004")
+    live = build_datasets(data_args(tmp_path, **kw))
+    hit = build_datasets(data_args(tmp_path, cache=True, cache_frame_side=0, **kw))
+    for ds, dc in zip(live[:2], hit[:2]):
+        assert dc.audio_cache and dc.frame_cache
+        for i in range(len(ds)):
+            torch.manual_seed(7 + i)
+            a = ds[i]
+            torch.manual_seed(7 + i)
+            b = dc[i]
+            assert a[1].shape[1] == 3 and all(torch.equal(x, y) for x, y in zip(a, b)), (ds.train, i)
