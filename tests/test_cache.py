@@ -196,3 +196,10 @@ def test_flat_layout_three_frames_exact_at_side_0(tmp_path):
             torch.manual_seed(7 + i)
             b = dc[i]
             assert a[1].shape[1] == 3 and all(torch.equal(x, y) for x, y in zip(a, b)), (ds.train, i)
+
+
+def test_regenerating_the_synthetic_set_drops_its_cache(tmp_path):
+    generate(str(tmp_path / "s"), n_train=6, n_test=6)
+    (tmp_path / "s" / "cache" / "frames-256").mkdir(parents=True)
+    generate(str(tmp_path / "s"), n_train=6, n_test=6, seed=1)
+    assert not (tmp_path / "s" / "cache").exists()
