@@ -516,7 +516,8 @@ def check_cache(args, root, audio_name, audio_cfg, clips):
     cmd = cache_command(args, side)
     folders = [(os.path.join(root, "cache", f"frames-{side}"), cache_meta("frames", side=side))]
     if key:
-        folders.insert(0, (os.path.join(root, "cache", f"audio-{key}"), cache_meta("audio", pipeline=audio_name, config=asdict(audio_cfg))))
+        folders.insert(0, (os.path.join(root, "cache", f"audio-{key}"),
+                           cache_meta("audio", pipeline=audio_name, config=asdict(audio_cfg))))
     for folder, want in folders:
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.isfile(meta_path):
