@@ -7,7 +7,8 @@
 
 For the synthetic dataset and for synthetic data at the real CREMA-D (audio 257 x 188, one 224 x 224 frame) and
 VGGSound (129 x 626, three frames) input sizes, it prints:
-- data loading alone: the training DataLoader iterated without a model (clips/s), with 0 workers and the default;
+- data loading alone: the training DataLoader iterated without a model (clips/s), with 0 workers and the default,
+  reading the files and then the cache of `python -m preprocess.cache` (--cache, frames at the default side 256);
 - model step alone: each method script run on in-memory tensors (`--in-memory`): the median wall time of a
   training step, clips/s, the ratio to baseline.py's step (on a CPU, of the fastest step's CPU time, which other
   jobs on a shared machine disturb least; --rounds repeats the runs), and peak memory (CUDA: max allocated; CPU:
@@ -20,6 +21,8 @@ For the real sizes a small synthetic set is written in the CREMA-D layout (wav f
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -77,12 +80,22 @@ def write_data(size, work, args):
     return root
 
 
-def loading_throughput(size, data_root, args, num_workers):
+def write_cache(size, data_root):
+    """The --cache entries of the on-disk set (preprocess/cache.py, default frame side 256), its output silenced."""
+    from preprocess import cache
+
+    flags = SIZES[size][1]
+    keep = [x for k, v in zip(flags[::2], flags[1::2]) if k in ("--audio-pipeline", "--n-frames") for x in (k, v)]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cache.main(["--dataset", "synthetic", "--data-root", data_root, *keep, "--workers", str(min(4, os.cpu_count()))])
+
+
+def loading_throughput(size, data_root, args, num_workers, cached=False):
     """clips/s of the training loader alone (the first batch, worker start-up included there, is not timed)."""
     import baseline
     from common.data import build_datasets, make_loaders
 
-    a = baseline.parse_args(["--dataset", "synthetic", "--data-root", data_root, *SIZES[size][1]])
+    a = baseline.parse_args(["--dataset", "synthetic", "--data-root", data_root, *SIZES[size][1], *(["--cache"] if cached else [])])
     train_set, test_set, _ = build_datasets(a)
     loader, _ = make_loaders(train_set, test_set, args.batch_size, num_workers, torch.Generator().manual_seed(0))
     it, n, t0 = iter(loader), 0, None
@@ -136,6 +149,8 @@ def main(argv=None):
             e2e_workers = default_workers if args.num_workers is None else args.num_workers
             workers = sorted({0, e2e_workers})
             load = {w: loading_throughput(size, data_root, args, w) for w in workers}
+            write_cache(size, data_root)
+            load_cached = {w: loading_throughput(size, data_root, args, w, cached=True) for w in workers}
             model, e2e = {}, {}
             for _ in range(args.rounds):
                 for m in args.methods:
@@ -144,7 +159,8 @@ def main(argv=None):
             for m in (args.methods if args.e2e_all else args.methods[:1]):
                 flags = ["--dataset", "synthetic", "--data-root", data_root, "--num-workers", str(e2e_workers), *loader_flags]
                 e2e[m] = run_script(m, flags, work, f"{size}_{m}_e2e", args)
-            results[size] = {"loading_clips_per_s": load, "model": model, "e2e": e2e, "e2e_workers": e2e_workers}
+            results[size] = {"loading_clips_per_s": load, "cached_loading_clips_per_s": load_cached, "model": model, "e2e": e2e,
+                             "e2e_workers": e2e_workers}
             report(size, results[size], args)
     finally:
         if not args.work_dir:
@@ -161,7 +177,8 @@ def report(size, r, args):
     shape = {"synthetic": "audio 33x33, frames 1x32x32", "cremad": "audio 257x188, frames 1x224x224",
              "vggsound": "audio 129x626, frames 3x224x224"}[size]
     print(f"\n== {size} ({shape}; {DATASETS[SIZES[size][0]]['num_classes']} classes in the model-only runs) ==")
-    print("data loading alone: " + ", ".join(f"{v:.1f} clips/s with {w} workers" for w, v in r["loading_clips_per_s"].items()))
+    print("data loading alone: " + ", ".join(f"{v:.1f} clips/s with {w} workers" for w, v in r["loading_clips_per_s"].items())
+          + "; cached: " + ", ".join(f"{v:.1f} with {w} workers" for w, v in r["cached_loading_clips_per_s"].items()))
     # on a CPU the ratio uses the fastest step's CPU time: on a shared machine other jobs inflate the wall time
     key = "cpu" if args.device == "cpu" else "wall"
     base = r["model"]["baseline"][key] if "baseline" in r["model"] else None

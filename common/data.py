@@ -7,6 +7,7 @@ window is deterministic.
 """
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import random
 import shutil
 import warnings
 import wave
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -261,11 +262,17 @@ class Clip:
 
 
 class AVDataset(torch.utils.data.Dataset):
-    """Clips already paired by id; returns (spec (F, T), frames (3, T_f, H, W), label)."""
+    """Clips already paired by id; returns (spec (F, T), frames (3, T_f, H, W), label).
 
-    def __init__(self, clips, audio_cfg: AudioConfig, frame_cfg: FrameConfig, train: bool, class_names=None):
+    `audio_cache` / `frame_cache`: folders written by `python -m preprocess.cache` (--cache); the spectrogram is
+    then read from `<audio_cache>/<id>.npy`, the frames from the rows of `<frame_cache>/<id>.npy`.
+    """
+
+    def __init__(self, clips, audio_cfg: AudioConfig, frame_cfg: FrameConfig, train: bool, class_names=None,
+                 audio_cache=None, frame_cache=None):
         self.clips, self.train, self.class_names = list(clips), train, class_names
         self.audio, self.frame_cfg, self.frames_tf = AudioPipeline(audio_cfg), frame_cfg, FrameTransform(frame_cfg)
+        self.audio_cache, self.frame_cache = audio_cache, frame_cache
         self.skipped = {}  # reason -> list of clip ids, filled by the index builders
 
     def __len__(self):
@@ -273,11 +280,19 @@ class AVDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         c = self.clips[i]
-        samples, sr = read_wav(c.wav)
-        spec = self.audio(samples, sr, self.train)
-        names = list_frames(c.frame_dir)
-        idx = select_frames(len(names), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
-        images = [load_image(os.path.join(c.frame_dir, names[k])) for k in idx]
+        if self.audio_cache:
+            spec = torch.from_numpy(np.load(os.path.join(self.audio_cache, f"{c.clip_id}.npy")))
+        else:
+            samples, sr = read_wav(c.wav)
+            spec = self.audio(samples, sr, self.train)
+        if self.frame_cache:  # (n_frames_on_disk, H, W, 3) uint8; mmap reads only the selected rows
+            frames = np.load(os.path.join(self.frame_cache, f"{c.clip_id}.npy"), mmap_mode="r")
+            idx = select_frames(len(frames), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
+            images = [Image.fromarray(np.array(frames[k])) for k in idx]
+        else:
+            names = list_frames(c.frame_dir)
+            idx = select_frames(len(names), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
+            images = [load_image(os.path.join(c.frame_dir, names[k])) for k in idx]
         return spec, self.frames_tf(images, self.train), torch.tensor(c.label, dtype=torch.long)
 
 
@@ -422,6 +437,8 @@ def add_data_args(parser):
     g.add_argument("--ks-audio", dest="audio_pipeline", choices=["stft16k", "pkl1004", "fbank", "aug35k"], help="alias of --audio-pipeline")
     g.add_argument("--audio-seconds", type=float, default=None, help="audio window in seconds (e.g. 20 for AUG's CREMA-D setup)")
     g.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes (default: 0 synthetic, 4 otherwise)")
+    g.add_argument("--cache", action="store_true", help="read spectrograms and frames written by `python -m preprocess.cache`")
+    g.add_argument("--cache-frame-side", type=int, default=256, help="short side of the cached frames to read (0 = original size)")
     g.add_argument("--in-memory", action="store_true",
                    help="benchmarks: random in-memory tensors at the dataset's input sizes instead of its files (no data loading)")
     return parser
@@ -454,14 +471,77 @@ def ensure_synthetic(root):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def audio_config(args):
+    """(pipeline name, AudioConfig) of the data flags: --audio-pipeline or the dataset's, with --audio-seconds applied."""
+    name = args.audio_pipeline or DATASETS[args.dataset]["audio"]
+    cfg = AUDIO_PIPELINES[name]
+    if args.audio_seconds:
+        cfg = replace(cfg, clip_seconds=args.audio_seconds, tile_seconds=max(cfg.tile_seconds, args.audio_seconds))
+    return name, cfg
+
+
+# -- the cache written by preprocess/cache.py: <root>/cache/audio-<key>/<id>.npy, <root>/cache/frames-<side>/<id>.npy
+CACHE_FORMAT = 1
+
+
+def audio_cache_key(name, cfg: AudioConfig):
+    """`<pipeline>-<8 hex digits of the config's fields>`, or None if the pipeline's training window is random."""
+    if cfg.train_start_max > 0:
+        return None
+    digest = hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
+
+
+def cache_meta(kind, **fields):
+    """The meta.json content of a cache folder (written by preprocess/cache.py, compared by the loader)."""
+    return json.loads(json.dumps(dict(format=CACHE_FORMAT, kind=kind, **fields), sort_keys=True))
+
+
+def cache_command(args, side):
+    """The `python -m preprocess.cache ...` command that writes the cache these data flags read."""
+    cmd = f"python -m preprocess.cache --dataset {args.dataset} --data-root {args.data_root}"
+    if args.audio_pipeline:
+        cmd += f" --audio-pipeline {args.audio_pipeline}"
+    if args.audio_seconds:
+        cmd += f" --audio-seconds {args.audio_seconds}"
+    if args.n_frames:
+        cmd += f" --n-frames {args.n_frames}"
+    return cmd + f" --frame-side {side}"
+
+
+def check_cache(args, root, audio_name, audio_cfg, clips):
+    """(audio folder or None, frames folder) of the cache --cache reads; one-line SystemExit if it is missing, was
+    written for other settings, or lacks an entry for a clip of the splits (then it is stale)."""
+    side, key = args.cache_frame_side, audio_cache_key(audio_name, audio_cfg)
+    cmd = cache_command(args, side)
+    folders = [(os.path.join(root, "cache", f"frames-{side}"), cache_meta("frames", side=side))]
+    if key:
+        folders.insert(0, (os.path.join(root, "cache", f"audio-{key}"),
+                           cache_meta("audio", pipeline=audio_name, config=asdict(audio_cfg))))
+    for folder, want in folders:
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.isfile(meta_path):
+            present = sorted(os.listdir(os.path.join(root, "cache"))) if os.path.isdir(os.path.join(root, "cache")) else []
+            raise SystemExit(f"--cache: {folder} not found or unfinished (no meta.json; present: {', '.join(present) or 'none'}); "
+                             f"write it with `{cmd}`")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if any(meta.get(k) != v for k, v in want.items()):
+            raise SystemExit(f"--cache: {meta_path} was written for other settings; delete {folder} and run `{cmd}`")
+    missing = [os.path.join(folder, f"{c.clip_id}.npy") for folder, _ in folders for c in clips
+               if not os.path.isfile(os.path.join(folder, f"{c.clip_id}.npy"))]
+    if missing:
+        raise SystemExit(f"--cache: {len(missing)} entries of the splits' clips are missing (first: {', '.join(missing[:2])}); "
+                         f"the cache is stale (or these clips failed to cache): update it with `{cmd}`")
+    return (folders[0][0] if key else None), folders[-1][0]
+
+
 def build_datasets(args):
     """(train_set, test_set, class_names) for args.dataset, with the loader flags resolved to per-dataset defaults."""
     facts = DATASETS[args.dataset]
     n_frames = args.n_frames or facts["n_frames"]
     size = args.frame_size or facts["frame_size"]
-    audio_cfg = AUDIO_PIPELINES[args.audio_pipeline or facts["audio"]]
-    if args.audio_seconds:
-        audio_cfg = replace(audio_cfg, clip_seconds=args.audio_seconds, tile_seconds=max(audio_cfg.tile_seconds, args.audio_seconds))
+    audio_name, audio_cfg = audio_config(args)
     frame_cfg = FrameConfig(n_frames, size, args.frame_select, args.clip_consistent_aug,
                             (0.25, 1.0) if args.tpami_frames else (0.08, 1.0), "center" if args.tpami_frames else "square")
     if getattr(args, "in_memory", False):
@@ -479,6 +559,10 @@ def build_datasets(args):
         ds = AVDataset(clips, audio_cfg, frame_cfg, train, classes)
         ds.skipped = skipped
         sets.append(ds)
+    if getattr(args, "cache", False):
+        audio_dir, frames_dir = check_cache(args, root, audio_name, audio_cfg, sets[0].clips + sets[1].clips)
+        for ds in sets:
+            ds.audio_cache, ds.frame_cache = audio_dir, frames_dir
     return sets[0], sets[1], sets[0].class_names
 
 

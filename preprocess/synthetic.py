@@ -77,7 +77,7 @@ def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio
     if not 1 <= n_classes <= len(EMOTIONS):
         raise ValueError(f"--n-classes must be between 1 and {len(EMOTIONS)} (CREMA-D label names), got {n_classes}")
     rng = np.random.RandomState(seed)
-    for sub in ("AudioWAV", "Image-01-FPS"):  # never mix clips or frames of an earlier generation
+    for sub in ("AudioWAV", "Image-01-FPS", "cache"):  # never mix clips, frames or cached entries of an earlier generation
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     colours = class_colours(n_classes)
     os.makedirs(os.path.join(out, "AudioWAV"), exist_ok=True)
