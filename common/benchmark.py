@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="global batch of every run")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per run (after one untimed step)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the model-only runs (interleaved); the fastest counts")
-    p.add_argument("--data-batches", type=int, default=6, help="timed batches of the data-loading measurement")
+    p.add_argument("--data-batches", type=int, default=12, help="timed batches of the data-loading measurement (after the warm-up)")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers of the end-to-end runs (default: the scripts')")
     p.add_argument("--frame-px", type=int, default=360, help="side of the written JPEG frames (real clips: 360p video)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the runs")
@@ -74,7 +74,8 @@ def write_data(size, work, args):
     if SIZES[size][2] is None:
         ensure_synthetic(os.path.join(root, "synthetic"))
     elif not os.path.isfile(os.path.join(root, "synthetic", "meta.json")):
-        n_train = max(32, args.batch_size * (max(args.steps, args.data_batches) + 2))
+        warm = 2 * max(4, args.num_workers or 0) + 1  # untimed loader batches (loading_throughput)
+        n_train = max(32, args.batch_size * (max(args.steps, warm + args.data_batches) + 2))
         generate(os.path.join(root, "synthetic"), n_train=n_train, n_test=args.batch_size, frame_px=args.frame_px,
                  **SIZES[size][2])
     return root
@@ -91,23 +92,25 @@ def write_cache(size, data_root):
 
 
 def loading_throughput(size, data_root, args, num_workers, cached=False):
-    """clips/s of the training loader alone (the first batch, worker start-up included there, is not timed)."""
+    """clips/s of the training loader alone, in the steady state: the first 2 x workers + 1 batches (worker start-up,
+    and the batches the workers prefetched meanwhile, prefetch_factor 2) are not timed."""
     import baseline
     from common.data import build_datasets, make_loaders
 
     a = baseline.parse_args(["--dataset", "synthetic", "--data-root", data_root, *SIZES[size][1], *(["--cache"] if cached else [])])
     train_set, test_set, _ = build_datasets(a)
     loader, _ = make_loaders(train_set, test_set, args.batch_size, num_workers, torch.Generator().manual_seed(0))
+    warm = 2 * num_workers + 1
     it, n, t0 = iter(loader), 0, None
-    for k in range(args.data_batches + 1):
+    for k in range(warm + args.data_batches):
         try:
             batch = next(it)
-        except StopIteration:
+        except StopIteration:  # a small set: a new pass (its start-up is then timed too)
             it = iter(loader)
             batch = next(it)
-        if k == 0:
+        if k == warm - 1:
             t0 = time.perf_counter()
-        else:
+        elif k >= warm:
             n += batch[2].shape[0]
     return n / (time.perf_counter() - t0)
 
