@@ -7,10 +7,13 @@ BatchNorm keeps per-process batch statistics, so the coefficients are checked ag
 against a single-process run.
 """
 
+import contextlib
 import glob
+import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,6 +30,7 @@ from common.data import build_datasets, make_loaders  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.models import AVClassifier, unimodal_logits  # noqa: E402
 from distributed_driver import global_batch  # noqa: E402
+from preprocess import cache  # noqa: E402
 
 TINY = ["--epochs", "1", "--max-steps", "2", "--eval-max-steps", "1"]
 RUNS = {
@@ -48,15 +52,22 @@ RESUME_RUNS = {
     "aug_stop": ("aug.py", ["--epochs", "2", "--aca-check-every", "1", "--stop-after-epochs", "1"]),
     "aug_resume": ("aug.py", ["--epochs", "2", "--aca-check-every", "1", "--resume", "{RUN:aug_stop}"]),
 }
+# --cache at frame side 0 (exact), on a copy of the data with its cache: the same steps as the "dgl" run, bitwise
+CACHE_RUNS = {"dgl_cache": ("dgl.py", ["--cache", "--cache-frame-side", "0"])}
 
 
 @pytest.fixture(scope="module")
 def ddp(tiny_data, tmp_path_factory):
     """Launch the driver once; returns the output folder (function results, traces/<run>, runs/<run>)."""
     out = tmp_path_factory.mktemp("ddp")
+    cached_root = out / "data_cached"
+    shutil.copytree(tiny_data, cached_root)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cache.main(["--dataset", "synthetic", "--data-root", str(cached_root), "--frame-side", "0", "--workers", "1"])
     runs = []
-    for name, (script, extra) in {**RUNS, **RESUME_RUNS}.items():
-        argv = ["--dataset", "synthetic", "--data-root", tiny_data, "--runs-dir", str(out / "runs" / name), "--no-progress",
+    for name, (script, extra) in {**RUNS, **RESUME_RUNS, **CACHE_RUNS}.items():
+        root = str(cached_root) if "--cache" in extra else tiny_data
+        argv = ["--dataset", "synthetic", "--data-root", root, "--runs-dir", str(out / "runs" / name), "--no-progress",
                 "--batch-size", "4", *TINY, *extra]
         runs.append({"script": script, "argv": argv, "trace": str(out / "traces" / name)})
     with open(out / "jobs.json", "w") as f:
@@ -248,3 +259,14 @@ def test_amp_and_channels_last_run_on_cpu(script, tiny_data, tmp_path, monkeypat
         assert kernels and all(k.dtype == torch.float32 for k in kernels)
         assert all(k.is_contiguous(memory_format=torch.channels_last) == channels_last for k in kernels
                    if k.shape[1] > 1 and k.shape[-1] > 1)  # else both layouts count as contiguous
+
+
+def test_cached_data_under_torchrun_gives_the_same_steps(ddp):
+    """--cache (frame side 0, exact) under torchrun: both processes take exactly the steps of the uncached run."""
+    for r in (0, 1):
+        (plain, _), (cached, _) = traces(ddp, "dgl")[r], traces(ddp, "dgl_cache")[r]
+        assert len(plain) == len(cached) == 2
+        assert [s["params"] for s in plain] == [s["params"] for s in cached]
+        assert [s["step"]["train/loss"] for s in plain] == [s["step"]["train/loss"] for s in cached]
+    run = glob.glob(str(ddp / "runs" / "dgl_cache" / "*"))[0]
+    assert read_results(run)["args"]["cache"] is True
