@@ -26,6 +26,14 @@ def _free_disk(request):
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _free_disk_at_the_end(tmp_path_factory):
+    """Delete this session's temporary folder when the suite ends: module-scoped fixtures (e.g. the torchrun runs of
+    test_distributed.py) keep their checkpoints until then, several GB per suite run otherwise left in /tmp."""
+    yield
+    shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A --data-root holding synthetic/ with 24 train and 12 test clips (seconds to write)."""
