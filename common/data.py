@@ -509,15 +509,25 @@ def cache_command(args, side):
     return cmd + f" --frame-side {side}"
 
 
+def cache_folders(root, audio_name, audio_cfg, side):
+    """{kind: (folder, meta.json content)} of the cache for these settings: "audio" (only for a fixed-window pipeline)
+    and "frames". preprocess/cache.py writes exactly these folders and --cache reads them."""
+    folders = {}
+    key = audio_cache_key(audio_name, audio_cfg)
+    if key:
+        folders["audio"] = (os.path.join(root, "cache", f"audio-{key}"),
+                            cache_meta("audio", pipeline=audio_name, config=asdict(audio_cfg)))
+    folders["frames"] = (os.path.join(root, "cache", f"frames-{side}"), cache_meta("frames", side=side))
+    return folders
+
+
 def check_cache(args, root, audio_name, audio_cfg, clips):
     """(audio folder or None, frames folder) of the cache --cache reads; one-line SystemExit if it is missing, was
     written for other settings, or lacks an entry for a clip of the splits (then it is stale)."""
-    side, key = args.cache_frame_side, audio_cache_key(audio_name, audio_cfg)
+    side = args.cache_frame_side
     cmd = cache_command(args, side)
-    folders = [(os.path.join(root, "cache", f"frames-{side}"), cache_meta("frames", side=side))]
-    if key:
-        folders.insert(0, (os.path.join(root, "cache", f"audio-{key}"),
-                           cache_meta("audio", pipeline=audio_name, config=asdict(audio_cfg))))
+    by_kind = cache_folders(root, audio_name, audio_cfg, side)
+    folders = list(by_kind.values())
     for folder, want in folders:
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.isfile(meta_path):
@@ -533,7 +543,7 @@ def check_cache(args, root, audio_name, audio_cfg, clips):
     if missing:
         raise SystemExit(f"--cache: {len(missing)} entries of the splits' clips are missing (first: {', '.join(missing[:2])}); "
                          f"the cache is stale (or these clips failed to cache): update it with `{cmd}`")
-    return (folders[0][0] if key else None), folders[-1][0]
+    return by_kind["audio"][0] if "audio" in by_kind else None, by_kind["frames"][0]
 
 
 def build_datasets(args):

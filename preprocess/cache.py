@@ -19,10 +19,10 @@ delete <dataset>/cache/.
 """
 
 import argparse
+import contextlib
 import glob
 import json
 import os
-from dataclasses import asdict
 from multiprocessing import Pool
 
 import numpy as np
@@ -31,8 +31,8 @@ import torchaudio
 import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
-from common.data import (AUDIO_PIPELINES, DATASETS, AudioPipeline, add_data_args, audio_cache_key, audio_config,
-                         build_datasets, cache_meta, list_frames, load_image, read_wav)
+from common.data import (AUDIO_PIPELINES, DATASETS, AudioPipeline, add_data_args, audio_config, build_datasets,
+                         cache_folders, list_frames, load_image, read_wav)
 
 _WORKER = {}  # per process: the audio pipeline, the output folders and the frame side
 
@@ -112,17 +112,14 @@ def main(argv=None):
     train_set, test_set, _ = build_datasets(args)  # the training index: same clips, same warnings
     clips = list({c.clip_id: c for c in train_set.clips + test_set.clips}.values())
     name, cfg = audio_config(args)
-    key = audio_cache_key(name, cfg)
-    metas = {}  # kind -> (folder, what the loader checks in meta.json, what it records besides)
-    if key:
-        metas["audio"] = (os.path.join(root, "cache", f"audio-{key}"), cache_meta("audio", pipeline=name, config=asdict(cfg)),
-                          dict(torch=torch.__version__, torchaudio=torchaudio.__version__))
-    else:
+    extra = {"audio": dict(torch=torch.__version__, torchaudio=torchaudio.__version__),  # recorded besides, not checked
+             "frames": dict(resize="torchvision Resize(side): PIL bilinear, antialiased; frames with a short side <= side "
+                                   "kept; side 0 = as decoded")}
+    # kind -> (folder, what the loader checks in meta.json, what it records besides)
+    metas = {kind: (folder, want, extra[kind]) for kind, (folder, want) in cache_folders(root, name, cfg, a.frame_side).items()}
+    if "audio" not in metas:
         print(f"audio not cached: the training window of the {name} pipeline is random, so its spectrogram is computed "
               "from the wav at every step (a few ms per clip, see docs/distributed.md)")
-    metas["frames"] = (os.path.join(root, "cache", f"frames-{a.frame_side}"), cache_meta("frames", side=a.frame_side),
-                       dict(resize="torchvision Resize(side): PIL bilinear, antialiased; frames with a short side <= side "
-                            "kept; side 0 = as decoded"))
     for folder, want, _ in metas.values():
         meta_path = os.path.join(folder, "meta.json")
         if os.path.isfile(meta_path):  # never mix entries written for other settings (or by another format version)
@@ -133,24 +130,18 @@ def main(argv=None):
         os.makedirs(folder, exist_ok=True)
         for tmp in glob.glob(os.path.join(folder, "*.tmp")):  # left by an interrupted run
             os.remove(tmp)
-    audio_dir = metas["audio"][0] if key else None
+    audio_dir = metas["audio"][0] if "audio" in metas else None
     init = (cfg, audio_dir, metas["frames"][0], a.frame_side, 1 if a.workers > 1 else 0)
     counts = {kind: {"written": 0, "present": 0, "failed": 0} for kind in metas}
     errors = []
-    desc = f"caching {len(clips)} {a.dataset} clips"
-    if a.workers <= 1:
-        _init(*init)
-        results = map(cache_clip, clips)
-        for r in tqdm(results, total=len(clips), desc=desc):
+    with Pool(a.workers, initializer=_init, initargs=init) if a.workers > 1 else contextlib.nullcontext() as pool:
+        if pool is None:
+            _init(*init)
+        results = pool.imap_unordered(cache_clip, clips, chunksize=8) if pool else map(cache_clip, clips)
+        for r in tqdm(results, total=len(clips), desc=f"caching {len(clips)} {a.dataset} clips"):
             for kind, status, err in r:
                 counts[kind][status] += 1
                 errors += [err] if err else []
-    else:
-        with Pool(a.workers, initializer=_init, initargs=init) as pool:
-            for r in tqdm(pool.imap_unordered(cache_clip, clips, chunksize=8), total=len(clips), desc=desc):
-                for kind, status, err in r:
-                    counts[kind][status] += 1
-                    errors += [err] if err else []
     for kind, (folder, want, extra) in metas.items():
         c = counts[kind]
         meta = dict(want, **extra, clips=c["written"] + c["present"])
