@@ -168,20 +168,20 @@ def gather_in_order(t, n_total):
 # Model
 # ---------------------------------------------------------------------------------------------------------------
 class TrainForward(nn.Module):
-    """`train_model(fn, *inputs)` runs `fn(model, *inputs)` (the script's forward pass) under bfloat16 autocast with
-    --amp, returning float32 outputs, so the losses and every statistic stay float32. It is the module DDP wraps, so
-    DDP sees each training forward and averages the gradients of the backward pass that follows."""
+    """`train_forward(fn)` runs `fn(model)`, the script's training forward pass, under bfloat16 autocast with --amp,
+    returning float32 outputs, so the losses and every statistic stay float32. It is the module DDP wraps, so DDP
+    sees each training forward and averages the gradients of the backward pass that follows."""
 
     def __init__(self, model, amp=False):
         super().__init__()
         self.model, self.amp = model, amp
 
-    def forward(self, fn, *inputs):
+    def forward(self, fn):
         if not self.amp:
-            return fn(self.model, *inputs)
+            return fn(self.model)
         device_type = next(self.model.parameters()).device.type
         with torch.autocast(device_type, dtype=torch.bfloat16):
-            return _float32(fn(self.model, *inputs))
+            return _float32(fn(self.model))
 
 
 def _float32(out):
@@ -195,7 +195,7 @@ def _float32(out):
 
 
 def wrap(model, args, ddp=True, find_unused=False):
-    """Apply the speed flags to `model` (in place) and return `train_model` for the training forward passes.
+    """Apply the speed flags to `model` (in place) and return `train_forward`: `train_forward(fn)` = `fn(model)`.
 
     ddp=True: under torchrun, DistributedDataParallel around TrainForward(model): one forward, one backward per step.
     ddp=False: the script averages gradients itself with `sync_grads` (several backward passes per forward).
