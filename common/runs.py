@@ -38,7 +38,8 @@ def make_parser(doc, script_file):
                    help="0-based epochs where the LR is multiplied by --lr-gamma")
     p.add_argument("--lr-gamma", type=float, default=0.1, help="LR decay factor at each milestone")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 1e-4 SGD, 0.01 AdamW)")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0 = no clipping)")
+    p.add_argument("--clip-grad", "--grad-clip", type=float, default=None,
+                   help="max global gradient norm (0 = no clipping; default: the preset, else 0)")
     p.add_argument("--fusion", default="concat", choices=["concat", "sum", "film", "gated"], help="fusion head")
     p.add_argument("--max-steps", type=int, default=0,
                    help="cap on training steps per epoch (0 = full epoch; for smoke tests)")
@@ -61,6 +62,8 @@ def apply_preset(args, presets):
     for key, value in presets[args.dataset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if getattr(args, "clip_grad", 0) is None:
+        args.clip_grad = 0.0
     for key in ("epochs", "batch_size", "lr"):
         value = getattr(args, key, None)
         if value is not None and value <= 0:
