@@ -415,10 +415,10 @@ def flat_clips(root, split, n_frames, dataset, default_classes=None):
 
 # dataset name -> facts and default loader parameters (data.md 0)
 DATASETS = {
-    "cremad": dict(num_classes=6, n_frames=1, frame_size=224, audio="cremad", subdir="cremad"),
-    "ks": dict(num_classes=31, n_frames=3, frame_size=224, audio="stft16k", subdir="kinetics_sounds"),
-    "vggsound": dict(num_classes=309, n_frames=3, frame_size=224, audio="stft16k", subdir="vggsound"),
-    "synthetic": dict(num_classes=6, n_frames=1, frame_size=32, audio="synthetic", subdir="synthetic"),
+    "cremad": dict(num_classes=6, n_frames=1, frame_size=224, audio="cremad", subdir="cremad", num_workers=4),
+    "ks": dict(num_classes=31, n_frames=3, frame_size=224, audio="stft16k", subdir="kinetics_sounds", num_workers=4),
+    "vggsound": dict(num_classes=309, n_frames=3, frame_size=224, audio="stft16k", subdir="vggsound", num_workers=4),
+    "synthetic": dict(num_classes=6, n_frames=1, frame_size=32, audio="synthetic", subdir="synthetic", num_workers=0),
 }
 
 
@@ -436,7 +436,7 @@ def add_data_args(parser):
                    help="audio recipe (default: cremad for CREMA-D, stft16k for KS/VGGSound); also --ks-audio")
     g.add_argument("--ks-audio", dest="audio_pipeline", choices=["stft16k", "pkl1004", "fbank", "aug35k"], help="alias of --audio-pipeline")
     g.add_argument("--audio-seconds", type=float, default=None, help="audio window in seconds (e.g. 20 for AUG's CREMA-D setup)")
-    g.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes (default: 0 synthetic, 4 otherwise)")
+    g.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes (default: 0 synthetic, else 4 capped at the CPU count)")
     g.add_argument("--cache", action="store_true", help="read spectrograms and frames written by `python -m preprocess.cache`")
     g.add_argument("--cache-frame-side", type=int, default=256, help="short side of the cached frames to read (0 = original size)")
     g.add_argument("--in-memory", action="store_true",
@@ -549,6 +549,9 @@ def check_cache(args, root, audio_name, audio_cfg, clips):
 def build_datasets(args):
     """(train_set, test_set, class_names) for args.dataset, with the loader flags resolved to per-dataset defaults."""
     facts = DATASETS[args.dataset]
+    if getattr(args, "num_workers", None) is None:  # the table's default, capped at the CPUs this process may use
+        args.num_workers = min(facts["num_workers"], len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                               else os.cpu_count() or 1)
     n_frames = args.n_frames or facts["n_frames"]
     size = args.frame_size or facts["frame_size"]
     audio_name, audio_cfg = audio_config(args)
