@@ -1,15 +1,22 @@
-"""Shared fixtures: a tiny synthetic dataset (CREMA-D layout), and helpers that run a script in a subprocess or in
-this process."""
+"""Shared fixtures: a tiny synthetic dataset (CREMA-D layout), helpers that run a script in a subprocess or in
+this process, and `load_block`, which lifts a script's ALGO LOGIC BLOCK out on its own."""
 
+import ast
+import builtins
 import glob
 import json
+import math
 import os
 import runpy
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -73,3 +80,76 @@ def run_inproc(script, data_root, runs_dir, *extra):
 def read_results(run_dir):
     with open(os.path.join(run_dir, "results.json")) as f:
         return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the ALGO LOGIC BLOCK of a method script, executed on its own
+# ----------------------------------------------------------------------------------------------------------------
+BLOCK_START, BLOCK_END = "# ALGO LOGIC BLOCK", "# END ALGO LOGIC BLOCK"
+BLOCK_NAMES = {"math": math, "torch": torch, "nn": nn, "F": F}  # everything a block may use besides builtins
+
+
+def block_source(text, name="<block>"):
+    """The lines strictly between the one `# ALGO LOGIC BLOCK...` line and the one `# END ALGO LOGIC BLOCK` line."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(BLOCK_START)]
+    ends = [i for i, line in enumerate(lines) if line.startswith(BLOCK_END)]
+    if len(starts) != 1 or len(ends) != 1 or starts[0] >= ends[0]:
+        pytest.fail(f"{name}: expected one '{BLOCK_START}...' line followed by one '{BLOCK_END}' line, found "
+                    f"{len(starts)} start and {len(ends)} end marker(s) (start line(s) {[i + 1 for i in starts]}, "
+                    f"end line(s) {[i + 1 for i in ends]})", pytrace=False)
+    return "\n".join(lines[starts[0] + 1:ends[0]]) + "\n"
+
+
+def _bound_names(tree):
+    """Every name the block itself binds anywhere (defs, classes, arguments, assignments, loop and with targets;
+    scopes ignored, so this is an over-approximation)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+def exec_block(source, name="<block>"):
+    """Execute block source in a namespace holding only `math`, `torch`, `nn`, `F` and the builtins; return the
+    namespace as an object (`blk.ogm_coefficients(...)`). Fails on an import statement, on `__import__`/`importlib`,
+    and on any name the block reads but neither binds nor finds in that namespace (so a block that leans on the
+    rest of its script fails here, not only when the offending line happens to run)."""
+    try:
+        tree = ast.parse(source, filename=name)
+    except SyntaxError as e:
+        pytest.fail(f"{name}: the ALGO LOGIC BLOCK does not parse on its own: {e}", pytrace=False)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            what = ", ".join(a.name for a in node.names)
+            if isinstance(node, ast.ImportFrom):
+                what = f"from {node.module} import {what}"
+            pytest.fail(f"{name}, block line {node.lineno}: the ALGO LOGIC BLOCK imports ({what}); it may use only "
+                        f"{sorted(BLOCK_NAMES)} and the builtins", pytrace=False)
+    loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    for forbidden in ("__import__", "importlib", "exec", "eval"):
+        if forbidden in loads:
+            pytest.fail(f"{name}: the ALGO LOGIC BLOCK uses {forbidden}", pytrace=False)
+    free = loads - _bound_names(tree) - set(BLOCK_NAMES) - set(dir(builtins))
+    if free:
+        pytest.fail(f"{name}: the ALGO LOGIC BLOCK reads names it does not define: {sorted(free)} (only "
+                    f"{sorted(BLOCK_NAMES)} and the builtins are available)", pytrace=False)
+    namespace = {"__builtins__": builtins, "__name__": f"algo_block[{name}]", **BLOCK_NAMES}
+    exec(compile(tree, name, "exec"), namespace)
+    return types.SimpleNamespace(**{k: v for k, v in namespace.items() if not k.startswith("__")})
+
+
+def load_block(script_name):
+    """The ALGO LOGIC BLOCK of ROOT/<script_name> (e.g. "ogm.py"), executed without the rest of the script: a test
+    that uses only what this returns shows that the block works when copied into another project."""
+    path = os.path.join(ROOT, script_name)
+    with open(path) as f:
+        text = f.read()
+    return exec_block(block_source(text, script_name), script_name)

@@ -1,4 +1,4 @@
-"""ARL (arl.py): the properties of ../shared/reference/arl.md section 8, on CPU with tiny tensors and tiny synthetic data."""
+"""ARL (arl.py): the properties listed in docs/arl.md (Tests), on CPU with tiny tensors and tiny synthetic data."""
 
 import copy
 import json
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import arl
 from common.models import AVClassifier
+from common.runs import apply_preset
 from conftest import ROOT, read_results, run_script, run_inproc
 
 B, C = 4, 6
@@ -49,7 +50,7 @@ def final_weights(run_dir):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1-3: GradScale
+# GradScale
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("w", [0.0, 0.3, 0.9])
 def test_gradscale_forward_is_identity(w):
@@ -65,7 +66,7 @@ def test_gradscale_backward_scales_by_one_plus_w(w):
     arl.GradScale.apply(x, w_t).backward(g)
     torch.testing.assert_close(x.grad, (1 + w) * g, rtol=1e-6, atol=0)
     assert w_t.grad is None  # w is a constant
-    # float64 Jacobian of the backward: exactly (1 + w) I. (The spec's gradcheck can only pass for w = 0: gradcheck
+    # float64 Jacobian of the backward: exactly (1 + w) I. (A gradcheck can only pass for w = 0: gradcheck
     # compares with the numerical Jacobian of the forward, the identity, and GradScale departs from it on purpose.)
     xd = torch.randn(3, 4, dtype=torch.float64)
     jac = torch.autograd.functional.jacobian(lambda t: arl.GradScale.apply(t, w), xd).reshape(12, 12)
@@ -93,7 +94,7 @@ def test_gradscale_placement_before_or_after_pooling(model0, batch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4-5, 12: coefficients
+# coefficients
 # ---------------------------------------------------------------------------------------------------------------
 def entropy(row):
     e = [math.exp(x) for x in row]
@@ -184,14 +185,33 @@ def test_guards_on_degenerate_logits():
         assert r["c_a"].item() == pytest.approx(0.5)
 
 
+def test_reduce_gives_the_global_batch_statistics():
+    """Two processes, each with half the batch, summing with `reduce`, get the coefficients of the whole batch."""
+    g = torch.Generator().manual_seed(3)
+    z_a, z_v = torch.randn(8, C, generator=g) * 2, torch.randn(8, C, generator=g)
+    full = arl.arl_coefficients(z_a, z_v, 8.0)
+    captured = {}
+
+    def capture(t):
+        captured["sums"] = t.clone()
+        return t
+
+    arl.arl_coefficients(z_a[4:], z_v[4:], 8.0, reduce=capture)  # the other process's sums
+    split = arl.arl_coefficients(z_a[:4], z_v[:4], 8.0, reduce=lambda t: t + captured["sums"])
+    for k, v in full.items():
+        assert split[k].item() == pytest.approx(v.item(), abs=1e-6), k
+    half = arl.arl_coefficients(z_a[:4], z_v[:4], 8.0)  # control: one half alone differs
+    assert half["d_a"].item() != pytest.approx(full["d_a"].item(), abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# 7, 9, 10: the training step's gradients
+# the training step's gradients
 # ---------------------------------------------------------------------------------------------------------------
 def step_grads(model0, batch, coeff, weight, dtype=torch.float32):
     model = copy.deepcopy(model0).to(dtype)
     audio, visual, y = batch
     audio, visual = audio.to(dtype), visual.to(dtype)
-    _, _, z, z_a, z_v = arl.arl_forward(model, audio, visual, coeff)
+    _, _, z, z_a, z_v = arl.forward(model, audio, visual, coeff)
     loss = arl.arl_loss(z, z_a, z_v, y, weight)[0]
     loss.backward()
     return model, {k: grads_of(getattr(model, k)) for k in ("audio_net", "visual_net", "head")}
@@ -200,7 +220,7 @@ def step_grads(model0, batch, coeff, weight, dtype=torch.float32):
 def test_warmup_loss_is_unweighted_sum(model0, batch):
     audio, visual, y = batch
     model = copy.deepcopy(model0)
-    _, _, z, z_a, z_v = arl.arl_forward(model, audio, visual, (0.0, 0.0))
+    _, _, z, z_a, z_v = arl.forward(model, audio, visual, (0.0, 0.0))
     loss, loss_f, loss_a, loss_v = arl.arl_loss(z, z_a, z_v, y, 1.0)
     assert loss.item() == pytest.approx((F.cross_entropy(z, y) + F.cross_entropy(z_a, y) + F.cross_entropy(z_v, y)).item())
     assert loss_f.item() == pytest.approx(F.cross_entropy(model(audio, visual)[2], y).item(), abs=1e-5)
@@ -220,10 +240,29 @@ def test_encoder_gradients_scaled_by_one_plus_c_head_unscaled(model0, batch):
         torch.testing.assert_close(got["head"][n], g, rtol=1e-6, atol=1e-12)
 
 
+def test_scale_gradients_hooks_equal_gradscale(model0, batch):
+    """--arl-coeff-timing current: hooks on existing features scale the encoder gradients like GradScale does."""
+    c_a, c_v = 0.8, 0.2
+    _, want = step_grads(model0, batch, (c_a, c_v), 4.0, torch.float64)
+    _, ref = step_grads(model0, batch, (0.0, 0.0), 4.0, torch.float64)
+    model = copy.deepcopy(model0).to(torch.float64)
+    audio, visual, y = batch
+    a, v, z, z_a, z_v = arl.forward(model, audio.double(), visual.double(), (0.0, 0.0))
+    arl.scale_gradients(a, v, (c_a, c_v))
+    arl.arl_loss(z, z_a, z_v, y, 4.0)[0].backward()
+    for role in ("audio_net", "visual_net", "head"):
+        got = grads_of(getattr(model, role))
+        for n, g in want[role].items():
+            torch.testing.assert_close(got[n], g, rtol=1e-6, atol=1e-12)
+    for n, g in ref["audio_net"].items():  # control: the hooks did scale
+        if g.abs().sum() > 0:
+            torch.testing.assert_close(grads_of(model.audio_net)[n], (1 + c_a) * g, rtol=1e-6, atol=1e-12)
+
+
 def test_zero_fill_logits_and_audio_loss_reaches_only_audio_columns(model0, batch):
     audio, visual, y = batch
     model = copy.deepcopy(model0)
-    a, v, z, z_a, z_v = arl.arl_forward(model, audio, visual, (0.5, 0.5))
+    a, v, z, z_a, z_v = arl.forward(model, audio, visual, (0.5, 0.5))
     W, b = model.head.fc_out.weight, model.head.fc_out.bias
     torch.testing.assert_close(z_a, a @ W[:, :512].T + b, atol=1e-5, rtol=0)
     torch.testing.assert_close(z_a + z_v - b, z, atol=1e-5, rtol=0)
@@ -234,7 +273,7 @@ def test_zero_fill_logits_and_audio_loss_reaches_only_audio_columns(model0, batc
 
 def test_clipping_at_40_by_default(model0, batch):
     for dataset in arl.PRESETS:
-        args = arl.apply_preset(arl.parse_args(["--dataset", dataset]), arl.PRESETS)
+        args = apply_preset(arl.parse_args(["--dataset", dataset]), arl.PRESETS)
         assert args.clip_grad == 40.0
     model, _ = step_grads(model0, batch, (0.9, 0.1), 4.0)
     total = torch.nn.utils.clip_grad_norm_(model.parameters(), 40.0)

@@ -1,4 +1,4 @@
-"""ogm.py: the properties of ../shared/reference/ogm.md section 8, on CPU and tiny synthetic data.
+"""ogm.py: the properties listed in docs/ogm.md (Tests), on CPU and tiny synthetic data.
 
 Unit tests import the script (`import ogm`); end-to-end tests run it in this process with `runpy` (the same code
 path as `python ogm.py ...`, without paying the torch/torchvision import for every run), one `subprocess` smoke test.
@@ -9,7 +9,6 @@ import json
 import math
 import os
 import random
-import types
 
 import pytest
 import torch
@@ -63,7 +62,7 @@ def model_with_grads(seed=0, b=4):
     f_a, f_v, z = model.head(model.audio_net(audio), model.visual_net(visual))
     F.cross_entropy(z, label).backward()
     with torch.no_grad():
-        s_a, s_v = ogm.scores(*unimodal_logits(model.head, f_a, f_v, bias="half"), label)
+        s_a, s_v = ogm.ogm_scores(*unimodal_logits(model.head, f_a, f_v, bias="half"), label)
     return model, s_a.item(), s_v.item()
 
 
@@ -77,9 +76,9 @@ def baseline_2ep(tiny_data, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1-3, 10: the maths
+# the maths: coefficients, half-bias logits, scores
 # ----------------------------------------------------------------------------------------------------------------
-# ogm.md section 2: k = 1 - tanh(alpha rho) for rho = 1, 1.2, 1.5, 2, 3
+# docs/ogm.md (The method): k = 1 - tanh(alpha rho) for rho = 1, 1.2, 1.5, 2, 3
 K_TABLE = {
     0.1: [0.900, 0.881, 0.851, 0.803, 0.709],
     0.3: [0.709, 0.655, 0.578, 0.463, 0.284],
@@ -92,27 +91,32 @@ K_TABLE = {
 @pytest.mark.parametrize("alpha", sorted(K_TABLE))
 def test_coefficients_table(alpha):
     for rho, k in zip([1.2, 1.5, 2, 3], K_TABLE[alpha][1:]):
-        k_a, k_v = ogm.coefficients(3.0 * rho, 3.0, alpha)  # audio dominant
-        assert round(k_a, 3) == k and k_v == 1.0
-        k_a, k_v = ogm.coefficients(3.0, 3.0 * rho, alpha)  # visual dominant
-        assert round(k_v, 3) == k and k_a == 1.0
-    k_a, k_v = ogm.coefficients(2.5, 2.5, alpha)  # a tie: audio is modulated
+        k_a, k_v, audio_dominant = ogm.ogm_coefficients(3.0 * rho, 3.0, alpha)  # audio dominant
+        assert round(k_a, 3) == k and k_v == 1.0 and audio_dominant is True
+        k_a, k_v, audio_dominant = ogm.ogm_coefficients(3.0, 3.0 * rho, alpha)  # visual dominant
+        assert round(k_v, 3) == k and k_a == 1.0 and audio_dominant is False
+    k_a, k_v, audio_dominant = ogm.ogm_coefficients(2.5, 2.5, alpha)  # a tie: audio is modulated
     assert k_a == pytest.approx(1 - math.tanh(alpha)) and round(k_a, 3) == K_TABLE[alpha][0] and k_v == 1.0
+    assert audio_dominant is True
+    # the scores as the loop passes them: 0-d tensors of the summed scores
+    k_a, k_v, audio_dominant = ogm.ogm_coefficients(torch.tensor(3.0 * 1.5), torch.tensor(3.0), alpha)
+    assert round(k_a, 3) == K_TABLE[alpha][2] and k_v == 1.0 and audio_dominant is True
 
 
 def test_exactly_one_side_modulated():
     rng = random.Random(0)
     for _ in range(2000):
         s_a, s_v, alpha = rng.uniform(0.01, 64), rng.uniform(0.01, 64), rng.uniform(0.05, 3)
-        k_a, k_v = ogm.coefficients(s_a, s_v, alpha)
+        k_a, k_v, audio_dominant = ogm.ogm_coefficients(s_a, s_v, alpha)
         assert max(k_a, k_v) == 1.0
+        assert audio_dominant == (s_a >= s_v)
         assert min(k_a, k_v) <= 1 - math.tanh(alpha) + 1e-12
         assert (k_a < 1) == (s_a > s_v) and (k_v < 1) == (s_v > s_a)
 
 
 def test_ratio_offset_is_continuous_at_one():
-    assert ogm.coefficients(2.0, 2.0, 0.8, ratio_offset=1.0) == (1.0, 1.0)
-    k_a, _ = ogm.coefficients(2.0 * 1.5, 2.0, 0.8, ratio_offset=1.0)
+    assert ogm.ogm_coefficients(2.0, 2.0, 0.8, ratio_offset=1.0)[:2] == (1.0, 1.0)
+    k_a, _, _ = ogm.ogm_coefficients(2.0 * 1.5, 2.0, 0.8, ratio_offset=1.0)
     assert k_a == pytest.approx(1 - math.tanh(0.8 * 0.5))
 
 
@@ -133,9 +137,11 @@ def test_half_bias_identity():
 def test_scores_are_batch_sums_and_ratio_is_batch_size_free():
     torch.manual_seed(0)
     z_a, z_v, y = torch.randn(8, 6), torch.randn(8, 6), torch.randint(0, 6, (8,))
-    s_a, s_v = ogm.scores(z_a, z_v, y)
+    s = ogm.ogm_scores(z_a, z_v, y)
+    assert s.shape == (2,)
+    s_a, s_v = s
     assert s_a.item() == pytest.approx(sum(torch.softmax(z_a[i], 0)[y[i]].item() for i in range(8)), rel=1e-6)
-    s2_a, s2_v = ogm.scores(torch.cat([z_a, z_a]), torch.cat([z_v, z_v]), torch.cat([y, y]))
+    s2_a, s2_v = ogm.ogm_scores(torch.cat([z_a, z_a]), torch.cat([z_v, z_v]), torch.cat([y, y]))
     assert s2_a.item() == pytest.approx(2 * s_a.item(), rel=1e-6)
     assert (s2_a / s2_v).item() == pytest.approx((s_a / s_v).item(), rel=1e-6)
 
@@ -150,7 +156,7 @@ def test_scores_do_not_train():
     loss = F.cross_entropy(z, label)
     with torch.no_grad():  # exactly the loop's block
         z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
-        s_a, s_v = ogm.scores(z_a, z_v, label)
+        s_a, s_v = ogm.ogm_scores(z_a, z_v, label)
     assert not s_a.requires_grad and not s_v.requires_grad
     loss.backward()
     _, _, z_ref = ref.head(ref.audio_net(audio), ref.visual_net(visual))
@@ -160,17 +166,17 @@ def test_scores_do_not_train():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6-8: which gradients are scaled, and the GE noise
+# which gradients are scaled, and the GE noise
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("swap", [False, True])
 def test_only_dominant_conv_kernels_scaled(swap):
     model, s_a, s_v = model_with_grads()
-    k_a, k_v = ogm.coefficients(s_v, s_a, 0.8) if swap else ogm.coefficients(s_a, s_v, 0.8)
+    k_a, k_v, _ = ogm.ogm_coefficients(s_v, s_a, 0.8) if swap else ogm.ogm_coefficients(s_a, s_v, 0.8)
     k_a, k_v = (k_v, k_a) if swap else (k_a, k_v)  # swap: the other encoder is the dominant one
     dominant, k = ("audio_net.", k_a) if k_a < 1 else ("visual_net.", k_v)
     assert k < 1 and max(k_a, k_v) == 1.0
     old = grads(model)
-    ogm.modulate_gradients(model, k_a, k_v, False, False)
+    ogm.modulate_gradients(model.audio_net, model.visual_net, k_a, k_v, False, False)
     new = grads(model)
     n_scaled = 0
     for n, g in old.items():
@@ -186,12 +192,12 @@ def test_only_dominant_conv_kernels_scaled(swap):
 def test_nonbias_selects_the_same_params_for_resnet18():
     model, s_a, s_v = model_with_grads()
     old = grads(model)
-    ogm.modulate_gradients(model, 0.3, 0.7, False, False, params="conv")
+    ogm.modulate_gradients(model.audio_net, model.visual_net, 0.3, 0.7, False, False, params="conv")
     conv = grads(model)
     for n, p in model.named_parameters():
         if p.grad is not None:
             p.grad = old[n].clone()
-    ogm.modulate_gradients(model, 0.3, 0.7, False, False, params="nonbias")
+    ogm.modulate_gradients(model.audio_net, model.visual_net, 0.3, 0.7, False, False, params="nonbias")
     nonbias = grads(model)
     assert all(torch.equal(g, nonbias[n]) for n, g in conv.items())
     assert not all(torch.equal(g, old[n]) for n, g in conv.items())
@@ -199,10 +205,10 @@ def test_nonbias_selects_the_same_params_for_resnet18():
 
 def test_ge_noise_statistics():
     model, s_a, s_v = model_with_grads()
-    k_a, k_v = ogm.coefficients(s_a, s_v, 0.8)
+    k_a, k_v, _ = ogm.ogm_coefficients(s_a, s_v, 0.8)
     old = grads(model)
     gen = torch.Generator().manual_seed(0)
-    ogm.modulate_gradients(model, k_a, k_v, True, True, gen)
+    ogm.modulate_gradients(model.audio_net, model.visual_net, k_a, k_v, True, True, gen)
     first = grads(model)
     checked = {"audio_net": 0, "visual_net": 0}
     for n, g in old.items():
@@ -221,19 +227,35 @@ def test_ge_noise_statistics():
     for n, p in model.named_parameters():  # a second step draws different noise
         if p.grad is not None:
             p.grad = old[n].clone()
-    ogm.modulate_gradients(model, k_a, k_v, True, True, gen)
+    ogm.modulate_gradients(model.audio_net, model.visual_net, k_a, k_v, True, True, gen)
     second = grads(model)
     for n, g in old.items():
         if g.dim() == 4:
             assert not torch.equal(second[n], first[n]), n
 
 
+def test_ge_noise_targets():
+    for audio_dominant in (True, False):
+        assert ogm.ge_noise(True, "both", audio_dominant) == (True, True)
+        assert ogm.ge_noise(False, "both", audio_dominant) == (False, False)
+        assert ogm.ge_noise(False, "dominant", audio_dominant) == (False, False)
+        assert ogm.ge_noise(True, "dominant", audio_dominant) == (audio_dominant, not audio_dominant)
+
+
+def test_modulation_window():
+    assert [ogm.ogm_active(e, 0, 5) for e in range(8)] == [True] * 6 + [False] * 2  # inclusive end
+    assert [ogm.ogm_active(e, 2, 5) for e in range(4)] == [False, False, True, True]
+    assert [ogm.ogm_active(e, 0, 80, warmup_epochs=6) for e in (0, 5, 6, 80, 81)] == [False, False, True, True, False]
+
+
 def test_ge_target_dominant_leaves_the_weak_encoder_alone():
     model, s_a, s_v = model_with_grads()
-    k_a, k_v = ogm.coefficients(s_a, s_v, 0.8)
-    audio_dominant = k_a < 1
+    k_a, k_v, audio_dominant = ogm.ogm_coefficients(s_a, s_v, 0.8)
+    assert audio_dominant == (k_a < 1)
     old = grads(model)
-    ogm.modulate_gradients(model, k_a, k_v, audio_dominant, not audio_dominant, torch.Generator().manual_seed(0))
+    noise_a, noise_v = ogm.ge_noise(True, "dominant", audio_dominant)
+    ogm.modulate_gradients(model.audio_net, model.visual_net, k_a, k_v, noise_a, noise_v,
+                           torch.Generator().manual_seed(0))
     weak = "visual_net." if audio_dominant else "audio_net."
     new = grads(model)
     assert all(torch.equal(g, new[n]) for n, g in old.items() if n.startswith(weak))
@@ -245,14 +267,14 @@ def test_ge_std_source(source, expected):
     conv = torch.nn.Conv2d(64, 64, 3, bias=False)
     conv.weight.grad = torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(1)) * 2.0
     g_old = conv.weight.grad.clone()
-    model = types.SimpleNamespace(audio_net=conv, visual_net=torch.nn.Identity())
-    ogm.modulate_gradients(model, 0.1, 1.0, True, True, torch.Generator().manual_seed(0), std_source=source)
+    ogm.modulate_gradients(conv, torch.nn.Identity(), 0.1, 1.0, True, True, torch.Generator().manual_seed(0),
+                           std_source=source)
     noise = conv.weight.grad - 0.1 * g_old
     assert noise.std().item() / (expected * g_old.std().item()) == pytest.approx(1.0, abs=0.03)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4, 5, 6 end to end, 11, 12, resume, smoke
+# end to end: equivalence with the baseline, windows, frozen kernels, heads, resume, smoke
 # ----------------------------------------------------------------------------------------------------------------
 def test_alpha0_ogm_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
     run = run_inproc("ogm.py", tiny_data, tmp_path / "a0", "--epochs", 2, "--max-steps", 2, "--modulation", "ogm", "--alpha", 0)

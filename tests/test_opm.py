@@ -1,10 +1,9 @@
-"""opm.py: the properties of ../shared/reference/opm.md section 8, on CPU and tiny synthetic data.
+"""opm.py: the properties listed in docs/opm.md (Tests), on CPU and tiny synthetic data.
 
 Unit tests import the script (`import opm`); end-to-end tests run it in this process with `runpy` (the same code
 path as `python opm.py ...`, without paying the torch/torchvision import for every run), one `subprocess` smoke test.
 """
 
-import argparse
 import copy
 import json
 import os
@@ -19,7 +18,7 @@ import opm  # noqa: E402  (conftest puts the repo root on sys.path)
 from common.data import build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
-from common.utils import apply_preset
+from common.runs import apply_preset
 from preprocess.synthetic import generate
 
 SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "train/coeff_audio",
@@ -67,7 +66,7 @@ def opm_2ep(tiny_data, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1, 4, 5, 6, 7, 10, 11: the maths
+# the maths: drop probabilities, masks, rescaling, gradients, empty samples
 # ----------------------------------------------------------------------------------------------------------------
 RHOS = [1.01, 1.2, 1.5, 2, 3, 1e6]
 Q_TABLE = {(0.5, 0.5): [0.503, 0.549, 0.616, 0.690, 0.741, 0.75], (0.4, 0.5): [0.402, 0.440, 0.492, 0.552, 0.593, 0.60]}
@@ -190,7 +189,7 @@ def test_scores_do_not_train():
     a, v = model.audio_net(audio), model.visual_net(visual)
     with torch.no_grad():  # exactly the loop's block
         z_a, z_v = unimodal_logits(model.head, *model.head(a, v)[:2], bias="half")
-        s_a, s_v = opm.scores(z_a, z_v, y)
+        s_a, s_v = opm.opm_scores(z_a, z_v, y)
     assert not s_a.requires_grad and not s_v.requires_grad
     a, v, y_k = opm.drop_features(a, v, y, keep_a, keep_v, 0.6, 0.0)
     F.cross_entropy(model.head(a, v)[2], y_k).backward()
@@ -230,7 +229,7 @@ def test_empty_batches_skip_the_step(tiny_data, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2, 3, 8, 9, 12, resume, smoke: end to end
+# end to end: equivalence with the baseline, warm-up, evaluation, heads, resume, smoke
 # ----------------------------------------------------------------------------------------------------------------
 def test_p_exe0_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
     run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 0)
