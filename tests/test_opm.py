@@ -200,6 +200,43 @@ def test_scores_do_not_train():
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_scores_are_batch_sums():
+    torch.manual_seed(0)
+    z_a, z_v, y = torch.randn(8, 6), torch.randn(8, 6) * 3, torch.randint(0, 6, (8,))
+    s = opm.opm_scores(z_a, z_v, y)
+    assert s.shape == (2,) and not s.requires_grad
+    for got, z in zip(s, (z_a, z_v)):
+        assert got.item() == pytest.approx(sum(torch.softmax(z[i], 0)[y[i]].item() for i in range(8)), rel=1e-6)
+
+
+def test_active_epochs():
+    assert [opm.opm_active(e, 1) for e in (0, 1, 2, 99)] == [False, True, True, True]
+    assert [opm.opm_active(e, 0, (2, 3)) for e in (1, 2, 3, 4)] == [False, True, True, False]
+    assert [opm.opm_active(e, 3, (2, 5)) for e in (2, 3, 5, 6)] == [False, True, True, False]
+
+
+def test_opm_drop_reports_the_drops_and_splits_the_global_batch():
+    gen = torch.Generator().manual_seed(0)
+    a, v, y = torch.randn(8, 512) + 5, torch.randn(8, 512) + 5, torch.arange(8)
+    a_t, v_t, y_t, executed, (frac_a, frac_v) = opm.opm_drop(a, v, y, 0.5, 0.0, 1.0, gen)
+    assert executed and torch.equal(y_t, y) and frac_v == 0.0
+    assert frac_a == (a_t.abs().sum(1) == 0).float().mean().item() and 0 < frac_a < 1
+    a_t, v_t, y_t, executed, (frac_a, frac_v) = opm.opm_drop(a, v, y, 0.0, 0.5, 1.0, gen)  # visual dominant
+    assert frac_a == 0.0 and frac_v == (v_t.abs().sum(1) == 0).float().mean().item() and 0 < frac_v < 1
+    assert opm.opm_drop(a, v, y, 0.5, 0.0, 0.0, gen)[3:] == (False, (0.0, 0.0))
+    # two processes with 4 rows each draw the masks of the 8-row batch and keep their own rows
+    state = torch.Generator().manual_seed(1).get_state()
+    whole = opm.opm_drop(a, v, y, 0.5, 0.0, 1.0, torch.Generator().manual_seed(1))
+    parts = []
+    for rank in (0, 1):
+        g = torch.Generator()
+        g.set_state(state)
+        rows = slice(4 * rank, 4 * rank + 4)
+        parts.append(opm.opm_drop(a[rows], v[rows], y[rows], 0.5, 0.0, 1.0, g, world_size=2, rank=rank))
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+    assert (parts[0][4][0] + parts[1][4][0]) / 2 == pytest.approx(whole[4][0])
+
+
 def test_empty_sample_removal():
     gen = torch.Generator().manual_seed(0)
     keep_a, keep_v = opm.feature_masks(1.0, 1.0, 5, gen)
