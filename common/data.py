@@ -1,4 +1,4 @@
-"""Audio-visual datasets: CREMA-D, Kinetics-Sounds, VGGSound and the synthetic CREMA-D-layout set (spec: data.md).
+"""Audio-visual datasets: CREMA-D, Kinetics-Sounds, VGGSound and the synthetic CREMA-D-layout set (docs/data.md).
 
 Every dataset yields `(spec (F, T) float32, frames (3, T_f, H, W) float32, label int64)`.
 Audio and frames are paired by clip id, never by position; frames come from a *sorted* listing
@@ -26,7 +26,7 @@ from PIL import Image
 
 from common import distributed
 
-CREMAD_LABELS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # fixed order (data.md 2.2)
+CREMAD_LABELS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # fixed order (docs/data.md)
 KS_CLASSES = [
     "blowing_nose", "blowing_out_candles", "bowling", "chopping_wood", "dribbling_basketball", "laughing",
     "mowing_lawn", "playing_accordion", "playing_bagpipes", "playing_bass_guitar", "playing_clarinet",
@@ -34,7 +34,7 @@ KS_CLASSES = [
     "playing_saxophone", "playing_trombone", "playing_trumpet", "playing_violin", "playing_xylophone",
     "ripping_paper", "shoveling_snow", "shuffling_cards", "singing", "stomping_grapes", "tap_dancing",
     "tapping_guitar", "tapping_pen", "tickling",
-]  # alphabetical, label index = position (data.md 3.1)
+]  # alphabetical, label index = position (docs/data.md)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -47,7 +47,7 @@ class SkippedClipsWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AudioConfig:
-    """One audio pipeline (data.md 2.5 and 3.4). `kind` is stft | scipy | fbank."""
+    """One audio pipeline (docs/data.md and 3.4). `kind` is stft | scipy | fbank."""
 
     kind: str
     sample_rate: int
@@ -168,7 +168,7 @@ class AudioPipeline:
             s[:, 1:-1] *= 2.0
             s = torch.log(s.T + 1e-7)
             return ((s - s.mean()) / (s.std() + 1e-9)).float()
-        # Kaldi fbank (data.md 3.4 c)
+        # Kaldi fbank (docs/data.md)
         fb = torchaudio.compliance.kaldi.fbank(
             (x - x.mean()).unsqueeze(0), htk_compat=True, sample_frequency=self.cfg.sample_rate, use_energy=False,
             window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10,
@@ -181,7 +181,7 @@ class AudioPipeline:
 # Frames
 # ---------------------------------------------------------------------------------------------------------------
 def select_frames(n, t_f, train, mode="segment", generator=None):
-    """Indices into a sorted list of n frames (data.md 6.1).
+    """Indices into a sorted list of n frames (docs/data.md).
 
     segment: split [0, n) into t_f equal segments; a random index per segment when training, the middle at test.
     first:   the first t_f frames (parity with the originals' unsorted listing, made reproducible).
@@ -351,7 +351,7 @@ def _check_root(root, dataset):
 
 
 def cremad_clips(root, split, n_frames, fps=1):
-    """CREMA-D layout (data.md 2.3): AudioWAV/<id>.wav, Image-01-FPS/<id>/*.jpg, {train,test}.csv rows `<id>,<EMO>`."""
+    """CREMA-D layout (docs/data.md): AudioWAV/<id>.wav, Image-01-FPS/<id>/*.jpg, {train,test}.csv rows `<id>,<EMO>`."""
     _check_root(root, "cremad")
     split_path = next((p for p in (os.path.join(root, f"{split}.csv"), os.path.join(root, "annotations", f"{split}.csv"))
                        if os.path.isfile(p)), os.path.join(root, f"{split}.csv"))
@@ -373,7 +373,7 @@ def read_classes(path):
 
 
 def flat_clips(root, split, n_frames, dataset, default_classes=None):
-    """Flat layout (data.md 7), used for Kinetics-Sounds and VGGSound.
+    """Flat layout (docs/data.md), used for Kinetics-Sounds and VGGSound.
 
     <root>/classes.txt, <root>/audio/<id>.wav, <root>/frames/<id>/*.jpg and one split file, tried in order:
     splits/{split}.csv (`<id>,<label>`), my_{split}.txt (the official KS rows `<id>,10,<label>`), or, for VGGSound,
@@ -413,7 +413,7 @@ def flat_clips(root, split, n_frames, dataset, default_classes=None):
     return clips, skipped, classes
 
 
-# dataset name -> facts and default loader parameters (data.md 0)
+# dataset name -> facts and default loader parameters (docs/data.md)
 DATASETS = {
     "cremad": dict(num_classes=6, n_frames=1, frame_size=224, audio="cremad", subdir="cremad", num_workers=4),
     "ks": dict(num_classes=31, n_frames=3, frame_size=224, audio="stft16k", subdir="kinetics_sounds", num_workers=4),
@@ -429,7 +429,7 @@ def add_data_args(parser):
     g.add_argument("--data-root", default="data", help="folder holding <dataset>/ (synthetic is generated here on first use)")
     g.add_argument("--n-frames", type=int, default=None, help="frames per clip (default: 1 CREMA-D/synthetic, 3 KS/VGGSound)")
     g.add_argument("--frame-size", type=int, default=None, help="frame side in pixels (default 224; synthetic 32)")
-    g.add_argument("--frame-select", default="segment", choices=["segment", "first"], help="frame sampling rule (data.md 6.1)")
+    g.add_argument("--frame-select", default="segment", choices=["segment", "first"], help="frame sampling rule (docs/data.md)")
     g.add_argument("--clip-consistent-aug", action="store_true", help="one crop/flip per clip instead of per frame")
     g.add_argument("--tpami-frames", action="store_true", help="T-PAMI frame transforms: crop scale (0.25, 1), test resize+center crop")
     g.add_argument("--audio-pipeline", default=None, choices=sorted(AUDIO_PIPELINES),

@@ -1,4 +1,4 @@
-"""Several processes with torchrun, and the speed flags: the plumbing every script shares (spec: docs/distributed.md).
+"""Several processes with torchrun, and the speed flags: the plumbing every script shares (docs/distributed.md).
 
     python ogm.py ...                                      one process: every function here is a no-op
     torchrun --nproc_per_node=4 ogm.py ...                 4 processes (GPUs) on one machine

@@ -1,4 +1,4 @@
-"""ResNet18 audio/visual encoders, fusion heads and the unimodal-logit helper (spec: models.md).
+"""ResNet18 audio/visual encoders, fusion heads and the unimodal-logit helper (docs/models.md).
 
 Nothing here is method logic: every method builds `AVClassifier(...)` and reads unimodal logits with
 `unimodal_logits(head, a, v, bias="half" | "full")`, stating its own bias convention.
@@ -13,7 +13,7 @@ FUSIONS = ("concat", "sum", "film", "gated")
 
 
 class ResNet18Trunk(nn.Module):
-    """torchvision's ResNet18 without avgpool/fc: returns the layer-4 map (models.md section 2)."""
+    """torchvision's ResNet18 without avgpool/fc: returns the layer-4 map (docs/models.md)."""
 
     def __init__(self, in_channels: int):
         super().__init__()
@@ -112,12 +112,12 @@ HEADS = {"concat": ConcatHead, "sum": SumHead, "film": FiLMHead, "gated": GatedH
 
 
 def unimodal_logits(head, f_a, f_v, bias):
-    """Per-modality logits read out of a fusion head (models.md section 7). No default: every call site picks.
+    """Per-modality logits read out of a fusion head (docs/models.md). No default: every call site picks.
 
     bias="half": concat splits the bias in two so z_a + z_v == z (OGM, OPM).
     bias="full": concat gives the full bias to both, z_a = W[a;0] + b (ARL, DGL).
     The sum head uses each branch's own full bias under both conventions (then z_a + z_v == z).
-    The gated head has the self-gate form of models.md 7.4 (each modality gates itself), taking the
+    The gated head has the self-gate form of docs/models.md (each modality gates itself), taking the
     projected features the head exposes. FiLM has no definition: a clear error.
     """
     if bias not in ("half", "full"):
@@ -132,12 +132,12 @@ def unimodal_logits(head, f_a, f_v, bias):
     if isinstance(head, GatedHead):
         return head.fc_out(torch.sigmoid(f_a) * f_a), head.fc_out(torch.sigmoid(f_v) * f_v)
     raise ValueError(
-        f"--fusion {type(head).__name__}: FiLM has no unimodal logits (models.md 7.4); use --fusion concat, sum or gated"
+        f"--fusion {type(head).__name__}: FiLM has no unimodal logits (docs/models.md); use --fusion concat, sum or gated"
     )
 
 
 def init_weights(module):
-    """The shared initialiser (models.md section 5): convs Kaiming fan_out, BN (1, 0), Linear Xavier-normal with bias 0."""
+    """The shared initialiser (docs/models.md): convs Kaiming fan_out, BN (1, 0), Linear Xavier-normal with bias 0."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 ORDER = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug"]
-SIGNAL = {  # what train/coeff_* means for each script (spec README, logged metric keys)
+SIGNAL = {  # what train/coeff_* means for each script (logged metric keys)
     "ogm": "OGM coefficient k", "opm": "OPM drop probability q", "arl": "ARL weight 1+c", "dgl": "DGL (none: 1)",
     "aug": "AUG number of classifiers", "baseline": "joint training (none: 1)",
 }

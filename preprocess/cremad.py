@@ -3,7 +3,7 @@
     python -m preprocess.cremad --src /path/to/CREMA-D --out data/cremad [--splits /path/with/train.csv+test.csv]
 
 --src is a CREMA-D checkout (github.com/CheyneyComputerScience/CREMA-D, git-LFS) with VideoFlash/*.flv and
-AudioWAV/*.wav. Output, in the layout the loader reads (data.md 2.3):
+AudioWAV/*.wav. Output, in the layout the loader reads (docs/data.md):
     <out>/AudioWAV/<clip_id>.wav                (copied as provided, 16 kHz mono)
     <out>/Image-01-FPS/<clip_id>/<NNNNN>.jpg    (first frame of every second)
     <out>/train.csv, <out>/test.csv             (`<clip_id>,<EMO>` rows)

@@ -4,8 +4,8 @@
         --out data/kinetics_sounds --workers 8
 
 --videos holds <clip_id>.mp4 files (class sub-folders are fine). --splits holds the official split files
-`my_train.txt` / `my_test.txt` (rows `<clip_id>,10,<label 0-30>`, the alphabetical 31-class order of data.md 3.1).
-Output: the flat layout the loader reads (data.md 7): classes.txt, splits/{train,test}.csv, audio/<id>.wav,
+`my_train.txt` / `my_test.txt` (rows `<clip_id>,10,<label 0-30>`, the alphabetical 31-class order of docs/data.md).
+Output: the flat layout the loader reads (docs/data.md): classes.txt, splits/{train,test}.csv, audio/<id>.wav,
 frames/<id>/<NNNNN>.jpg. Parallel, resumable (finished clips are skipped), failed clips counted at the end.
 """
 

@@ -1,4 +1,4 @@
-"""Write a small seeded audio-visual dataset in the CREMA-D on-disk layout (data.md section 8).
+"""Write a small seeded audio-visual dataset in the CREMA-D on-disk layout (docs/data.md).
 
     python -m preprocess.synthetic --out data/synthetic            # the default small set (seconds to write)
     python -m preprocess.synthetic --out /tmp/big --audio-seconds 3 --sample-rate 22050 --frame-px 224  # real size

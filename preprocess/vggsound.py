@@ -4,9 +4,9 @@
         --out data/vggsound --workers 16
 
 --csv is the official vggsound.csv (rows `<youtube_id>,<start_seconds>,<label text>,<train|test>`). Clip ids are
-`<youtube_id>_<start:06d>` (data.md 4.1); a video may be named with either the padded or the unpadded start.
+`<youtube_id>_<start:06d>` (docs/data.md); a video may be named with either the padded or the unpadded start.
 Labels are the 309 label strings sorted alphabetically (written to classes.txt).
-Output: the flat layout the loader reads (data.md 7). Parallel, resumable, failed clips counted at the end.
+Output: the flat layout the loader reads (docs/data.md). Parallel, resumable, failed clips counted at the end.
 """
 
 import argparse

@@ -136,7 +136,7 @@ def test_replicas_stay_identical(ddp, name):
 
 
 def arl_c_audio(sums, n_classes, temperature=8.0, floor=0.3):
-    """c_a of arl.md 2.2 from the summed statistics (|z_a| per class, |z_v| per class, entropy sums, count)."""
+    """c_a of docs/arl.md from the summed statistics (|z_a| per class, |z_v| per class, entropy sums, count)."""
     s = torch.tensor(sums, dtype=torch.float64)
     n, c = s[-1], n_classes
     dep_a, dep_v = (s[:c] / n).sum(), (s[c:2 * c] / n).sum()

@@ -1,4 +1,4 @@
-"""Encoders, initialisation, fusion heads and unimodal logits (models.md section 9)."""
+"""Encoders, initialisation, fusion heads and unimodal logits (docs/models.md)."""
 
 import math
 
