@@ -1,4 +1,4 @@
-"""DGL (dgl.py): the properties of ../shared/reference/dgl.md section 8, on CPU with tiny tensors and tiny synthetic data."""
+"""DGL (dgl.py): the properties listed in docs/dgl.md (Tests), on CPU with tiny tensors and tiny synthetic data."""
 
 import copy
 import json
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import dgl
+from common import runs
 from common.models import AVClassifier
 from conftest import ROOT, read_results, run_script, run_inproc
 
@@ -51,8 +52,7 @@ def forward_backward(model0, batch, part, alpha=4.0, impl="single-pass", dtype=t
     """A fresh copy of model0; back-propagate `part` = "fused", "unimodal" or "full" (full: dgl_backward with `impl`)."""
     model = copy.deepcopy(model0).to(dtype)
     audio, visual, y = batch
-    a, v = model.audio_net(audio.to(dtype)), model.visual_net(visual.to(dtype))
-    z, z_a, z_v = dgl.dgl_logits(model.head, a, v, impl, quirk)
+    z, z_a, z_v = dgl.forward(model, audio.to(dtype), visual.to(dtype), impl, quirk)  # what the training loop calls
     loss, loss_f, loss_a, loss_v = dgl.dgl_loss(z, z_a, z_v, y, alpha)
     if part == "fused":
         loss_f.backward()
@@ -79,7 +79,7 @@ def final_weights(run_dir):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1-3, 9: which loss reaches which parameters
+# which loss reaches which parameters
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fusion", ["concat", "sum", "gated"])
 def test_fused_loss_reaches_only_the_head(models, batch, fusion):
@@ -107,7 +107,7 @@ def test_full_loss_separates_exactly(models, batch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4: linearity in alpha
+# linearity in alpha
 # ---------------------------------------------------------------------------------------------------------------
 def test_doubling_alpha_doubles_encoder_gradients_only(models, batch):
     _, g1 = forward_backward(models["concat"], batch, "full", alpha=2.0)
@@ -122,11 +122,11 @@ def test_doubling_alpha_doubles_encoder_gradients_only(models, batch):
 def test_alpha_zero_leaves_the_encoders_unchanged(models, batch):
     model = copy.deepcopy(models["concat"])
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = dgl.make_optimizer(SimpleNamespace(optimizer="sgd", lr=0.1, weight_decay=0.0), model)
+    opt = runs.make_optimizer(SimpleNamespace(optimizer="sgd", lr=0.1, weight_decay=0.0), model.parameters())
     audio, visual, y = batch
     for _ in range(3):
         a, v = model.audio_net(audio), model.visual_net(visual)
-        loss, loss_f, loss_a, loss_v = dgl.dgl_loss(*dgl.dgl_logits(model.head, a, v), y, 0.0)
+        loss, loss_f, loss_a, loss_v = dgl.dgl_loss(*dgl.dgl_logits(model.head, a, v, dgl.readout), y, 0.0)
         opt.zero_grad()
         dgl.dgl_backward(model.head, loss, loss_f, loss_a, loss_v, 0.0)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 40.0)
@@ -137,7 +137,7 @@ def test_alpha_zero_leaves_the_encoders_unchanged(models, batch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5, 10: single pass == the release's two passes; the gated head
+# single pass == the release's two passes; the gated head
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fusion,quirk", [("concat", False), ("sum", False), ("gated", False), ("gated", True)])
 def test_single_pass_equals_two_pass(models, batch, fusion, quirk):
@@ -162,20 +162,32 @@ def test_gated_head_default_trains_projections_quirk_freezes_them(models, batch)
     model, g = forward_backward(models["gated"], batch, "full", quirk=True)
     assert g["head"]["fc_x.weight"] is None and g["head"]["fc_y.weight"] is None
     assert not is_zero(g["head"]["fc_out.weight"])
-    opt = dgl.make_optimizer(SimpleNamespace(optimizer="sgd", lr=0.1, weight_decay=None), model)
+    opt = runs.make_optimizer(SimpleNamespace(optimizer="sgd", lr=0.1, weight_decay=None), model.parameters())
     opt.step()  # SGD skips parameters without a gradient, weight decay included
     for n in ("fc_x.weight", "fc_x.bias", "fc_y.weight", "fc_y.bias"):
         assert torch.equal(model.head.get_parameter(n), models["gated"].head.get_parameter(n))
 
 
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+def test_gated_quirk_refuses_other_heads(models, batch, fusion):
+    audio, visual, _ = batch
+    with pytest.raises(SystemExit, match="--fusion gated"):
+        dgl.forward(copy.deepcopy(models[fusion]), audio, visual, "single-pass", True)
+
+
+def test_film_head_is_refused(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match="FiLM"):
+        run_inprocess(tmp_path, tiny_data, "--epochs", "1", "--max-steps", "1", "--fusion", "film")
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# 6-8: forward values, the head as a linear probe, clipping
+# forward values, the head as a linear probe, clipping
 # ---------------------------------------------------------------------------------------------------------------
 def test_forward_values(models, batch):
     model = copy.deepcopy(models["concat"])
     audio, visual, y = batch
     a, v = model.audio_net(audio), model.visual_net(visual)
-    z, z_a, z_v = dgl.dgl_logits(model.head, a, v)
+    z, z_a, z_v = dgl.dgl_logits(model.head, a, v, dgl.readout)
     assert torch.equal(z, model.head(a, v)[2])  # detaching changes no value
     W, b = model.head.fc_out.weight, model.head.fc_out.bias
     torch.testing.assert_close(z_a, a @ W[:, :512].T + b, atol=1e-5, rtol=0)
@@ -199,7 +211,7 @@ def test_head_is_a_linear_probe(models, batch):
 
 def test_clipping_at_40_by_default(models, batch):
     for dataset in dgl.PRESETS:
-        args = dgl.apply_preset(dgl.parse_args(["--dataset", dataset]), dgl.PRESETS)
+        args = runs.apply_preset(dgl.parse_args(["--dataset", dataset]), dgl.PRESETS)
         assert args.clip_grad == 40.0
     model, _ = forward_backward(models["concat"], batch, "full")
     assert torch.nn.utils.clip_grad_norm_(model.parameters(), 40.0) > 40  # precondition: this gradient is clipped
