@@ -226,6 +226,16 @@ def test_warmup_loss_is_unweighted_sum(model0, batch):
     assert loss_f.item() == pytest.approx(F.cross_entropy(model(audio, visual)[2], y).item(), abs=1e-5)
 
 
+def test_loss_after_warmup_weights_the_unimodal_losses_by_gamma(model0, batch):
+    audio, visual, y = batch
+    _, _, z, z_a, z_v = arl.forward(copy.deepcopy(model0), audio, visual, (0.3, 0.7))
+    loss, loss_f, loss_a, loss_v = arl.arl_loss(z, z_a, z_v, y, 4.0)
+    assert (loss_f.item(), loss_a.item(), loss_v.item()) == pytest.approx(
+        tuple(F.cross_entropy(t, y).item() for t in (z, z_a, z_v)))
+    assert loss.item() == pytest.approx((loss_f + 4.0 * (loss_a + loss_v)).item())
+    assert loss_a.item() + loss_v.item() > 0.1  # so the weight matters
+
+
 def test_encoder_gradients_scaled_by_one_plus_c_head_unscaled(model0, batch):
     """After warm-up each encoder's gradient is (1 + c_m) times that of L_f + gamma (L_a + L_v); the head is unscaled."""
     # float64: in fp32 the scaled and unscaled backward passes round differently inside the convolutions
