@@ -60,7 +60,16 @@ def arl_coefficients(z_a, z_v, temperature, entropy_floor=0.3, reduce=lambda t: 
     w_a = (1 / h_a) / (1 / h_a + 1 / h_v)
     w_v = 1 - w_a
     c = torch.softmax(temperature * torch.stack([d_v * w_a, d_a * w_v]), 0)
-    return {"c_a": c[0], "c_v": c[1], "d_a": d_a, "d_v": d_v, "w_a": w_a, "w_v": w_v, "entropy_a": ent_a, "entropy_v": ent_v}
+    return {
+        "c_a": c[0],
+        "c_v": c[1],
+        "d_a": d_a,
+        "d_v": d_v,
+        "w_a": w_a,
+        "w_v": w_v,
+        "entropy_a": ent_a,
+        "entropy_v": ent_v,
+    }
 
 
 def arl_loss(z, z_a, z_v, label, weight):
@@ -79,7 +88,8 @@ def scale_gradients(a, v, coeff):
 
 # optimisation settings per dataset (None in a flag = take it from here); milestones are the 0-based epochs at which
 # the LR is multiplied by --lr-gamma. ALGO LOGIC: ARL's launch scripts (docs/arl.md, Defaults): LR 1e-3 for epochs
-# 0-68, 1e-4 from 69; gamma, T, warm-up 0-5, clip 40. synthetic: baseline.py's optimisation with the CREMA-D method values, warm-up scaled 6/100 -> 1 of 10 epochs.
+# 0-68, 1e-4 from 69; gamma, T, warm-up 0-5, clip 40. synthetic: baseline.py's optimisation with the CREMA-D method
+# values, warm-up scaled 6/100 -> 1 of 10 epochs.
 PRESETS = {
     "cremad": dict(optimizer="sgd", lr=1e-3, lr_milestones=[69], batch_size=64, epochs=100, clip_grad=40.0,
                    gamma=4.0, temperature=8.0, warmup_epochs=6),
@@ -95,15 +105,23 @@ PRESETS = {
 def parse_args(argv=None):
     p = runs.make_parser(__doc__, __file__)
     # Algorithm specific arguments
-    p.add_argument("--gamma", type=float, default=None, help="weight of the unimodal losses after the warm-up (default: preset)")
-    p.add_argument("--temperature", "--T", type=float, default=None, help="softmax temperature T of the coefficients (default: preset)")
-    p.add_argument("--warmup-epochs", type=int, default=None, help="epochs 0..N-1 train L_f + L_a + L_v unscaled (default: preset)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="weight of the unimodal losses after the warm-up (default: preset)")
+    p.add_argument("--temperature", "--T", type=float, default=None,
+                   help="softmax temperature T of the coefficients (default: preset)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="epochs 0..N-1 train L_f + L_a + L_v unscaled (default: preset)")
     p.add_argument("--entropy-floor", type=float, default=0.3, help="floor on the normalised entropy shares h_a, h_v")
     p.add_argument("--arl-weights", default="computed", choices=["computed", "fixed"],
                    help="computed = the paper; fixed = the release (coefficients stay 0.5: both encoders x1.5)")
-    p.add_argument("--arl-coeff-timing", default="previous", choices=["previous", "current"],
-                   help="multiplier of step t from the coefficients of step t-1 (previous) or of the same batch (current)")
-    p.add_argument("--select-after", type=int, default=-1, help="best-epoch selection only over epochs > N (the release: 30)")
+    p.add_argument(
+        "--arl-coeff-timing",
+        default="previous",
+        choices=["previous", "current"],
+        help="multiplier of step t from the coefficients of step t-1 (previous) or of the same batch (current)",
+    )
+    p.add_argument("--select-after", type=int, default=-1,
+                   help="best-epoch selection only over epochs > N (the release: 30)")
     return p.parse_args(argv)
 
 
@@ -184,13 +202,23 @@ if __name__ == "__main__":
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
 
-            run.log_step({"train/loss": loss.item(), "train/loss_audio": loss_a.item(),
-                          "train/loss_visual": loss_v.item(), "train/ratio": (arl["d_a"] / arl["d_v"]).item(),
-                          "train/coeff_audio": 1.0 + applied[0], "train/coeff_visual": 1.0 + applied[1],
-                          "train/loss_fused": loss_f.item(), "train/dep_audio": arl["d_a"].item(),  # ALGO LOGIC
-                          "train/var_share_audio": arl["w_a"].item(), "train/target_ratio": (arl["w_a"] / arl["w_v"]).item(),
-                          "train/entropy_audio": arl["entropy_a"].item(), "train/entropy_visual": arl["entropy_v"].item()},
-                         label.shape[0])
+            run.log_step(
+                {
+                    "train/loss": loss.item(),
+                    "train/loss_audio": loss_a.item(),
+                    "train/loss_visual": loss_v.item(),
+                    "train/ratio": (arl["d_a"] / arl["d_v"]).item(),
+                    "train/coeff_audio": 1.0 + applied[0],
+                    "train/coeff_visual": 1.0 + applied[1],
+                    "train/loss_fused": loss_f.item(),
+                    "train/dep_audio": arl["d_a"].item(),  # ALGO LOGIC
+                    "train/var_share_audio": arl["w_a"].item(),
+                    "train/target_ratio": (arl["w_a"] / arl["w_v"]).item(),
+                    "train/entropy_audio": arl["entropy_a"].item(),
+                    "train/entropy_visual": arl["entropy_v"].item(),
+                },
+                label.shape[0],
+            )
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = run.train_metrics(optimizer)
         scheduler.step()

@@ -71,7 +71,8 @@ def true_class_prob(logits, label, source="ensemble"):
 
 
 def residual_weights(prev_logits, label, lam, source="ensemble"):
-    """w_i = 1 - lam * sg(p_prev,i[y_i]): the residual label's one non-zero entry (at the true class; not renormalised)."""
+    """w_i = 1 - lam * sg(p_prev,i[y_i]): the residual label's one non-zero entry (at the true class; not
+    renormalised)."""
     return 1.0 - lam * true_class_prob([q.detach() for q in prev_logits], label, source)
 
 
@@ -171,8 +172,11 @@ def parse_args(argv=None):
                    help="train the added classifiers (paper figure); the release never gives them to the optimizer")
     p.add_argument("--max-classifiers", type=int, default=0, help="cap on classifiers per modality (0 = unlimited)")
     p.add_argument("--merge-alpha", type=float, default=0.4, help="audio weight of the test fusion a P_a + (1 - a) P_v")
-    p.add_argument("--legacy-zero-grad", action="store_true",
-                   help="zero gradients instead of None (PyTorch 1.11): the other modality gets momentum/weight-decay updates")
+    p.add_argument(
+        "--legacy-zero-grad",
+        action="store_true",
+        help="zero gradients instead of None (PyTorch 1.11): the other modality gets momentum/weight-decay updates",
+    )
     return p.parse_args(argv)
 
 
@@ -255,10 +259,18 @@ if __name__ == "__main__":
             score = [score[0] + out["audio"][2], score[1] + out["visual"][2], score[2] + label.shape[0]]
             loss = out["audio"][0] + out["visual"][0]
 
-            run.log_step({"train/loss": loss, "train/loss_audio": out["audio"][0], "train/loss_visual": out["visual"][0],
-                          "train/ce_audio": out["audio"][1], "train/ce_visual": out["visual"][1],
-                          "train/coeff_audio": float(len(model.audio_classifiers)),
-                          "train/coeff_visual": float(len(model.visual_classifiers))}, label.shape[0])
+            run.log_step(
+                {
+                    "train/loss": loss,
+                    "train/loss_audio": out["audio"][0],
+                    "train/loss_visual": out["visual"][0],
+                    "train/ce_audio": out["audio"][1],
+                    "train/ce_visual": out["visual"][1],
+                    "train/coeff_audio": float(len(model.audio_classifiers)),
+                    "train/coeff_visual": float(len(model.visual_classifiers)),
+                },
+                label.shape[0],
+            )
             bar.set_postfix(loss=f"{loss:.3f}")
         metrics = run.train_metrics(optimizer)
         scheduler.step()

@@ -79,10 +79,17 @@ def parse_args(argv=None):
     # Algorithm specific arguments
     p.add_argument("--alpha", type=float, default=None,
                    help="weight of the unimodal losses that train the encoders (default: preset)")
-    p.add_argument("--dgl-impl", default="single-pass", choices=["single-pass", "two-pass"],
-                   help="one backward through a frozen head copy, or the release's two backward passes (same gradients)")
-    p.add_argument("--gated-release-quirk", action="store_true",
-                   help="gated head: detach after fc_x/fc_y in the fused path as the release does (fc_x, fc_y never train)")
+    p.add_argument(
+        "--dgl-impl",
+        default="single-pass",
+        choices=["single-pass", "two-pass"],
+        help="one backward through a frozen head copy, or the release's two backward passes (same gradients)",
+    )
+    p.add_argument(
+        "--gated-release-quirk",
+        action="store_true",
+        help="gated head: detach after fc_x/fc_y in the fused path as the release does (fc_x, fc_y never train)",
+    )
     return p.parse_args(argv)
 
 
@@ -127,7 +134,9 @@ if __name__ == "__main__":
     optimizer = runs.make_optimizer(args, model.parameters())
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
     # DDP under torchrun (--dgl-impl two-pass: two backward passes, gradients averaged by sync_grads); --amp
-    train_forward = distributed.wrap(model, args, ddp=args.dgl_impl == "single-pass", find_unused=args.gated_release_quirk)
+    train_forward = distributed.wrap(
+        model, args, ddp=args.dgl_impl == "single-pass", find_unused=args.gated_release_quirk
+    )
 
     def eval_logits(audio, visual):
         f_a, f_v, z = model(audio, visual)

@@ -104,7 +104,8 @@ def parse_args(argv=None):
     # Algorithm specific arguments
     p.add_argument("--preset", default="cvpr", choices=sorted(PRESETS),
                    help="cvpr = the CVPR 2022 release; tpami = the T-PAMI 2024 release")
-    p.add_argument("--modulation", default="ogm_ge", choices=["none", "ogm", "ogm_ge"], help="ogm_ge = OGM plus GE noise")
+    p.add_argument("--modulation", default="ogm_ge", choices=["none", "ogm", "ogm_ge"],
+                   help="ogm_ge = OGM plus GE noise")
     p.add_argument("--alpha", type=float, default=None, help="modulation strength alpha (default: preset)")
     p.add_argument("--modulation-starts", type=int, default=None,
                    help="first epoch (0-based) of the modulation window (default: preset)")

@@ -57,7 +57,8 @@ def feature_masks(q_a, q_v, batch_size, generator):
 
 
 def rescale_factors(q_a, q_v, rescale="mean"):
-    """mean: 1 / (1 - theta) for both, theta = (q_a + q_v) / 2 (d_a = d_v = 512); per-modality: 1 / (1 - q_m); none: 1."""
+    """mean: 1 / (1 - theta) for both, theta = (q_a + q_v) / 2 (d_a = d_v = 512); per-modality: 1 / (1 - q_m);
+    none: 1."""
     if rescale == "mean":
         theta = (q_a + q_v) / 2
         return (1.0 / (1.0 - theta),) * 2 if theta < 1 else (0.0, 0.0)  # theta = 1: every row is dropped anyway
@@ -112,16 +113,30 @@ PRESETS = {
 def parse_args(argv=None):
     p = runs.make_parser(__doc__, __file__)
     # Algorithm specific arguments
-    p.add_argument("--q-base", type=float, default=None, help="base drop probability of the dominant modality (default: preset, 0.5)")
-    p.add_argument("--lam", type=float, default=None, help="extra drop strength lambda: q = q_base (1 + lam tanh(rho - 1)) (default: preset)")
-    p.add_argument("--p-exe", type=float, default=None, help="probability that a step drops at all (default: preset, 0.7)")
-    p.add_argument("--warmup-epochs", type=int, default=None, help="epochs 0..N-1 are plain joint training (default: preset)")
-    p.add_argument("--opm-window", type=int, nargs=2, default=None, metavar=("START", "END"),
-                   help="drop only in epochs START..END inclusive (default: from the end of the warm-up to the last epoch)")
+    p.add_argument("--q-base", type=float, default=None,
+                   help="base drop probability of the dominant modality (default: preset, 0.5)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="extra drop strength lambda: q = q_base (1 + lam tanh(rho - 1)) (default: preset)")
+    p.add_argument("--p-exe", type=float, default=None,
+                   help="probability that a step drops at all (default: preset, 0.7)")
+    p.add_argument("--warmup-epochs", type=int, default=None,
+                   help="epochs 0..N-1 are plain joint training (default: preset)")
+    p.add_argument(
+        "--opm-window",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("START", "END"),
+        help="drop only in epochs START..END inclusive (default: from the end of the warm-up to the last epoch)",
+    )
     p.add_argument("--rescale", default="mean", choices=["mean", "per-modality", "none"],
                    help="mean = both modalities / (1 - mean(q)) (release); per-modality = each / (1 - q_m) (extension)")
-    p.add_argument("--unimodal-logits", default="split", choices=["split", "self-gate"],
-                   help="split = slice the head (concat, sum); self-gate = gated head, each modality gates itself (extension)")
+    p.add_argument(
+        "--unimodal-logits",
+        default="split",
+        choices=["split", "self-gate"],
+        help="split = slice the head (concat, sum); self-gate = gated head, each modality gates itself (extension)",
+    )
     return p.parse_args(argv)
 
 

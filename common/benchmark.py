@@ -50,12 +50,16 @@ SIZES = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="input sizes to measure")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="method scripts to time (baseline first)")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
+                   help="method scripts to time (baseline first)")
     p.add_argument("--batch-size", type=int, default=4, help="global batch of every run")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per run (after one untimed step)")
-    p.add_argument("--rounds", type=int, default=1, help="repeat the model-only and end-to-end runs (interleaved); the fastest counts")
-    p.add_argument("--data-batches", type=int, default=12, help="timed batches of the data-loading measurement (after the warm-up)")
-    p.add_argument("--num-workers", type=int, default=None, help="loader workers of the end-to-end runs (default: the scripts')")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the model-only and end-to-end runs (interleaved); the fastest counts")
+    p.add_argument("--data-batches", type=int, default=12,
+                   help="timed batches of the data-loading measurement (after the warm-up)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="loader workers of the end-to-end runs (default: the scripts')")
     p.add_argument("--frame-px", type=int, default=360, help="side of the written JPEG frames (real clips: 360p video)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the runs")
     p.add_argument("--script-args", default="", help="extra flags for every script run, e.g. \"--amp --channels-last\"")
@@ -88,7 +92,9 @@ def write_cache(size, data_root):
     flags = SIZES[size][1]
     keep = [x for k, v in zip(flags[::2], flags[1::2]) if k in ("--audio-pipeline", "--n-frames") for x in (k, v)]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        cache.main(["--dataset", "synthetic", "--data-root", data_root, *keep, "--workers", str(min(4, os.cpu_count()))])
+        cache.main(
+            ["--dataset", "synthetic", "--data-root", data_root, *keep, "--workers", str(min(4, os.cpu_count()))]
+        )
 
 
 def loading_throughput(size, data_root, args, num_workers, cached=False):
@@ -97,7 +103,9 @@ def loading_throughput(size, data_root, args, num_workers, cached=False):
     import baseline
     from common.data import build_datasets, make_loaders
 
-    a = baseline.parse_args(["--dataset", "synthetic", "--data-root", data_root, *SIZES[size][1], *(["--cache"] if cached else [])])
+    a = baseline.parse_args(
+        ["--dataset", "synthetic", "--data-root", data_root, *SIZES[size][1], *(["--cache"] if cached else [])]
+    )
     train_set, test_set, _ = build_datasets(a)
     loader, _ = make_loaders(train_set, test_set, args.batch_size, num_workers, torch.Generator().manual_seed(0))
     warm = 2 * num_workers + 1
@@ -157,14 +165,29 @@ def main(argv=None):
             model, e2e = {}, {}
             for _ in range(args.rounds):  # model-only and end-to-end runs interleaved; the fastest of the rounds counts
                 for m in args.methods:
-                    t = run_script(m, ["--dataset", dataset, "--in-memory", "--num-workers", "0"], work, f"{size}_{m}_model", args)
+                    t = run_script(
+                        m, ["--dataset", dataset, "--in-memory", "--num-workers", "0"], work, f"{size}_{m}_model", args
+                    )
                     model[m] = {k: min(v, model[m][k]) for k, v in t.items()} if m in model else t
                 for m in (args.methods if args.e2e_all else args.methods[:1]):
-                    flags = ["--dataset", "synthetic", "--data-root", data_root, "--num-workers", str(e2e_workers), *loader_flags]
+                    flags = [
+                        "--dataset",
+                        "synthetic",
+                        "--data-root",
+                        data_root,
+                        "--num-workers",
+                        str(e2e_workers),
+                        *loader_flags,
+                    ]
                     t = run_script(m, flags, work, f"{size}_{m}_e2e", args)
                     e2e[m] = {k: min(v, e2e[m][k]) for k, v in t.items()} if m in e2e else t
-            results[size] = {"loading_clips_per_s": load, "cached_loading_clips_per_s": load_cached, "model": model, "e2e": e2e,
-                             "e2e_workers": e2e_workers}
+            results[size] = {
+                "loading_clips_per_s": load,
+                "cached_loading_clips_per_s": load_cached,
+                "model": model,
+                "e2e": e2e,
+                "e2e_workers": e2e_workers,
+            }
             report(size, results[size], args)
     finally:
         if not args.work_dir:
@@ -181,19 +204,28 @@ def report(size, r, args):
     shape = {"synthetic": "audio 33x33, frames 1x32x32", "cremad": "audio 257x188, frames 1x224x224",
              "vggsound": "audio 129x626, frames 3x224x224"}[size]
     print(f"\n== {size} ({shape}; {DATASETS[SIZES[size][0]]['num_classes']} classes in the model-only runs) ==")
-    print("data loading alone: " + ", ".join(f"{v:.1f} clips/s with {w} workers" for w, v in r["loading_clips_per_s"].items())
-          + "; cached: " + ", ".join(f"{v:.1f} with {w} workers" for w, v in r["cached_loading_clips_per_s"].items()))
+    print(
+        "data loading alone: "
+        + ", ".join(f"{v:.1f} clips/s with {w} workers" for w, v in r["loading_clips_per_s"].items())
+        + "; cached: "
+        + ", ".join(f"{v:.1f} with {w} workers" for w, v in r["cached_loading_clips_per_s"].items())
+    )
     # on a CPU the ratio uses the fastest step's CPU time: on a shared machine other jobs inflate the wall time
     key = "cpu" if args.device == "cpu" else "wall"
     base = r["model"]["baseline"][key] if "baseline" in r["model"] else None
     print(f"{'model step':<12}{'wall ms':>9}{'CPU ms':>9}{'clips/s':>9}{'x baseline':>12}{'peak MB':>9}")
     for m, t in r["model"].items():
         ratio = f"{t[key] / base:.2f}" if base else "-"
-        print(f"{m:<12}{1000 * t['wall']:>9.0f}{1000 * t['cpu']:>9.0f}{b / t[key]:>9.1f}{ratio:>12}{t['peak_mb']:>9.0f}")
+        print(
+            f"{m:<12}{1000 * t['wall']:>9.0f}{1000 * t['cpu']:>9.0f}{b / t[key]:>9.1f}{ratio:>12}{t['peak_mb']:>9.0f}"
+        )
     for m, t in r["e2e"].items():
         share = r["model"][m]["wall"] / t["wall"] if m in r["model"] else float("nan")
-        print(f"end to end  {m}.py, {r['e2e_workers']} workers: {1000 * t['wall']:.0f} ms/step (CPU {1000 * t['cpu']:.0f}), "
-              f"{b / t['wall']:.1f} clips/s = {share:.2f} x model-only (wall), peak {t['peak_mb']:.0f} MB")
+        print(
+            f"end to end  {m}.py, {r['e2e_workers']} workers: {1000 * t['wall']:.0f} ms/step "
+            f"(CPU {1000 * t['cpu']:.0f}), "
+            f"{b / t['wall']:.1f} clips/s = {share:.2f} x model-only (wall), peak {t['peak_mb']:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ AUDIO_PIPELINES = {
     # CREMA-D, OGM/OPM/ARL/DGL: 22,050 Hz, first 3 s of the tiled signal, STFT 512/353 -> 257 x 188
     "cremad": AudioConfig("stft", 22050, 3.0, tile_seconds=3.0, n_fft=512, hop=353),
     # KS/VGGSound default: 16 kHz, tile to >= 10 s, 5 s window (random start at train, 2.5 s at test) -> 129 x 626
-    "stft16k": AudioConfig("stft", 16000, 5.0, tile_seconds=10.0, train_start_max=5.0, test_start=2.5, n_fft=256, hop=128),
+    "stft16k": AudioConfig(
+        "stft", 16000, 5.0, tile_seconds=10.0, train_start_max=5.0, test_start=2.5, n_fft=256, hop=128
+    ),
     # historical OGM-GE KS pickles: 22,050 Hz, first 160,000 samples, scipy spectrogram, standardised -> 257 x 1004
     "pkl1004": AudioConfig("scipy", 22050, 160000 / 22050, tile_seconds=160000 / 22050, n_fft=512, hop=159),
     # OGM-GE authors' 2024 KS recipe: Kaldi fbank, 128 mel, 1024 frames -> 1024 x 128
@@ -241,7 +243,9 @@ def load_image(path):
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable image ({e}); re-extract this clip's frames or remove it from the split") from e
+        raise ValueError(
+            f"{path}: unreadable image ({e}); re-extract this clip's frames or remove it from the split"
+        ) from e
 
 
 def list_frames(frame_dir):
@@ -301,7 +305,11 @@ def read_rows(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split file {path} not found; run the preprocess step or pass --data-root")
     with open(path, newline="", encoding="utf-8-sig") as f:
-        return [(n, [x.strip() for x in row]) for n, row in enumerate(csv.reader(f), 1) if row and any(x.strip() for x in row)]
+        return [
+            (n, [x.strip() for x in row])
+            for n, row in enumerate(csv.reader(f), 1)
+            if row and any(x.strip() for x in row)
+        ]
 
 
 def index_clips(rows, split_path, label_of, wav_of, frames_of, n_frames):
@@ -337,7 +345,9 @@ def index_clips(rows, split_path, label_of, wav_of, frames_of, n_frames):
     if skipped:
         total = sum(len(v) for v in skipped.values())
         parts = "; ".join(f"{k}: {len(v)} (first: {', '.join(v[:3])})" for k, v in skipped.items())
-        warnings.warn(f"{split_path}: skipped {total} of {len(rows)} clips ({parts})", SkippedClipsWarning, stacklevel=3)
+        warnings.warn(
+            f"{split_path}: skipped {total} of {len(rows)} clips ({parts})", SkippedClipsWarning, stacklevel=3
+        )
     if not clips:
         raise FileNotFoundError(f"{split_path}: none of its {len(rows)} clips were found on disk; check --data-root")
     return clips, skipped
@@ -347,14 +357,22 @@ def _check_root(root, dataset):
     if not os.path.isdir(root):
         hint = {"cremad": "python -m preprocess.cremad", "ks": "python -m preprocess.kinetics_sounds",
                 "vggsound": "python -m preprocess.vggsound"}.get(dataset, "")
-        raise FileNotFoundError(f"dataset root {root} not found; prepare it with `{hint} ...` (see README) or pass --data-root")
+        raise FileNotFoundError(
+            f"dataset root {root} not found; prepare it with `{hint} ...` (see README) or pass --data-root"
+        )
 
 
 def cremad_clips(root, split, n_frames, fps=1):
     """CREMA-D layout (docs/data.md): AudioWAV/<id>.wav, Image-01-FPS/<id>/*.jpg, {train,test}.csv rows `<id>,<EMO>`."""
     _check_root(root, "cremad")
-    split_path = next((p for p in (os.path.join(root, f"{split}.csv"), os.path.join(root, "annotations", f"{split}.csv"))
-                       if os.path.isfile(p)), os.path.join(root, f"{split}.csv"))
+    split_path = next(
+        (
+            p
+            for p in (os.path.join(root, f"{split}.csv"), os.path.join(root, "annotations", f"{split}.csv"))
+            if os.path.isfile(p)
+        ),
+        os.path.join(root, f"{split}.csv"),
+    )
     rows = read_rows(split_path)
 
     def label_of(line, row):
@@ -393,7 +411,9 @@ def flat_clips(root, split, n_frames, dataset, default_classes=None):
         rows = [(n, [f"{r[0]}_{int(float(r[1])):06d}", r[2]]) for n, r in all_rows if len(r) >= 4 and r[3] == split]
     else:
         if split_path is None:
-            raise FileNotFoundError(f"no split file for '{split}' under {root}: expected one of {', '.join(candidates)}")
+            raise FileNotFoundError(
+                f"no split file for '{split}' under {root}: expected one of {', '.join(candidates)}"
+            )
         rows = read_rows(split_path)
     if not classes:
         raise FileNotFoundError(f"{classes_path} not found: one class name per line, line number = label index")
@@ -426,21 +446,33 @@ def add_data_args(parser):
     """The data flags every script shares (defaults: the official per-dataset values of data.md)."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS), help="which dataset to train on")
-    g.add_argument("--data-root", default="data", help="folder holding <dataset>/ (synthetic is generated here on first use)")
-    g.add_argument("--n-frames", type=int, default=None, help="frames per clip (default: 1 CREMA-D/synthetic, 3 KS/VGGSound)")
+    g.add_argument("--data-root", default="data",
+                   help="folder holding <dataset>/ (synthetic is generated here on first use)")
+    g.add_argument("--n-frames", type=int, default=None,
+                   help="frames per clip (default: 1 CREMA-D/synthetic, 3 KS/VGGSound)")
     g.add_argument("--frame-size", type=int, default=None, help="frame side in pixels (default 224; synthetic 32)")
-    g.add_argument("--frame-select", default="segment", choices=["segment", "first"], help="frame sampling rule (docs/data.md)")
+    g.add_argument("--frame-select", default="segment", choices=["segment", "first"],
+                   help="frame sampling rule (docs/data.md)")
     g.add_argument("--clip-consistent-aug", action="store_true", help="one crop/flip per clip instead of per frame")
-    g.add_argument("--tpami-frames", action="store_true", help="T-PAMI frame transforms: crop scale (0.25, 1), test resize+center crop")
+    g.add_argument("--tpami-frames", action="store_true",
+                   help="T-PAMI frame transforms: crop scale (0.25, 1), test resize+center crop")
     g.add_argument("--audio-pipeline", default=None, choices=sorted(AUDIO_PIPELINES),
                    help="audio recipe (default: cremad for CREMA-D, stft16k for KS/VGGSound); also --ks-audio")
-    g.add_argument("--ks-audio", dest="audio_pipeline", choices=["stft16k", "pkl1004", "fbank", "aug35k"], help="alias of --audio-pipeline")
-    g.add_argument("--audio-seconds", type=float, default=None, help="audio window in seconds (e.g. 20 for AUG's CREMA-D setup)")
-    g.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes (default: 0 synthetic, else 4 capped at the CPU count)")
-    g.add_argument("--cache", action="store_true", help="read spectrograms and frames written by `python -m preprocess.cache`")
-    g.add_argument("--cache-frame-side", type=int, default=256, help="short side of the cached frames to read (0 = original size)")
-    g.add_argument("--in-memory", action="store_true",
-                   help="benchmarks: random in-memory tensors at the dataset's input sizes instead of its files (no data loading)")
+    g.add_argument("--ks-audio", dest="audio_pipeline", choices=["stft16k", "pkl1004", "fbank", "aug35k"],
+                   help="alias of --audio-pipeline")
+    g.add_argument("--audio-seconds", type=float, default=None,
+                   help="audio window in seconds (e.g. 20 for AUG's CREMA-D setup)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader worker processes (default: 0 synthetic, else 4 capped at the CPU count)")
+    g.add_argument("--cache", action="store_true",
+                   help="read spectrograms and frames written by `python -m preprocess.cache`")
+    g.add_argument("--cache-frame-side", type=int, default=256,
+                   help="short side of the cached frames to read (0 = original size)")
+    g.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="benchmarks: random in-memory tensors at the dataset's input sizes instead of its files (no data loading)",
+    )
     return parser
 
 
@@ -472,7 +504,8 @@ def ensure_synthetic(root):
 
 
 def audio_config(args):
-    """(pipeline name, AudioConfig) of the data flags: --audio-pipeline or the dataset's, with --audio-seconds applied."""
+    """(pipeline name, AudioConfig) of the data flags: --audio-pipeline or the dataset's, with --audio-seconds
+    applied."""
     name = args.audio_pipeline or DATASETS[args.dataset]["audio"]
     cfg = AUDIO_PIPELINES[name]
     if args.audio_seconds:
@@ -531,9 +564,13 @@ def check_cache(args, root, audio_name, audio_cfg, clips):
     for folder, want in folders:
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.isfile(meta_path):
-            present = sorted(os.listdir(os.path.join(root, "cache"))) if os.path.isdir(os.path.join(root, "cache")) else []
-            raise SystemExit(f"--cache: {folder} not found or unfinished (no meta.json; present: {', '.join(present) or 'none'}); "
-                             f"write it with `{cmd}`")
+            present = (
+                sorted(os.listdir(os.path.join(root, "cache"))) if os.path.isdir(os.path.join(root, "cache")) else []
+            )
+            raise SystemExit(
+                f"--cache: {folder} not found or unfinished (no meta.json; present: {', '.join(present) or 'none'}); "
+                f"write it with `{cmd}`"
+            )
         with open(meta_path) as f:
             meta = json.load(f)
         if any(meta.get(k) != v for k, v in want.items()):
@@ -541,8 +578,10 @@ def check_cache(args, root, audio_name, audio_cfg, clips):
     missing = [os.path.join(folder, f"{c.clip_id}.npy") for folder, _ in folders for c in clips
                if not os.path.isfile(os.path.join(folder, f"{c.clip_id}.npy"))]
     if missing:
-        raise SystemExit(f"--cache: {len(missing)} entries of the splits' clips are missing (first: {', '.join(missing[:2])}); "
-                         f"the cache is stale (or these clips failed to cache): update it with `{cmd}`")
+        raise SystemExit(
+            f"--cache: {len(missing)} entries of the splits' clips are missing (first: {', '.join(missing[:2])}); "
+            f"the cache is stale (or these clips failed to cache): update it with `{cmd}`"
+        )
     return by_kind["audio"][0] if "audio" in by_kind else None, by_kind["frames"][0]
 
 
@@ -555,8 +594,14 @@ def build_datasets(args):
     n_frames = args.n_frames or facts["n_frames"]
     size = args.frame_size or facts["frame_size"]
     audio_name, audio_cfg = audio_config(args)
-    frame_cfg = FrameConfig(n_frames, size, args.frame_select, args.clip_consistent_aug,
-                            (0.25, 1.0) if args.tpami_frames else (0.08, 1.0), "center" if args.tpami_frames else "square")
+    frame_cfg = FrameConfig(
+        n_frames,
+        size,
+        args.frame_select,
+        args.clip_consistent_aug,
+        (0.25, 1.0) if args.tpami_frames else (0.08, 1.0),
+        "center" if args.tpami_frames else "square",
+    )
     if getattr(args, "in_memory", False):
         return in_memory_datasets(args.dataset, audio_cfg, n_frames, size)
     root = os.path.join(args.data_root, facts["subdir"])
@@ -568,7 +613,9 @@ def build_datasets(args):
             clips, skipped = cremad_clips(root, split, n_frames)
             classes = CREMAD_LABELS
         else:
-            clips, skipped, classes = flat_clips(root, split, n_frames, args.dataset, KS_CLASSES if args.dataset == "ks" else None)
+            clips, skipped, classes = flat_clips(
+                root, split, n_frames, args.dataset, KS_CLASSES if args.dataset == "ks" else None
+            )
         ds = AVDataset(clips, audio_cfg, frame_cfg, train, classes)
         ds.skipped = skipped
         sets.append(ds)

@@ -29,14 +29,24 @@ from torch.nn.parallel import DistributedDataParallel
 def add_speed_args(parser):
     """Flags for speed only: what is trained stays the same (up to bfloat16 rounding with --amp)."""
     g = parser.add_argument_group("speed")
-    g.add_argument("--amp", action="store_true", help="bfloat16 autocast in the training forward passes (evaluation stays float32); for GPUs or CPUs with bf16")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the encoders (faster convs on GPU)")
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="bfloat16 autocast in the training forward passes (evaluation stays float32); for GPUs or CPUs with bf16",
+    )
+    g.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory format for the encoders (faster convs on GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (slow first steps)")
-    g.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the fastest (non-deterministic) kernels")
-    g.add_argument("--pin-memory", default="auto", choices=["auto", "on", "off"], help="pinned host memory for batches (auto: on with CUDA)")
-    g.add_argument("--persistent-workers", action="store_true",
-                   help="keep the training loader's workers between epochs (the test loader always does); --resume is then "
-                        "no longer bitwise exact, because worker seeds are drawn once instead of per epoch")
+    g.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN pick the fastest (non-deterministic) kernels")
+    g.add_argument("--pin-memory", default="auto", choices=["auto", "on", "off"],
+                   help="pinned host memory for batches (auto: on with CUDA)")
+    g.add_argument(
+        "--persistent-workers",
+        action="store_true",
+        help="keep the training loader's workers between epochs (the test loader always does); --resume is then "
+        "no longer bitwise exact, because worker seeds are drawn once instead of per epoch",
+    )
     return parser
 
 
@@ -234,8 +244,9 @@ def sync_grads(model):
 
 def finish_epoch(model, sums, n_samples):
     """After the training loop: rank 0's BatchNorm running statistics in every process (what evaluation and the
-    checkpoint use; DDP broadcasts them only before each forward, and aug.py runs without DDP), the logged per-step values averaged over processes, and
-    the sample count summed (charts/samples_per_sec is the global rate). Returns (sums, n_samples)."""
+    checkpoint use; DDP broadcasts them only before each forward, and aug.py runs without DDP), the logged per-step
+    values averaged over processes, and the sample count summed (charts/samples_per_sec is the global rate).
+    Returns (sums, n_samples)."""
     if not active():
         return sums, n_samples
     for b in model.buffers():

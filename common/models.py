@@ -40,7 +40,8 @@ class AudioEncoder(nn.Module):
 
 
 class VisualEncoder(nn.Module):
-    """(B, 3, T_f, H, W) frames -> (B, 512) feature `v`: frames folded into the batch, then pooled over time and space."""
+    """(B, 3, T_f, H, W) frames -> (B, 512) feature `v`: frames folded into the batch, then pooled over time and
+    space."""
 
     def __init__(self):
         super().__init__()
@@ -132,7 +133,8 @@ def unimodal_logits(head, f_a, f_v, bias):
     if isinstance(head, GatedHead):
         return head.fc_out(torch.sigmoid(f_a) * f_a), head.fc_out(torch.sigmoid(f_v) * f_v)
     raise ValueError(
-        f"--fusion {type(head).__name__}: FiLM has no unimodal logits (docs/models.md); use --fusion concat, sum or gated"
+        f"--fusion {type(head).__name__}: FiLM has no unimodal logits (docs/models.md); "
+        "use --fusion concat, sum or gated"
     )
 
 

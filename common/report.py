@@ -1,6 +1,6 @@
 """Read every run's results.json under a folder, write <out>/results.md (printed too) and PNG plots.
 
-    python -m common.report runs/all            # -> runs/report/results.md, test_acc.png, modalities.png, modulation.png
+    python -m common.report runs/all  # -> runs/report/results.md, test_acc.png, modalities.png, modulation.png
     python -m common.report runs/all --out somewhere/
 
 One row per method (baseline's --modality audio/visual runs get their own rows), mean ± std over seeds of the
@@ -109,7 +109,9 @@ def plots(runs, out):
 
     fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(names)), 4.5))
     width = 0.27
-    for k, (key, label) in enumerate([("test/acc", "fused"), ("test/acc_audio", "audio"), ("test/acc_visual", "visual")]):
+    for k, (key, label) in enumerate(
+        [("test/acc", "fused"), ("test/acc_audio", "audio"), ("test/acc_visual", "visual")]
+    ):
         means, stds = [], []
         for name in names:
             vals = [r["last"][key] for r in runs[name] if key in r["last"]]
@@ -148,7 +150,9 @@ def write_report(runs_dir, out=None):
     runs, failed = load_runs(runs_dir), load_failures(runs_dir)
     if not runs and not failed:
         raise SystemExit(f"no results.json under {runs_dir}: run a script or run_all.sh first")
-    text = "\n".join([f"Results from `{runs_dir}` (accuracy and macro-F1 in %, mean ± std over seeds)", "", table(runs, failed), ""])
+    text = "\n".join(
+        [f"Results from `{runs_dir}` (accuracy and macro-F1 in %, mean ± std over seeds)", "", table(runs, failed), ""]
+    )
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     if runs:

@@ -26,7 +26,8 @@ def make_parser(doc, script_file):
     """The flags every script shares (run, optimisation, data, speed); each script adds its method's flags."""
     p = argparse.ArgumentParser(description=doc)
     name = os.path.splitext(os.path.basename(script_file))[0]
-    p.add_argument("--exp-name", default=name, help="name of this experiment (run folder <dataset>__<name>__<seed>__<time>)")
+    p.add_argument("--exp-name", default=name,
+                   help="name of this experiment (run folder <dataset>__<name>__<seed>__<time>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the experiment")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: per-dataset preset)")

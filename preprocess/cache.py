@@ -1,7 +1,8 @@
 """Cache decoded audio spectrograms and resized frames, so that training with --cache skips wav reading, STFT and
 JPEG decoding.
 
-    python -m preprocess.cache --dataset cremad --data-root data [--audio-pipeline P] [--audio-seconds S] [--frame-side 256]
+    python -m preprocess.cache --dataset cremad --data-root data [--audio-pipeline P] [--audio-seconds S]
+        [--frame-side 256]
     python baseline.py --dataset cremad --cache
 
 Indexes both splits exactly as training does (common/data.py: the same clips, the same skipped-clip warnings) and
@@ -31,8 +32,18 @@ import torchaudio
 import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
-from common.data import (AUDIO_PIPELINES, DATASETS, AudioPipeline, add_data_args, audio_config, build_datasets,
-                         cache_folders, list_frames, load_image, read_wav)
+from common.data import (
+    AUDIO_PIPELINES,
+    DATASETS,
+    AudioPipeline,
+    add_data_args,
+    audio_config,
+    build_datasets,
+    cache_folders,
+    list_frames,
+    load_image,
+    read_wav,
+)
 
 _WORKER = {}  # per process: the audio pipeline, the output folders and the frame side
 
@@ -63,7 +74,9 @@ def clip_spectrogram(clip):
 
 def clip_frames(clip):
     names = list_frames(clip.frame_dir)
-    return np.stack([np.asarray(resize_short_side(load_image(os.path.join(clip.frame_dir, n)), _WORKER["side"])) for n in names])
+    return np.stack(
+        [np.asarray(resize_short_side(load_image(os.path.join(clip.frame_dir, n)), _WORKER["side"])) for n in names]
+    )
 
 
 def _init(audio_cfg, audio_dir, frames_dir, side, threads):
@@ -75,7 +88,10 @@ def _init(audio_cfg, audio_dir, frames_dir, side, threads):
 def cache_clip(clip):
     """[(kind, 'written' | 'present' | 'failed', error or None)] for the clip's audio (if cached) and frames entries."""
     out = []
-    for kind, folder, make in (("audio", _WORKER["audio_dir"], clip_spectrogram), ("frames", _WORKER["frames_dir"], clip_frames)):
+    for kind, folder, make in (
+        ("audio", _WORKER["audio_dir"], clip_spectrogram),
+        ("frames", _WORKER["frames_dir"], clip_frames),
+    ):
         if folder is None:
             continue
         path = os.path.join(folder, f"{clip.clip_id}.npy")
@@ -92,12 +108,15 @@ def cache_clip(clip):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="dataset to cache (as the scripts' --dataset)")
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS),
+                   help="dataset to cache (as the scripts' --dataset)")
     p.add_argument("--data-root", default="data", help="folder holding <dataset>/ (as the scripts' --data-root)")
-    p.add_argument("--audio-pipeline", default=None, choices=sorted(AUDIO_PIPELINES), help="audio recipe (default: the dataset's)")
+    p.add_argument("--audio-pipeline", default=None, choices=sorted(AUDIO_PIPELINES),
+                   help="audio recipe (default: the dataset's)")
     p.add_argument("--audio-seconds", type=float, default=None, help="audio window in seconds (as the scripts' flag)")
     p.add_argument("--n-frames", type=int, default=None, help="index the clips as training with this --n-frames does")
-    p.add_argument("--frame-side", type=int, default=256, help="short side of the cached frames (0 = original size, exact)")
+    p.add_argument("--frame-side", type=int, default=256,
+                   help="short side of the cached frames (0 = original size, exact)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
     if a.frame_side < 0:
@@ -106,17 +125,28 @@ def main(argv=None):
     if a.dataset != "synthetic" and not os.path.isdir(root):
         raise SystemExit(f"dataset root {root} not found: prepare the dataset first (see README) or pass --data-root")
     flags = ["--dataset", a.dataset, "--data-root", a.data_root]
-    for flag, value in (("--audio-pipeline", a.audio_pipeline), ("--audio-seconds", a.audio_seconds), ("--n-frames", a.n_frames)):
+    for flag, value in (
+        ("--audio-pipeline", a.audio_pipeline),
+        ("--audio-seconds", a.audio_seconds),
+        ("--n-frames", a.n_frames),
+    ):
         flags += [flag, str(value)] if value else []
     args = add_data_args(argparse.ArgumentParser()).parse_args(flags)
     train_set, test_set, _ = build_datasets(args)  # the training index: same clips, same warnings
     clips = list({c.clip_id: c for c in train_set.clips + test_set.clips}.values())
     name, cfg = audio_config(args)
-    extra = {"audio": dict(torch=torch.__version__, torchaudio=torchaudio.__version__),  # recorded besides, not checked
-             "frames": dict(resize="torchvision Resize(side): PIL bilinear, antialiased; frames with a short side <= side "
-                                   "kept; side 0 = as decoded")}
+    extra = {
+        "audio": dict(torch=torch.__version__, torchaudio=torchaudio.__version__),  # recorded besides, not checked
+        "frames": dict(
+            resize="torchvision Resize(side): PIL bilinear, antialiased; frames with a short side <= side "
+            "kept; side 0 = as decoded"
+        ),
+    }
     # kind -> (folder, what the loader checks in meta.json, what it records besides)
-    metas = {kind: (folder, want, extra[kind]) for kind, (folder, want) in cache_folders(root, name, cfg, a.frame_side).items()}
+    metas = {
+        kind: (folder, want, extra[kind])
+        for kind, (folder, want) in cache_folders(root, name, cfg, a.frame_side).items()
+    }
     if "audio" not in metas:
         print(f"audio not cached: the training window of the {name} pipeline is random, so its spectrogram is computed "
               "from the wav at every step (a few ms per clip, see docs/distributed.md)")

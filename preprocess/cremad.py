@@ -61,8 +61,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="CREMA-D checkout with VideoFlash/ and AudioWAV/")
     p.add_argument("--out", default="data/cremad", help="output folder")
-    p.add_argument("--splits", default=None, help="folder with the official train.csv and test.csv (copied as they are)")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="test share of the stratified split (without --splits)")
+    p.add_argument("--splits", default=None,
+                   help="folder with the official train.csv and test.csv (copied as they are)")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="test share of the stratified split (without --splits)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)

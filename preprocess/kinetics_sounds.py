@@ -18,7 +18,10 @@ from preprocess.video import process_clip, report_failures, require_ffmpeg, run_
 
 
 def find_videos(root):
-    return {os.path.splitext(os.path.basename(v))[0]: v for v in glob.glob(os.path.join(root, "**", "*.mp4"), recursive=True)}
+    return {
+        os.path.splitext(os.path.basename(v))[0]: v
+        for v in glob.glob(os.path.join(root, "**", "*.mp4"), recursive=True)
+    }
 
 
 def main(argv=None):

@@ -30,7 +30,8 @@ EMOTIONS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # CREMA-D label names, la
 
 
 def class_colours(n):
-    """n unit-norm RGB directions with zero mean (hues evenly spaced), so the class is in the colour, not the brightness."""
+    """n unit-norm RGB directions with zero mean (hues evenly spaced), so the class is in the colour, not the
+    brightness."""
     hues = 2 * np.pi * np.arange(n) / n
     rgb = np.stack([np.cos(hues), np.cos(hues - 2 * np.pi / 3), np.cos(hues + 2 * np.pi / 3)], axis=1)
     return rgb / np.linalg.norm(rgb, axis=1, keepdims=True)
@@ -77,7 +78,8 @@ def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio
     if not 1 <= n_classes <= len(EMOTIONS):
         raise ValueError(f"--n-classes must be between 1 and {len(EMOTIONS)} (CREMA-D label names), got {n_classes}")
     rng = np.random.RandomState(seed)
-    for sub in ("AudioWAV", "Image-01-FPS", "cache"):  # never mix clips, frames or cached entries of an earlier generation
+    # never mix clips, frames or cached entries of an earlier generation
+    for sub in ("AudioWAV", "Image-01-FPS", "cache"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     colours = class_colours(n_classes)
     os.makedirs(os.path.join(out, "AudioWAV"), exist_ok=True)
@@ -94,13 +96,26 @@ def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio
             fdir = os.path.join(out, "Image-01-FPS", clip_id)
             os.makedirs(fdir, exist_ok=True)
             for k in range(rng.randint(min_frames, max_frames + 1)):
-                make_frame(rng, label, colours, frame_px, visual_strength).save(os.path.join(fdir, f"{30 * k:05d}.jpg"), quality=90)
+                make_frame(rng, label, colours, frame_px, visual_strength).save(
+                    os.path.join(fdir, f"{30 * k:05d}.jpg"), quality=90
+                )
             rows.append(f"{clip_id},{EMOTIONS[label]}\r\n")
         with open(os.path.join(out, f"{split}.csv"), "w", newline="") as f:
             f.writelines(rows)
-    meta = dict(n_train=n_train, n_test=n_test, n_classes=n_classes, sample_rate=sample_rate, audio_seconds=audio_seconds,
-                frame_px=frame_px, min_frames=min_frames, max_frames=max_frames, audio_snr=audio_snr,
-                visual_strength=visual_strength, uninformative_audio=uninformative_audio, seed=seed)
+    meta = dict(
+        n_train=n_train,
+        n_test=n_test,
+        n_classes=n_classes,
+        sample_rate=sample_rate,
+        audio_seconds=audio_seconds,
+        frame_px=frame_px,
+        min_frames=min_frames,
+        max_frames=max_frames,
+        audio_snr=audio_snr,
+        visual_strength=visual_strength,
+        uninformative_audio=uninformative_audio,
+        seed=seed,
+    )
     if meta != DEFAULTS:
         meta["custom"] = True  # written by hand with other settings: the scripts use it as it is
     with open(os.path.join(out, "meta.json"), "w") as f:

@@ -26,7 +26,10 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
     require_ffmpeg()
-    videos = {os.path.splitext(os.path.basename(v))[0]: v for v in glob.glob(os.path.join(a.videos, "**", "*.mp4"), recursive=True)}
+    videos = {
+        os.path.splitext(os.path.basename(v))[0]: v
+        for v in glob.glob(os.path.join(a.videos, "**", "*.mp4"), recursive=True)
+    }
     rows = [r for _, r in read_rows(a.csv) if len(r) >= 4]
     classes = sorted({r[2] for r in rows})
     os.makedirs(os.path.join(a.out, "audio"), exist_ok=True)

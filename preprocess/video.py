@@ -40,8 +40,10 @@ def extract_frames(video, out_dir, fps=1, quality=95):
 
 def require_ffmpeg():
     if shutil.which("ffmpeg") is None:
-        raise SystemExit("ffmpeg not found on PATH: install it (e.g. `apt-get install ffmpeg` or `conda install ffmpeg`) "
-                         "to extract audio from the videos")
+        raise SystemExit(
+            "ffmpeg not found on PATH: install it (e.g. `apt-get install ffmpeg` or `conda install ffmpeg`) "
+            "to extract audio from the videos"
+        )
 
 
 def extract_audio(video, wav, sample_rate=16000):
