@@ -10,10 +10,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import read_results, run_script
 from PIL import Image
 
 from common.data import add_data_args, build_datasets, list_frames, load_image
-from conftest import read_results, run_script
 from preprocess import cache
 from preprocess.synthetic import generate
 
@@ -80,7 +80,9 @@ def test_resized_frames_keep_every_frame_in_sorted_order(cached):
         names = list_frames(c.frame_dir)
         assert arr.dtype == np.uint8 and arr.shape == (len(names), 24, 24, 3)
         for k, n in enumerate(names):
-            assert np.array_equal(arr[k], np.asarray(cache.resize_short_side(load_image(os.path.join(c.frame_dir, n)), 24)))
+            assert np.array_equal(
+                arr[k], np.asarray(cache.resize_short_side(load_image(os.path.join(c.frame_dir, n)), 24))
+            )
     assert cache.resize_short_side(Image.new("RGB", (60, 40)), 24).size == (36, 24)  # short side, aspect kept
     assert cache.resize_short_side(Image.new("RGB", (60, 40)), 256).size == (60, 40)  # never upscaled
     spec, frames, _ = build_datasets(data_args(cached, cache=True, cache_frame_side=24))[0][0]
@@ -157,7 +159,9 @@ def test_missing_dataset_root(tmp_path):
 
 
 def test_script_runs_with_cache(copy, tmp_path):
-    proc, _ = run_script("baseline.py", copy, tmp_path / "runs", "--cache", "--epochs", "1", "--max-steps", "2", check=False)
+    proc, _ = run_script(
+        "baseline.py", copy, tmp_path / "runs", "--cache", "--epochs", "1", "--max-steps", "2", check=False
+    )
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("--cache: ")  # side 256 not written
     write_cache(copy)
     _, run = run_script("baseline.py", copy, tmp_path / "runs", "--cache", "--epochs", "1", "--max-steps", "2",

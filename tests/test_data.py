@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import (AUDIO_PIPELINES, AudioPipeline, SkippedClipsWarning, add_data_args, build_datasets, read_wav,
-                         select_frames)
-from preprocess.synthetic import generate, make_frame, class_colours, write_wav
+from common.data import (
+    AUDIO_PIPELINES,
+    AudioPipeline,
+    SkippedClipsWarning,
+    add_data_args,
+    build_datasets,
+    read_wav,
+    select_frames,
+)
+from preprocess.synthetic import class_colours, generate, make_frame, write_wav
 
 
 def data_args(**kw):
@@ -54,7 +61,11 @@ def ks_root(tmp_path):
 def vgg_root(tmp_path):
     root = tmp_path / "vggsound"
     (root / "audio").mkdir(parents=True)
-    rows = [("yt1", "30", "dog barking", "train"), ("yt2", "5", "cat meowing", "train"), ("yt3", "120", "dog barking", "test")]
+    rows = [
+        ("yt1", "30", "dog barking", "train"),
+        ("yt2", "5", "cat meowing", "train"),
+        ("yt3", "120", "dog barking", "test"),
+    ]
     for i, (y, s, _, _) in enumerate(rows):
         write_clip(str(root), f"{y}_{int(s):06d}", seconds=10.0, seed=i)
     (root / "vggsound.csv").write_text("".join(f"{y},{s},{lab},{sp}\n" for y, s, lab, sp in rows))

@@ -19,23 +19,23 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, read_results, run_inproc
+from distributed_driver import global_batch  # noqa: E402
 
-import aug  # noqa: E402
 import arl  # noqa: E402
+import aug  # noqa: E402
 import ogm  # noqa: E402
 import opm  # noqa: E402
 from common.data import build_datasets, make_loaders  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.models import AVClassifier, unimodal_logits  # noqa: E402
-from distributed_driver import global_batch  # noqa: E402
 from preprocess import cache  # noqa: E402
 
 TINY = ["--epochs", "1", "--max-steps", "2", "--eval-max-steps", "1"]
 RUNS = {
     "baseline_audio": ("baseline.py", ["--modality", "audio"]),  # the visual encoder is unused: find_unused_parameters
-    "ogm": ("ogm.py", ["--eval-max-steps", "0"]),  # the whole test split: test_gathered_test_metrics_count_every_clip_once
+    # the whole test split: test_gathered_test_metrics_count_every_clip_once
+    "ogm": ("ogm.py", ["--eval-max-steps", "0"]),
     "ogm_amp": ("ogm.py", ["--amp", "--channels-last"]),
     "opm": ("opm.py", ["--warmup-epochs", "0"]),
     "arl": ("arl.py", ["--warmup-epochs", "0", "--arl-coeff-timing", "current"]),
@@ -210,11 +210,16 @@ def test_gathered_test_metrics_count_every_clip_once(ddp, tiny_data):
     assert read_results(run)["args"]["batch_size"] == 4 and len(test_set) == 12
 
 
-@pytest.mark.parametrize("full, stopped, resumed", [("ogm_full", "ogm_stop", "ogm_resume"), ("aug", "aug_stop", "aug_resume")])
+@pytest.mark.parametrize(
+    "full, stopped, resumed", [("ogm_full", "ogm_stop", "ogm_resume"), ("aug", "aug_stop", "aug_resume")]
+)
 def test_resume_under_torchrun_continues_exactly(ddp, full, stopped, resumed):
     """Stopping after epoch 0 and resuming with 2 processes gives the checkpoint of the uninterrupted run, bitwise:
     the shards, augmentation streams, GE noise stream (ogm) and added classifiers (aug) all continue exactly."""
-    (run_full,), (run_resumed,) = glob.glob(str(ddp / "runs" / full / "*")), glob.glob(str(ddp / "runs" / stopped / "*"))
+    (run_full,), (run_resumed,) = (
+        glob.glob(str(ddp / "runs" / full / "*")),
+        glob.glob(str(ddp / "runs" / stopped / "*")),
+    )
     assert not os.path.exists(ddp / "runs" / resumed)  # --resume continues in the stopped run's folder
     a = torch.load(os.path.join(run_full, "last.pt"), weights_only=False)
     b = torch.load(os.path.join(run_resumed, "last.pt"), weights_only=False)
@@ -246,8 +251,9 @@ def test_amp_and_channels_last_run_on_cpu(script, tiny_data, tmp_path, monkeypat
     first_loss, runs = {}, {}
     for name, flags in (("fp32", []), ("amp", ["--amp", "--channels-last"])):
         monkeypatch.setenv("BML_TRACE_DIR", str(tmp_path / "trace" / name))
-        runs[name] = run_inproc(script, tiny_data, tmp_path / name, "--epochs", 1, "--max-steps", 1, "--eval-max-steps", 1,
-                                *extra, *flags)
+        runs[name] = run_inproc(
+            script, tiny_data, tmp_path / name, "--epochs", 1, "--max-steps", 1, "--eval-max-steps", 1, *extra, *flags
+        )
         with open(tmp_path / "trace" / name / "rank0.jsonl") as f:
             first_loss[name] = next(r for r in map(json.loads, f) if "step" in r)["step"]["train/loss"]
     assert first_loss["amp"] != first_loss["fp32"]  # the forward pass did run in bfloat16

@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
-from common.models import AVClassifier, AudioEncoder, ConcatHead, GatedHead, SumHead, VisualEncoder, unimodal_logits
+from common.models import AudioEncoder, AVClassifier, ConcatHead, GatedHead, SumHead, VisualEncoder, unimodal_logits
 
 
-@pytest.mark.parametrize("shape", [(257, 188), (129, 626), (257, 1004), (257, 1003), (1024, 128), (257, 1250), (33, 33)])
+@pytest.mark.parametrize(
+    "shape", [(257, 188), (129, 626), (257, 1004), (257, 1003), (1024, 128), (257, 1250), (33, 33)]
+)
 def test_audio_encoder_shapes(shape):
     enc = AudioEncoder().eval()
     with torch.no_grad():

@@ -16,7 +16,9 @@ def test_run_all_tiny(tiny_data, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = (tmp_path / "runs" / "report" / "results.md").read_text()
-    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line][
+        1:
+    ]
     assert sorted(set(rows)) == sorted(METHODS), table
     assert "FAILED" not in table, proc.stdout
     for png in ("test_acc.png", "modalities.png", "modulation.png"):
@@ -26,9 +28,31 @@ def test_run_all_tiny(tiny_data, tmp_path):
 
 def test_run_all_reports_a_failing_method_and_keeps_the_others(tiny_data, tmp_path):
     out = tmp_path / "runs" / "all"
-    proc = subprocess.run(["bash", "run_all.sh", "--data-root", tiny_data, "--out", str(out), "--methods", "baseline,ogm",
-                           "--", "--epochs", "1", "--max-steps", "1", "--batch-size", "4", "--lr", "-1"],
-                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [
+            "bash",
+            "run_all.sh",
+            "--data-root",
+            tiny_data,
+            "--out",
+            str(out),
+            "--methods",
+            "baseline,ogm",
+            "--",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--lr",
+            "-1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0
     table = (tmp_path / "runs" / "report" / "results.md").read_text()
     assert "| baseline | FAILED" in table and "| ogm | FAILED" in table
