@@ -1,4 +1,4 @@
-"""AUG (aug.py): the properties of ../shared/reference/aug.md section 9, on CPU with tiny tensors and tiny synthetic data."""
+"""AUG (aug.py): the properties listed in docs/aug.md (Tests), on CPU with tiny tensors and tiny synthetic data."""
 
 import json
 import os
@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import aug
-from common.utils import apply_preset
+from common.models import AudioEncoder, VisualEncoder, init_weights
+from common.runs import apply_preset, make_optimizer
 from conftest import ROOT, run_inproc
 from preprocess.synthetic import generate
 
 B, C = 4, 6
-TRUNKS = 11_170_240 + 11_176_512  # audio (1-channel stem) + visual (3-channel stem), models.md section 2
+TRUNKS = 11_170_240 + 11_176_512  # audio (1-channel stem) + visual (3-channel stem), docs/models.md
 FIRST_LAYER = 512 * 256 + 256  # 131,328
 
 
@@ -28,8 +29,15 @@ def setup(*extra, seed=0):
     """(args, model, optimizer) as aug.py builds them, on CPU."""
     args = make_args(*extra)
     torch.manual_seed(seed)
-    model = aug.AUGClassifier(C)
-    return args, model, aug.make_optimizer(args, model)
+    model = aug.AUGClassifier(AudioEncoder(), VisualEncoder(), C)
+    init_weights(model)
+    return args, model, make_optimizer(args, model.parameters())
+
+
+def step(model, opt, audio, visual, label, args, **kw):
+    """aug.aug_step with the flags aug.py passes it."""
+    return aug.aug_step(model, opt, audio, visual, label, args.lam_res, args.residual_source, args.clip_grad,
+                        args.legacy_zero_grad, **kw)
 
 
 def batch(seed=0):
@@ -59,7 +67,7 @@ def load(path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1-2. residual loss and loss structure
+# residual loss and loss structure
 # ---------------------------------------------------------------------------------------------------------------
 def test_residual_loss_two_forms_and_per_sample_weight():
     g = torch.Generator().manual_seed(0)
@@ -101,7 +109,7 @@ def test_boosting_loss_structure_and_residual_gradient():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3-4, 6. model: the shared layer, parameter counts, ensemble output, added-classifier initialisation
+# model: the shared layer, parameter counts, ensemble output, added-classifier initialisation
 # ---------------------------------------------------------------------------------------------------------------
 def test_shared_head_parameter_counts_and_roles():
     _, model, _ = setup()
@@ -146,7 +154,7 @@ def test_added_classifier_init():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. ACA decision and check epochs
+# ACA decision and check epochs
 # ---------------------------------------------------------------------------------------------------------------
 def test_aca_decision_and_check_epochs():
     assert aug.aca_decision(1.02, 1.0, 1.0, 0.01) == 1  # audio more confident -> visual gets a classifier
@@ -167,7 +175,7 @@ def test_aca_decision_and_check_epochs():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7-11. the training step: frozen / trainable added classifiers, alternation, gradients, confidence sums
+# the training step: frozen / trainable added classifiers, alternation, gradients, confidence sums
 # ---------------------------------------------------------------------------------------------------------------
 def test_added_classifier_frozen_by_default():
     args, model, opt = setup()
@@ -177,7 +185,7 @@ def test_added_classifier_frozen_by_default():
     has_grad = []
     opt.register_step_pre_hook(lambda o, a, k: has_grad.append(layer.weight.grad is not None))
     for s in range(3):
-        aug.aug_step(model, opt, *batch(s), args)
+        step(model, opt, *batch(s), args)
     assert torch.equal(layer.weight, w0) and torch.equal(layer.bias, b0)  # bitwise unchanged
     assert not {id(p) for p in layer.parameters()} & {id(p) for g in opt.param_groups for p in g["params"]}
     assert has_grad == [False, True] * 3  # audio step: none; visual step: the gradient flowed through it
@@ -188,7 +196,7 @@ def test_added_classifier_frozen_by_default():
 def test_train_new_heads_registers_and_trains_added_classifier():
     args, model, opt = setup("--train-new-heads", "--lr-milestones", 1, 2)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, args.lr_milestones, args.lr_gamma)
-    aug.aug_step(model, opt, *batch(0), args)
+    step(model, opt, *batch(0), args)
     scheduler.step()  # epoch 1: LR 1e-3
     layer = aug.add_classifier(model, "visual", opt if args.train_new_heads else None)
     group = opt.param_groups[-1]
@@ -197,7 +205,7 @@ def test_train_new_heads_registers_and_trains_added_classifier():
     assert group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
     w0 = layer.weight.detach().clone()
     for s in range(2):
-        aug.aug_step(model, opt, *batch(s), args)
+        step(model, opt, *batch(s), args)
     assert not torch.equal(layer.weight, w0)
     scheduler.step()  # the schedule decays the new group with the others
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 1e-4])
@@ -212,7 +220,7 @@ def test_alternation_visual_sees_h_after_audio_step():
     opt.register_step_post_hook(lambda o, a, k: events.append(("step", model.head.weight.detach().clone(),
                                                                 clone_params(model.visual_net))))
     h0 = model.head.weight.detach().clone()
-    aug.aug_step(model, opt, *batch(0), args)
+    step(model, opt, *batch(0), args)
     assert [e[0] for e in events] == ["visual_net", "head", "step", "head", "step"]
     assert torch.equal(events[1][1], h0)  # audio classifier: h before any step
     assert torch.equal(events[3][1], events[2][1]) and not torch.equal(events[3][1], h0)  # visual: h after the audio step
@@ -229,7 +237,7 @@ def test_no_cross_modal_gradient_and_legacy_zero_grad():
                                                             all(p.grad is not None for p in visual_side),
                                                             all(p.grad is None for p in visual_side))))
     for s in range(2):
-        aug.aug_step(model, opt, *batch(s), args)
+        step(model, opt, *batch(s), args)
     assert seen == [(True, False, False, True), (False, True, True, False)] * 2
     assert all(p.grad is None for p in model.parameters())  # cleared after the step
     # --legacy-zero-grad (PyTorch 1.11 zero_grad): the audio side moves in the visual step (momentum and weight decay)
@@ -237,14 +245,50 @@ def test_no_cross_modal_gradient_and_legacy_zero_grad():
     snaps = []
     opt.register_step_post_hook(lambda o, a, k: snaps.append(clone_params(model.audio_net)))
     for s in range(2):  # the second step also moves visual parameters saved for the visual backward
-        aug.aug_step(model, opt, *batch(s), args)
+        step(model, opt, *batch(s), args)
     assert not same(snaps[0], snaps[1]) and not same(snaps[2], snaps[3])
     args, model, opt = setup()  # and without the flag it does not
     snaps = []
     opt.register_step_post_hook(lambda o, a, k: snaps.append(clone_params(model.audio_net)))
     for s in range(2):
-        aug.aug_step(model, opt, *batch(s), args)
+        step(model, opt, *batch(s), args)
     assert same(snaps[0], snaps[1]) and same(snaps[2], snaps[3])
+
+
+def test_step_callbacks_run_sync_grads_and_clipping():
+    """run(fn) wraps every forward (encoders once, each modality's classifiers once); sync_grads(model) follows each
+    backward pass, before clipping and the optimizer step; clip_grad bounds the norm the optimizer sees."""
+    args, model, opt = setup("--clip-grad", 1e-3)
+    calls, events = [], []
+    opt.register_step_pre_hook(lambda o, a, k: events.append(("step", torch.linalg.vector_norm(torch.stack(
+        [p.grad.norm() for p in model.parameters() if p.grad is not None])).item())))
+
+    def run(fn):
+        calls.append(fn)
+        return fn(model)
+
+    def sync_grads(m):
+        assert m is model
+        events.append(("sync", sum(p.grad is not None for p in m.parameters())))
+
+    out = step(model, opt, *batch(0), args, run=run, sync_grads=sync_grads)
+    assert len(calls) == 3 and set(out) == {"audio", "visual"}
+    assert [e[0] for e in events] == ["sync", "step", "sync", "step"]
+    assert events[0][1] > 0 and events[2][1] > 0  # the gradients of that backward pass are there to average
+    assert events[1][1] <= 1e-3 * (1 + 1e-4) and events[3][1] <= 1e-3 * (1 + 1e-4)
+
+
+def test_add_classifier_sync_sees_the_layer_before_it_is_used():
+    _, model, _ = setup()
+    seen = []
+
+    def sync(layer):  # e.g. broadcast rank 0's draw: here, overwrite it with a constant
+        seen.append(layer)
+        with torch.no_grad():
+            layer.weight.fill_(0.25)
+
+    layer = aug.add_classifier(model, "audio", sync=sync)
+    assert seen == [layer] and model.audio_classifiers[-1] is layer and torch.all(layer.weight == 0.25)
 
 
 def test_confidence_sums_match_train_mode_forward_at_lr0():
@@ -260,7 +304,7 @@ def test_confidence_sums_match_train_mode_forward_at_lr0():
             for m, x, net in (("audio", audio, model.audio_net), ("visual", visual, model.visual_net)):
                 p = torch.softmax(sum(model.classifier_logits(net(x), m)), 1)
                 expected[m] += p.gather(1, y[:, None]).sum().item()
-        out = aug.aug_step(model, opt, audio, visual, y, args)
+        out = step(model, opt, audio, visual, y, args)
         for m in total:
             assert all(isinstance(v, float) for v in out[m])  # plain floats: no graph is kept
             total[m] += out[m][2]
@@ -270,7 +314,7 @@ def test_confidence_sums_match_train_mode_forward_at_lr0():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 12-13. inference fusion and the unimodal metrics
+# inference fusion and the unimodal metrics
 # ---------------------------------------------------------------------------------------------------------------
 def test_merge_logits_and_unimodal_metrics():
     p_a, p_v = torch.randn(5, C), torch.randn(5, C)
