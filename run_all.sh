@@ -83,4 +83,4 @@ for seed in ${SEEDS//,/ }; do
 done
 wait
 echo "all runs finished in $((SECONDS - T0)) s"
-python -m common.report "$OUT" --out "$(dirname "$OUT")/report"
+python -m preprocess.report "$OUT" --out "$(dirname "$OUT")/report"

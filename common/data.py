@@ -481,7 +481,7 @@ def ensure_synthetic(root):
 
     Written to a temporary folder and renamed into place, so runs started together never read a half-written set.
     """
-    from preprocess.synthetic import DEFAULTS, generate
+    from common.synthetic import DEFAULTS, generate
 
     meta_path = os.path.join(root, "meta.json")
     if os.path.isfile(meta_path):
@@ -628,7 +628,7 @@ def build_datasets(args):
 
 class InMemoryClips(torch.utils.data.Dataset):
     """`n` clips of random tensors of the given shapes (a pool of 8, repeated) with random labels: the model step
-    without any data loading, at a dataset's real input sizes (common/benchmark.py, --in-memory)."""
+    without any data loading, at a dataset's real input sizes (preprocess/benchmark.py, --in-memory)."""
 
     def __init__(self, n, spec_shape, frames_shape, class_names, seed):
         g = torch.Generator().manual_seed(seed)

@@ -257,7 +257,7 @@ def finish_epoch(model, sums, n_samples):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Trace (tests/test_distributed.py, common/benchmark.py)
+# Trace (tests/test_distributed.py, preprocess/benchmark.py)
 # ---------------------------------------------------------------------------------------------------------------
 def _trace(record):
     trace_dir = os.environ["BML_TRACE_DIR"]

@@ -1,9 +1,9 @@
 """Throughput benchmark: data loading alone, the model step alone, end to end, per method, with peak memory.
 
-    python -m common.benchmark                                  # all sizes and methods (2-core CPU: ~15 minutes)
-    python -m common.benchmark --sizes synthetic cremad         # a few minutes
-    python -m common.benchmark --sizes cremad --batch-size 64 --steps 20 --device cuda      # on a GPU
-    python -m common.benchmark --script-args="--amp --channels-last"                       # the speed flags
+    python -m preprocess.benchmark                                  # all sizes and methods (2-core CPU: ~15 minutes)
+    python -m preprocess.benchmark --sizes synthetic cremad         # a few minutes
+    python -m preprocess.benchmark --sizes cremad --batch-size 64 --steps 20 --device cuda      # on a GPU
+    python -m preprocess.benchmark --script-args="--amp --channels-last"                       # the speed flags
 
 For the synthetic dataset and for synthetic data at the real CREMA-D (audio 257 x 188, one 224 x 224 frame) and
 VGGSound (129 x 626, three frames) input sizes, it prints:

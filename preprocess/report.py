@@ -1,7 +1,7 @@
 """Read every run's results.json under a folder, write <out>/results.md (printed too) and PNG plots.
 
-    python -m common.report runs/all  # -> runs/report/results.md, test_acc.png, modalities.png, modulation.png
-    python -m common.report runs/all --out somewhere/
+    python -m preprocess.report runs/all  # -> runs/report/results.md, test_acc.png, modalities.png, modulation.png
+    python -m preprocess.report runs/all --out somewhere/
 
 One row per method (baseline's --modality audio/visual runs get their own rows), mean ± std over seeds of the
 best-epoch and last-epoch fused, audio-only and visual-only accuracy and macro-F1, and seconds per epoch.

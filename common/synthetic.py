@@ -1,0 +1,121 @@
+"""The synthetic dataset: a small seeded audio-visual set in the CREMA-D on-disk layout (docs/data.md).
+
+The scripts write it on first use (common/data.py); `python -m preprocess.synthetic` writes one by hand.
+
+Layout (the real CREMA-D loader reads it unchanged):
+    <out>/AudioWAV/<clip_id>.wav              16-bit PCM mono
+    <out>/Image-01-FPS/<clip_id>/<NNNNN>.jpg  2-3 frames, zero-padded source-frame index
+    <out>/train.csv, <out>/test.csv           `<clip_id>,<EMO>` rows, CRLF, no header
+    <out>/meta.json                           the generator's parameters
+
+Modality imbalance by construction:
+- audio is easy: a clean class tone (fundamental + one harmonic) under white noise;
+- vision is harder: a faint square in a class colour (random place and size per frame, so crops and flips keep
+  the cue) under strong pixel noise;
+- a share of clips (`--uninformative-audio`, default 0.3) has noise-only audio, so the best fused accuracy needs
+  a visual encoder that actually learned.
+"""
+
+import json
+import os
+import shutil
+import wave
+
+import numpy as np
+from PIL import Image
+
+EMOTIONS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # CREMA-D label names, label index = position
+
+
+def class_colours(n):
+    """n unit-norm RGB directions with zero mean (hues evenly spaced), so the class is in the colour, not the
+    brightness."""
+    hues = 2 * np.pi * np.arange(n) / n
+    rgb = np.stack([np.cos(hues), np.cos(hues - 2 * np.pi / 3), np.cos(hues + 2 * np.pi / 3)], axis=1)
+    return rgb / np.linalg.norm(rgb, axis=1, keepdims=True)
+
+
+def write_wav(path, x, sr):
+    pcm = (np.clip(x, -1, 1) * 32767).astype("<i2")
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
+
+
+def make_audio(rng, label, informative, n_classes, sr, seconds, snr):
+    t = np.arange(int(round(sr * seconds))) / sr
+    noise = rng.normal(0.0, 0.1, t.shape)
+    if not informative:
+        return noise
+    nyq = min(sr, 8000) / 2  # keep tones below the loader's Nyquist (synthetic pipeline: 8 kHz)
+    f0 = 200 + (nyq * 0.6 - 200) * label / max(1, n_classes - 1)
+    phase = rng.uniform(0, 2 * np.pi)
+    tone = np.sin(2 * np.pi * f0 * t + phase) + 0.5 * np.sin(2 * np.pi * 1.5 * f0 * t + phase)
+    return noise + 0.1 * snr * tone / 1.5
+
+
+def make_frame(rng, label, colours, px, strength):
+    """A faint square in the class colour (random place and size, 40-70% of the side) under strong pixel noise."""
+    img = np.full((px, px, 3), 128.0)
+    side = int(px * rng.uniform(0.4, 0.7))
+    y0, x0 = rng.randint(0, px - side + 1, size=2)
+    img[y0:y0 + side, x0:x0 + side] += 60 * strength * colours[label]
+    img = img + rng.normal(0, 50, (px, px, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+DEFAULTS = dict(n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40, min_frames=2,
+                max_frames=3, audio_snr=1.0, visual_strength=0.2, uninformative_audio=0.3, seed=0)
+
+
+def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40,
+             min_frames=2, max_frames=3, audio_snr=1.0, visual_strength=0.2, uninformative_audio=0.3, seed=0):
+    """Write the dataset to `out` (deterministic: the same arguments write byte-identical files)."""
+    if not 1 <= n_classes <= len(EMOTIONS):
+        raise ValueError(f"--n-classes must be between 1 and {len(EMOTIONS)} (CREMA-D label names), got {n_classes}")
+    rng = np.random.RandomState(seed)
+    # never mix clips, frames or cached entries of an earlier generation
+    for sub in ("AudioWAV", "Image-01-FPS", "cache"):
+        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+    colours = class_colours(n_classes)
+    os.makedirs(os.path.join(out, "AudioWAV"), exist_ok=True)
+    os.makedirs(os.path.join(out, "Image-01-FPS"), exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % n_classes
+        rng.shuffle(labels)
+        rows = []
+        for i, label in enumerate(labels):
+            clip_id = f"{(1001 if split == 'train' else 5001) + i:04d}_SYN_{EMOTIONS[label]}_XX"
+            informative = rng.uniform() >= uninformative_audio
+            audio = make_audio(rng, label, informative, n_classes, sample_rate, audio_seconds, audio_snr)
+            write_wav(os.path.join(out, "AudioWAV", f"{clip_id}.wav"), audio, sample_rate)
+            fdir = os.path.join(out, "Image-01-FPS", clip_id)
+            os.makedirs(fdir, exist_ok=True)
+            for k in range(rng.randint(min_frames, max_frames + 1)):
+                make_frame(rng, label, colours, frame_px, visual_strength).save(
+                    os.path.join(fdir, f"{30 * k:05d}.jpg"), quality=90
+                )
+            rows.append(f"{clip_id},{EMOTIONS[label]}\r\n")
+        with open(os.path.join(out, f"{split}.csv"), "w", newline="") as f:
+            f.writelines(rows)
+    meta = dict(
+        n_train=n_train,
+        n_test=n_test,
+        n_classes=n_classes,
+        sample_rate=sample_rate,
+        audio_seconds=audio_seconds,
+        frame_px=frame_px,
+        min_frames=min_frames,
+        max_frames=max_frames,
+        audio_snr=audio_snr,
+        visual_strength=visual_strength,
+        uninformative_audio=uninformative_audio,
+        seed=seed,
+    )
+    if meta != DEFAULTS:
+        meta["custom"] = True  # written by hand with other settings: the scripts use it as it is
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+    return meta
