@@ -28,13 +28,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-case "$DATASET" in
-  synthetic) SUB=synthetic ;;
-  cremad) SUB=cremad ;;
-  ks) SUB=kinetics_sounds ;;
-  vggsound) SUB=vggsound ;;
-  *) echo "run_all.sh: --dataset must be synthetic, cremad, ks or vggsound, got $DATASET" >&2; exit 2 ;;
-esac
+# the dataset table of common/data.py: its folder under --data-root (one definition for the scripts and this file)
+SUB=$(python -c "import sys; from common.data import DATASETS; print(DATASETS.get(sys.argv[1], {}).get('subdir', ''))" \
+  "$DATASET") || exit 1
+if [ -z "$SUB" ]; then
+  echo "run_all.sh: --dataset must be one of $(python -c "from common.data import DATASETS; print(', '.join(DATASETS))"), got $DATASET" >&2
+  exit 2
+fi
 if [ "$DATASET" != synthetic ] && [ ! -d "$DATA_ROOT/$SUB" ]; then
   echo "run_all.sh: $DATA_ROOT/$SUB not found: prepare $DATASET first (README, 'Real datasets'), or pass --data-root" >&2
   exit 1
