@@ -64,7 +64,8 @@ def run_script(script, data_root, runs_dir, *extra, check=True):
 def run_inproc(script, data_root, runs_dir, *extra):
     """`python <script> --dataset synthetic ... --batch-size 4 <extra>` in this process with runpy (the same code path,
     without an interpreter start-up); returns the newest run folder. A non-zero exit is raised."""
-    argv = [script, "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir), "--no-progress",
+    argv = [script, "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir),
+            "--no-progress",
             "--batch-size", "4", *map(str, extra)]
     old, sys.argv = sys.argv, argv
     try:

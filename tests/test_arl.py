@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_results, run_inproc, run_script
 
 import arl
 from common.models import AVClassifier
 from common.runs import apply_preset
-from conftest import ROOT, read_results, run_script, run_inproc
 
 B, C = 4, 6
 
@@ -141,7 +141,8 @@ def test_equal_logits_give_equal_coefficients():
 
 
 def test_boosts_the_reliable_but_under_relied_upon_modality():
-    """c_a > 0.5 exactly when audio's inverse-variance share exceeds its dependence share (not simply the weaker one)."""
+    """c_a > 0.5 exactly when audio's inverse-variance share exceeds its dependence share (not simply the weaker
+    one)."""
     sharp_small = torch.tensor([[3.0, 0, 0, 0, 0, 0]]).repeat(4, 1)  # confident, small |logits|
     flat_large = torch.tensor([[5.0, 5, 5, 5, 5, 5.5]]).repeat(4, 1)  # near-uniform, large |logits|
     r = arl.arl_coefficients(sharp_small, flat_large, 8.0)
@@ -222,7 +223,8 @@ def test_warmup_loss_is_unweighted_sum(model0, batch):
     model = copy.deepcopy(model0)
     _, _, z, z_a, z_v = arl.forward(model, audio, visual, (0.0, 0.0))
     loss, loss_f, loss_a, loss_v = arl.arl_loss(z, z_a, z_v, y, 1.0)
-    assert loss.item() == pytest.approx((F.cross_entropy(z, y) + F.cross_entropy(z_a, y) + F.cross_entropy(z_v, y)).item())
+    want = F.cross_entropy(z, y) + F.cross_entropy(z_a, y) + F.cross_entropy(z_v, y)
+    assert loss.item() == pytest.approx(want.item())
     assert loss_f.item() == pytest.approx(F.cross_entropy(model(audio, visual)[2], y).item(), abs=1e-5)
 
 
@@ -237,7 +239,8 @@ def test_loss_after_warmup_weights_the_unimodal_losses_by_gamma(model0, batch):
 
 
 def test_encoder_gradients_scaled_by_one_plus_c_head_unscaled(model0, batch):
-    """After warm-up each encoder's gradient is (1 + c_m) times that of L_f + gamma (L_a + L_v); the head is unscaled."""
+    """After warm-up each encoder's gradient is (1 + c_m) times that of L_f + gamma (L_a + L_v); the head is
+    unscaled."""
     # float64: in fp32 the scaled and unscaled backward passes round differently inside the convolutions
     _, ref = step_grads(model0, batch, (0.0, 0.0), 4.0, torch.float64)
     c_a, c_v = 0.8, 0.2
@@ -314,14 +317,16 @@ def test_smoke(tiny_data, tmp_path):
 @pytest.fixture(scope="module")
 def three_epoch_run(tiny_data, tmp_path_factory):
     """3 epochs of 1 step each, warm-up = epoch 0: every logged value is one step's value."""
-    return run_inprocess(tmp_path_factory.mktemp("arl3"), tiny_data, "--epochs", "3", "--max-steps", "1", "--warmup-epochs", "1")
+    return run_inprocess(tmp_path_factory.mktemp("arl3"), tiny_data, "--epochs", "3", "--max-steps", "1",
+                         "--warmup-epochs", "1")
 
 
 def test_warmup_and_previous_step_timing_in_the_logs(three_epoch_run):
     m = read_metrics(three_epoch_run)
     T, gamma = 8.0, 4.0
     assert m[0]["train/coeff_audio"] == 1.0 and m[0]["train/coeff_visual"] == 1.0  # warm-up: no scaling
-    assert m[0]["train/loss"] == pytest.approx(m[0]["train/loss_fused"] + m[0]["train/loss_audio"] + m[0]["train/loss_visual"], rel=1e-5)
+    assert m[0]["train/loss"] == pytest.approx(
+        m[0]["train/loss_fused"] + m[0]["train/loss_audio"] + m[0]["train/loss_visual"], rel=1e-5)
     assert m[1]["train/coeff_audio"] == 1.5 and m[1]["train/coeff_visual"] == 1.5  # first post-warm-up step: (0.5, 0.5)
     for e in (1, 2):
         assert m[e]["train/loss"] == pytest.approx(
@@ -348,7 +353,8 @@ def test_temperature_zero_run_is_the_fixed_weights_run(tiny_data, tmp_path):
 
 
 def test_resume_continues_exactly(three_epoch_run, tiny_data, tmp_path):
-    """Interrupt after 2 epochs, resume: the coefficient state carries over and the result equals an uninterrupted run."""
+    """Interrupt after 2 epochs, resume: the coefficient state carries over and the result equals an uninterrupted
+    run."""
     args = ["--epochs", "3", "--max-steps", "1", "--warmup-epochs", "1"]
     run = run_inprocess(tmp_path, tiny_data, *args, "--stop-after-epochs", "2")
     assert len(read_metrics(run)) == 2

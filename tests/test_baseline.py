@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import read_results, run_script
 
 TINY = ("--epochs", "2", "--max-steps", "2")
@@ -41,7 +40,8 @@ def test_other_fusions(tiny_data, tmp_path, fusion):
 
 def test_resume_reaches_the_same_numbers(tiny_data, tmp_path):
     _, straight = run_script("baseline.py", tiny_data, tmp_path / "a", "--epochs", "3", "--max-steps", "2")
-    _, cut = run_script("baseline.py", tiny_data, tmp_path / "b", "--epochs", "3", "--max-steps", "2", "--stop-after-epochs", "1")
+    _, cut = run_script("baseline.py", tiny_data, tmp_path / "b", "--epochs", "3", "--max-steps", "2",
+                        "--stop-after-epochs", "1")
     assert not os.path.exists(os.path.join(cut, "results.json"))
     assert torch.load(os.path.join(cut, "last.pt"), weights_only=False)["epoch"] == 0
     run_script("baseline.py", tiny_data, tmp_path / "b", "--resume", cut)
@@ -59,10 +59,12 @@ def test_resume_reaches_the_same_numbers(tiny_data, tmp_path):
 def test_eval_only(tiny_data, tmp_path):
     _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2")
     best = read_results(run)["best"]
-    proc, _ = run_script("baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint", os.path.join(run, "best.pt"))
+    proc, _ = run_script("baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint",
+                         os.path.join(run, "best.pt"))
     assert f"acc={best['test/acc']:.4f}" in proc.stdout
 
 
 def test_missing_checkpoint_is_a_clear_error(tiny_data, tmp_path):
-    proc, _ = run_script("baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "nope.pt"), check=False)
+    proc, _ = run_script("baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "nope.pt"),
+                         check=False)
     assert proc.returncode != 0 and "nope.pt not found" in proc.stderr

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import block_source, exec_block, load_block
 
 C, D, B = 4, 16, 64  # classes, feature size of each encoder, batch

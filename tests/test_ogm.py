@@ -13,8 +13,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
-from conftest import ROOT, read_results, run_script, run_inproc
+from conftest import read_results, run_inproc, run_script
 
 import ogm  # noqa: E402  (conftest puts the repo root on sys.path)
 from common.models import AVClassifier, unimodal_logits
@@ -277,7 +276,8 @@ def test_ge_std_source(source, expected):
 # end to end: equivalence with the baseline, windows, frozen kernels, heads, resume, smoke
 # ----------------------------------------------------------------------------------------------------------------
 def test_alpha0_ogm_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
-    run = run_inproc("ogm.py", tiny_data, tmp_path / "a0", "--epochs", 2, "--max-steps", 2, "--modulation", "ogm", "--alpha", 0)
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "a0", "--epochs", 2, "--max-steps", 2, "--modulation", "ogm",
+                     "--alpha", 0)
     assert [r["train/coeff_audio"] for r in history(run)] == [1.0, 1.0]
     c, b = ckpt(run), ckpt(baseline_2ep)
     assert same_state(c["model"], b["model"])

@@ -11,8 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
-from conftest import ROOT, read_results, run_script, run_inproc
+from conftest import read_results, run_inproc, run_script
 
 import opm  # noqa: E402  (conftest puts the repo root on sys.path)
 from common.data import build_datasets, make_loaders
@@ -184,7 +183,8 @@ def test_scores_do_not_train():
     model = AVClassifier(6, "concat")
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
-    audio, visual, y = torch.randn(4, 1, 33, 33, generator=g), torch.randn(4, 3, 1, 32, 32, generator=g), torch.arange(4)
+    audio, visual = torch.randn(4, 1, 33, 33, generator=g), torch.randn(4, 3, 1, 32, 32, generator=g)
+    y = torch.arange(4)
     keep_a, keep_v = torch.tensor([1.0, 0, 1, 0]), torch.ones(4)
     a, v = model.audio_net(audio), model.visual_net(visual)
     with torch.no_grad():  # exactly the loop's block
@@ -255,7 +255,8 @@ def test_empty_batches_skip_the_step(tiny_data, tmp_path, monkeypatch):
     """Every mask all zeros (torch.bernoulli patched): every step is skipped, so the parameters stay at their
     initial values (the script's seed-0 initialisation) and the optimizer never steps."""
     monkeypatch.setattr(torch, "bernoulli", lambda p, generator=None: torch.zeros_like(p))
-    run = run_inproc("opm.py", tiny_data, tmp_path / "o", "--epochs", 1, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 1)
+    run = run_inproc("opm.py", tiny_data, tmp_path / "o", "--epochs", 1, "--max-steps", 2, "--warmup-epochs", 0,
+                     "--p-exe", 1)
     c = ckpt(run)
     torch.manual_seed(0)
     init = AVClassifier(6, "concat")
@@ -304,7 +305,8 @@ def test_warmup_is_baseline_and_draws_nothing(tiny_data, tmp_path):
 
 def test_evaluation_has_no_drop(tiny_data, opm_2ep):
     """The logged test metrics of an OPM run equal a plain forward pass of its checkpoint, twice over."""
-    args = apply_preset(opm.parse_args(["--dataset", "synthetic", "--data-root", tiny_data, "--batch-size", "4"]), opm.PRESETS)
+    args = opm.parse_args(["--dataset", "synthetic", "--data-root", tiny_data, "--batch-size", "4"])
+    args = apply_preset(args, opm.PRESETS)
     args.num_workers = 0
     _, test_set, classes = build_datasets(args)
     _, test_loader = make_loaders(test_set, test_set, 4, 0, torch.Generator())
@@ -350,15 +352,15 @@ def test_unsupported_heads(tiny_data, tmp_path):
 
 def test_resume_is_exact(tiny_data, tmp_path, opm_2ep):
     """Two epochs in one go == one epoch, stop, --resume (model, optimizer, OPM's generator)."""
-    part = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 1,
-                      "--stop-after-epochs", 1)
+    part = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 2, "--warmup-epochs", 0,
+                      "--p-exe", 1, "--stop-after-epochs", 1)
     assert ckpt(part)["epoch"] == 0
     run_inproc("opm.py", tiny_data, tmp_path, "--resume", part)
     a, b = ckpt(opm_2ep), ckpt(part)
     assert b["epoch"] == 1 and same_state(a["model"], b["model"]) and torch.equal(a["opm_rng"], b["opm_rng"])
-    strip = [{k: v for k, v in r.items() if k not in ("charts/samples_per_sec", "charts/epoch_time")} for r in history(part)]
-    assert strip == [{k: v for k, v in r.items() if k not in ("charts/samples_per_sec", "charts/epoch_time")}
-                     for r in history(opm_2ep)]
+    timing = ("charts/samples_per_sec", "charts/epoch_time")
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in history(part)]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in history(opm_2ep)]
 
 
 def test_smoke_cli(tiny_data, tmp_path):
