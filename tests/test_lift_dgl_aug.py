@@ -184,6 +184,19 @@ def test_dgl_fused_replaces_the_detached_head_call(dgl_blk):
     assert torch.equal(z_a, ref_a) and torch.equal(z_v, ref_v)
 
 
+def test_dgl_single_pass_unimodal_logits_lead_only_to_the_encoders(dgl_blk):
+    """single-pass: the head copy behind z_a, z_v is frozen, so on constant features they need no gradient at all
+    (no parameter, not even a copy's, is reached); two-pass: they do, through the live head."""
+    x_a, x_v, _ = toy_data(seed=6)
+    model = DGLToy(seed=6)
+    with torch.no_grad():
+        a, v = model.audio_net(x_a), model.visual_net(x_v)
+    _, z_a, z_v = dgl_blk.dgl_logits(model.head, a, v, zero_fill, "single-pass")
+    assert not z_a.requires_grad and not z_v.requires_grad
+    _, z_a, z_v = dgl_blk.dgl_logits(model.head, a, v, zero_fill, "two-pass")
+    assert z_a.requires_grad and z_v.requires_grad
+
+
 def test_dgl_grad_norm(dgl_blk):
     m = nn.Linear(3, 2)
     assert dgl_blk.grad_norm(m) == 0.0
@@ -239,6 +252,15 @@ def test_aug_boosting_loss_trains_the_new_classifier_on_the_residual(aug_blk):
                                        allow_unused=True)
     assert (g_old is None or not g_old.any()) and g_new.abs().sum() > 0
 
+    # a third classifier fits the residual of the ensemble of the first two: w = 1 - lam sg(softmax(q1 + q2)[y])
+    aug_blk.add_classifier(model, "audio")
+    logits = model.classifier_logits(model.audio_net(x_a), "audio")
+    q1, q2, q3 = (model.head(F.relu(layer(model.audio_net(x_a)))) for layer in model.audio_classifiers)
+    w = 1 - lam * torch.softmax(q1 + q2, 1).gather(1, y[:, None]).squeeze(1).detach()
+    ref = (F.cross_entropy(q1 + q2 + q3, y) + F.cross_entropy(q1 + q2, y)
+           + (-w * F.log_softmax(q3, 1).gather(1, y[:, None]).squeeze(1)).mean())
+    assert aug_blk.boosting_loss(logits, y, lam).item() == pytest.approx(ref.item(), rel=1e-6)
+
 
 def param_snapshot(params):
     return [p.detach().clone() for p in (params.parameters() if isinstance(params, nn.Module) else params)]
@@ -258,7 +280,8 @@ def test_aug_step_moves_audio_params_on_the_audio_step_only(aug_blk):
     visual = list(model.visual_net.parameters()) + list(model.visual_classifiers.parameters())
     ref_model = copy.deepcopy(model)
     ref_audio = list(ref_model.audio_net.parameters()) + list(ref_model.audio_classifiers.parameters())
-    ref_loss = aug_blk.boosting_loss(ref_model.classifier_logits(ref_model.audio_net(x_a), "audio"), y, lam)
+    ref_logits = ref_model.classifier_logits(ref_model.audio_net(x_a), "audio")
+    ref_loss = aug_blk.boosting_loss(ref_logits, y, lam)
     ref_grad = torch.autograd.grad(ref_loss, ref_audio)
 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
@@ -268,7 +291,11 @@ def test_aug_step_moves_audio_params_on_the_audio_step_only(aug_blk):
     # the second batch: momentum buffers exist, so a stale gradient would move the other side
     out = [aug_blk.aug_step(model, opt, x_a, x_v, y, lam) for _ in range(2)]
     assert len(snaps) == 5 and set(out[0]) == {"audio", "visual"}
-    assert out[0]["audio"][0] == pytest.approx(ref_loss.item(), rel=1e-6)  # L_a of the first step, before it
+    # what the first audio step reports: L_a, CE(P_a) and the sum of softmax(P_a)[y], all before its update
+    assert out[0]["audio"][0] == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert out[0]["audio"][1] == pytest.approx(F.cross_entropy(sum(ref_logits), y).item(), rel=1e-6)
+    ref_score = torch.softmax(sum(ref_logits), 1).gather(1, y[:, None]).sum().item()
+    assert out[0]["audio"][2] == pytest.approx(ref_score, rel=1e-6) and ref_score > 1  # a sum over the batch
     for i in (1, 3):  # audio steps
         assert all(moved(snaps[i - 1][0], snaps[i][0])) and not any(moved(snaps[i - 1][1], snaps[i][1]))
     for i in (2, 4):  # visual steps
