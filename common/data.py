@@ -9,22 +9,19 @@ window is deterministic.
 import csv
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
 import warnings
-import wave
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-import torchaudio
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 from common import distributed
+from common.audio import AUDIO_PIPELINES, AudioConfig, AudioPipeline, read_wav, wav_info
+from common.frames import FrameConfig, FrameTransform, list_frames, load_image, select_frames
 
 CREMAD_LABELS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # fixed order (docs/data.md)
 KS_CLASSES = [
@@ -35,223 +32,10 @@ KS_CLASSES = [
     "ripping_paper", "shoveling_snow", "shuffling_cards", "singing", "stomping_grapes", "tap_dancing",
     "tapping_guitar", "tapping_pen", "tickling",
 ]  # alphabetical, label index = position (docs/data.md)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class SkippedClipsWarning(UserWarning):
     """Raised (as a warning) when clips named by a split file are dropped; the message counts them."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Audio
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AudioConfig:
-    """One audio pipeline (docs/data.md and 3.4). `kind` is stft | scipy | fbank."""
-
-    kind: str
-    sample_rate: int
-    clip_seconds: float  # length of the window fed to the transform (0 = whole signal)
-    tile_seconds: float = 0.0  # tile the waveform until it is at least this long
-    train_start_max: float = 0.0  # training window start uniform over [0, this] seconds (0 = fixed start 0)
-    test_start: float = 0.0  # deterministic test window start, seconds
-    n_fft: int = 512
-    hop: int = 353
-
-
-AUDIO_PIPELINES = {
-    # CREMA-D, OGM/OPM/ARL/DGL: 22,050 Hz, first 3 s of the tiled signal, STFT 512/353 -> 257 x 188
-    "cremad": AudioConfig("stft", 22050, 3.0, tile_seconds=3.0, n_fft=512, hop=353),
-    # KS/VGGSound default: 16 kHz, tile to >= 10 s, 5 s window (random start at train, 2.5 s at test) -> 129 x 626
-    "stft16k": AudioConfig(
-        "stft", 16000, 5.0, tile_seconds=10.0, train_start_max=5.0, test_start=2.5, n_fft=256, hop=128
-    ),
-    # historical OGM-GE KS pickles: 22,050 Hz, first 160,000 samples, scipy spectrogram, standardised -> 257 x 1004
-    "pkl1004": AudioConfig("scipy", 22050, 160000 / 22050, tile_seconds=160000 / 22050, n_fft=512, hop=159),
-    # OGM-GE authors' 2024 KS recipe: Kaldi fbank, 128 mel, 1024 frames -> 1024 x 128
-    "fbank": AudioConfig("fbank", 16000, 0.0),
-    # AUG's KS pipeline: 35,400 Hz, first 10 s, STFT 512/353 -> 257 x 1003
-    "aug35k": AudioConfig("stft", 35400, 10.0, tile_seconds=10.0, n_fft=512, hop=353),
-    # the synthetic set: the CREMA-D recipe at a small size, 8 kHz, 1 s, STFT 64/250 -> 33 x 33
-    "synthetic": AudioConfig("stft", 8000, 1.0, tile_seconds=1.0, n_fft=64, hop=250),
-}
-
-
-def read_wav(path):
-    """Read a PCM wav file (8/16/24/32-bit, any channel count) as mono float32 in [-1, 1], with its sample rate."""
-    try:
-        with wave.open(str(path), "rb") as w:
-            n_ch, width, sr, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n)
-    except (wave.Error, EOFError, OSError) as e:
-        raise ValueError(f"{path}: unreadable wav ({e}); re-run the preprocess step for this dataset") from e
-    if width == 1:
-        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
-    elif width == 4:
-        x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
-    else:
-        raise ValueError(f"{path}: unsupported wav sample width {width} bytes")
-    x = x[: (len(x) // n_ch) * n_ch].reshape(-1, n_ch).mean(axis=1)
-    return x, sr
-
-
-def wav_info(path):
-    """(sample_rate, n_samples) from the header, or raise ValueError naming the file."""
-    try:
-        with wave.open(str(path), "rb") as w:
-            return w.getframerate(), w.getnframes()
-    except (wave.Error, EOFError, OSError) as e:
-        raise ValueError(f"{path}: unreadable wav ({e})") from e
-
-
-def _tukey(n, alpha=0.25):
-    """scipy.signal.windows.tukey(n, alpha, sym=False), written out to avoid a scipy dependency."""
-    m = n + 1  # periodic window: symmetric of n+1, drop the last point
-    x = np.arange(m)
-    w = np.ones(m)
-    width = int(np.floor(alpha * (m - 1) / 2.0))
-    left = x[: width + 1]
-    w[: width + 1] = 0.5 * (1 + np.cos(np.pi * (-1 + 2.0 * left / alpha / (m - 1))))
-    right = x[m - width - 1:]
-    w[m - width - 1:] = 0.5 * (1 + np.cos(np.pi * (-2.0 / alpha + 1 + 2.0 * right / alpha / (m - 1))))
-    return torch.tensor(w[:n], dtype=torch.float64)
-
-
-class AudioPipeline:
-    """wav samples -> log spectrogram (F, T) for one AudioConfig; `train` picks the random or the fixed window."""
-
-    def __init__(self, cfg: AudioConfig):
-        self.cfg = cfg
-        self._resamplers = {}
-        if cfg.kind == "stft":  # centred, reflect-padded, periodic Hann; magnitude (power=1)
-            self.spec = torchaudio.transforms.Spectrogram(
-                n_fft=cfg.n_fft, hop_length=cfg.hop, win_length=cfg.n_fft, power=1.0, center=True, pad_mode="reflect"
-            )
-        elif cfg.kind == "scipy":
-            self.window = _tukey(cfg.n_fft)
-
-    def resample(self, x, sr):
-        if sr == self.cfg.sample_rate:
-            return x
-        if sr not in self._resamplers:
-            self._resamplers[sr] = torchaudio.transforms.Resample(sr, self.cfg.sample_rate)
-        return self._resamplers[sr](x)
-
-    def window_samples(self, x, train, generator=None):
-        cfg, sr = self.cfg, self.cfg.sample_rate
-        if cfg.tile_seconds > 0:  # tile until long enough (the originals tile a fixed number of times)
-            need = int(round(cfg.tile_seconds * sr))
-            if len(x) < need:
-                x = x.repeat(math.ceil(need / len(x)))
-        if cfg.clip_seconds <= 0:
-            return x
-        length = int(round(cfg.clip_seconds * sr))
-        if train and cfg.train_start_max > 0:
-            start = int(torch.randint(0, int(round(cfg.train_start_max * sr)) + 1, (1,), generator=generator))
-        else:
-            start = int(round(cfg.test_start * sr))
-        return x[start:start + length]
-
-    def __call__(self, samples, sr, train, generator=None):
-        x = self.resample(torch.as_tensor(samples, dtype=torch.float32), sr)
-        x = self.window_samples(x, train, generator).clamp(-1.0, 1.0)
-        if self.cfg.kind == "stft":
-            return torch.log(self.spec(x) + 1e-7)
-        if self.cfg.kind == "scipy":  # scipy.signal.spectrogram defaults: detrend constant, one-sided PSD, no centring
-            seg = x.double().unfold(0, self.cfg.n_fft, self.cfg.hop)
-            seg = seg - seg.mean(dim=1, keepdim=True)
-            s = torch.fft.rfft(seg * self.window, dim=1).abs() ** 2 / (self.cfg.sample_rate * (self.window**2).sum())
-            s[:, 1:-1] *= 2.0
-            s = torch.log(s.T + 1e-7)
-            return ((s - s.mean()) / (s.std() + 1e-9)).float()
-        # Kaldi fbank (docs/data.md)
-        fb = torchaudio.compliance.kaldi.fbank(
-            (x - x.mean()).unsqueeze(0), htk_compat=True, sample_frequency=self.cfg.sample_rate, use_energy=False,
-            window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10,
-        )
-        fb = torch.nn.functional.pad(fb, (0, 0, 0, max(0, 1024 - fb.shape[0])))[:1024]
-        return (fb + 4.503877) / (2 * 5.141276)  # (time, mel)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Frames
-# ---------------------------------------------------------------------------------------------------------------
-def select_frames(n, t_f, train, mode="segment", generator=None):
-    """Indices into a sorted list of n frames (docs/data.md).
-
-    segment: split [0, n) into t_f equal segments; a random index per segment when training, the middle at test.
-    first:   the first t_f frames (parity with the originals' unsorted listing, made reproducible).
-    """
-    if n < t_f:
-        raise ValueError(f"clip has {n} frames, fewer than the {t_f} asked")
-    if mode == "first":
-        return list(range(t_f))
-    idx = []
-    for j in range(t_f):
-        lo, hi = (j * n) // t_f, ((j + 1) * n) // t_f
-        if train:
-            idx.append(lo + int(torch.randint(0, hi - lo, (1,), generator=generator)))
-        else:
-            idx.append(lo + (hi - lo) // 2)
-    return idx
-
-
-@dataclass(frozen=True)
-class FrameConfig:
-    n_frames: int = 1
-    size: int = 224
-    select: str = "segment"  # segment | first
-    clip_consistent: bool = False  # one crop/flip draw per clip instead of per frame
-    crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop scale (T-PAMI preset: (0.25, 1.0))
-    test_resize: str = "square"  # square: Resize((s, s)); center: Resize(s) + CenterCrop(s) (T-PAMI preset)
-
-
-class FrameTransform:
-    """Train: RandomResizedCrop + flip (per frame or per clip); test: deterministic resize. ImageNet-normalised."""
-
-    def __init__(self, cfg: FrameConfig):
-        self.cfg = cfg
-        self.norm = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        self.rrc = T.RandomResizedCrop(cfg.size, scale=cfg.crop_scale)
-        self.train_tf = T.Compose([self.rrc, T.RandomHorizontalFlip(0.5)])
-        if cfg.test_resize == "square":
-            self.test_tf = T.Resize((cfg.size, cfg.size))
-        else:
-            self.test_tf = T.Compose([T.Resize(cfg.size), T.CenterCrop(cfg.size)])
-
-    def __call__(self, images, train):
-        if not train:
-            out = [self.test_tf(im) for im in images]
-        elif self.cfg.clip_consistent:
-            i, j, h, w = T.RandomResizedCrop.get_params(images[0], self.rrc.scale, self.rrc.ratio)
-            flip = bool(torch.rand(1) < 0.5)
-            out = [TF.resized_crop(im, i, j, h, w, [self.cfg.size, self.cfg.size]) for im in images]
-            out = [TF.hflip(im) for im in out] if flip else out
-        else:
-            out = [self.train_tf(im) for im in images]
-        return torch.stack([self.norm(im) for im in out]).permute(1, 0, 2, 3)  # (3, T_f, H, W)
-
-
-def load_image(path):
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"{path}: unreadable image ({e}); re-extract this clip's frames or remove it from the split"
-        ) from e
-
-
-def list_frames(frame_dir):
-    if not os.path.isdir(frame_dir):
-        return []
-    return sorted(f for f in os.listdir(frame_dir) if f.lower().endswith((".jpg", ".jpeg", ".png")))
 
 
 # ---------------------------------------------------------------------------------------------------------------

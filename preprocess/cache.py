@@ -32,18 +32,9 @@ import torchaudio
 import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
-from common.data import (
-    AUDIO_PIPELINES,
-    DATASETS,
-    AudioPipeline,
-    add_data_args,
-    audio_config,
-    build_datasets,
-    cache_folders,
-    list_frames,
-    load_image,
-    read_wav,
-)
+from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
+from common.data import DATASETS, add_data_args, audio_config, build_datasets, cache_folders
+from common.frames import list_frames, load_image
 
 _WORKER = {}  # per process: the audio pipeline, the output folders and the frame side
 

@@ -13,7 +13,8 @@ import torch
 from conftest import read_results, run_script
 from PIL import Image
 
-from common.data import add_data_args, build_datasets, list_frames, load_image
+from common.data import add_data_args, build_datasets
+from common.frames import list_frames, load_image
 from preprocess import cache
 from preprocess.synthetic import generate
 
@@ -172,7 +173,7 @@ def test_script_runs_with_cache(copy, tmp_path):
 
 def test_cache_flags_are_saved_with_the_run():
     """--cache changes the frames slightly (side != 0), so on --resume the saved value wins, like any training flag."""
-    from common.utils import merge_saved_args
+    from common.runs import merge_saved_args
 
     args = merge_saved_args(data_args("elsewhere"), {"cache": True, "cache_frame_side": 24, "data_root": "saved"})
     assert args.cache is True and args.cache_frame_side == 24 and args.data_root == "elsewhere"

@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import (
-    AUDIO_PIPELINES,
-    AudioPipeline,
-    SkippedClipsWarning,
-    add_data_args,
-    build_datasets,
-    read_wav,
-    select_frames,
-)
+from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
+from common.data import SkippedClipsWarning, add_data_args, build_datasets
+from common.frames import select_frames
 from preprocess.synthetic import class_colours, generate, make_frame, write_wav
 
 
