@@ -20,7 +20,7 @@ from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
 
 
-# ALGO LOGIC BLOCK: ARL (ICCV 2025 paper): GradScale, the coefficients, the loss. Needs only `torch`: copy it as is.
+# ALGO LOGIC BLOCK: ARL (ICCV 2025 paper): GradScale, the coefficients, the loss. Needs only torch: copy it as is.
 class GradScale(torch.autograd.Function):
     """Identity in the forward pass; multiplies the gradient by (1 + w) in the backward pass (w a constant)."""
 

@@ -3,6 +3,8 @@ this process, and `load_block`, which lifts a script's ALGO LOGIC BLOCK out on i
 
 import ast
 import builtins
+import contextlib
+import copy
 import glob
 import json
 import math
@@ -12,6 +14,10 @@ import shutil
 import subprocess
 import sys
 import types
+
+# one OpenMP thread per process unless the caller chose otherwise: the suite runs two pytest-xdist workers and
+# subprocess runs on 2 cores, and more threads than cores makes the scripts crawl (set before torch is imported)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
@@ -87,7 +93,8 @@ def read_results(run_dir):
 # the ALGO LOGIC BLOCK of a method script, executed on its own
 # ----------------------------------------------------------------------------------------------------------------
 BLOCK_START, BLOCK_END = "# ALGO LOGIC BLOCK", "# END ALGO LOGIC BLOCK"
-BLOCK_NAMES = {"math": math, "torch": torch, "nn": nn, "F": F}  # everything a block may use besides builtins
+# everything a block may use besides builtins: torch and three standard-library modules
+BLOCK_NAMES = {"math": math, "copy": copy, "contextlib": contextlib, "torch": torch, "nn": nn, "F": F}
 
 
 def block_source(text, name="<block>"):
