@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, run_inproc
 
 import aug
 from common.models import AudioEncoder, VisualEncoder, init_weights
 from common.runs import apply_preset, make_optimizer
-from conftest import ROOT, run_inproc
 from preprocess.synthetic import generate
 
 B, C = 4, 6
@@ -169,7 +169,8 @@ def test_aca_decision_and_check_epochs():
     assert aug.aca_decision(0.051, 0.05, 1.0, 0.01, "difference") == 0  # ratio 1.02, but a difference of 0.001
     assert aug.aca_check_period(200) == 20 and aug.aca_check_period(100) == 10 and aug.aca_check_period(10) == 1
     assert aug.aca_check_period(5) == 1
-    for epochs, expected in ((200, {0} | set(range(19, 200, 20))), (100, {0} | set(range(9, 100, 10))), (10, set(range(10)))):
+    for epochs, expected in ((200, {0} | set(range(19, 200, 20))), (100, {0} | set(range(9, 100, 10))),
+                            (10, set(range(10)))):
         assert {e for e in range(epochs) if aug.is_check_epoch(e, aug.aca_check_period(epochs))} == expected
     assert len({e for e in range(200) if aug.is_check_epoch(e, 20)}) == 11
 
@@ -223,7 +224,8 @@ def test_alternation_visual_sees_h_after_audio_step():
     step(model, opt, *batch(0), args)
     assert [e[0] for e in events] == ["visual_net", "head", "step", "head", "step"]
     assert torch.equal(events[1][1], h0)  # audio classifier: h before any step
-    assert torch.equal(events[3][1], events[2][1]) and not torch.equal(events[3][1], h0)  # visual: h after the audio step
+    # visual classifiers: h after the audio step
+    assert torch.equal(events[3][1], events[2][1]) and not torch.equal(events[3][1], h0)
     assert same(events[2][2], visual0)  # the audio step leaves the visual encoder (computed before it) unchanged
 
 
@@ -456,7 +458,8 @@ def test_imbalance_first_check_adds_to_visual(tmp_path):
     """Clean audio, pure-noise video: after epoch 0 audio is the more confident side, so visual gets the classifier."""
     generate(str(tmp_path / "data" / "synthetic"), n_train=48, n_test=12, audio_snr=10.0, visual_strength=0.0,
              uninformative_audio=0.0)
-    run = run_inprocess(tmp_path / "runs", tmp_path / "data", "--epochs", 2, "--batch-size", 8, "--stop-after-epochs", 1)
+    run = run_inprocess(tmp_path / "runs", tmp_path / "data", "--epochs", 2, "--batch-size", 8,
+                        "--stop-after-epochs", 1)
     row = read_metrics(run)[0]
     assert row["train/score_audio"] > 1.01 * row["train/score_visual"]
     assert row["train/aca_action"] == 1 and load(os.path.join(run, "last.pt"))["added"] == ["visual"]

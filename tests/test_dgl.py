@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_results, run_inproc, run_script
 
 import dgl
 from common import runs
 from common.models import AVClassifier
-from conftest import ROOT, read_results, run_script, run_inproc
 
 B, C = 4, 6
 ROLES = ("audio_net", "visual_net", "head")
@@ -49,7 +49,7 @@ def is_zero(g):
 
 
 def forward_backward(model0, batch, part, alpha=4.0, impl="single-pass", dtype=torch.float32, quirk=False, clip=0.0):
-    """A fresh copy of model0; back-propagate `part` = "fused", "unimodal" or "full" (full: dgl_backward with `impl`)."""
+    """A fresh copy of model0; back-propagate `part` = "fused", "unimodal" or "full" (dgl_backward with `impl`)."""
     model = copy.deepcopy(model0).to(dtype)
     audio, visual, y = batch
     z, z_a, z_v = dgl.forward(model, audio.to(dtype), visual.to(dtype), impl, quirk)  # what the training loop calls
@@ -237,7 +237,8 @@ def test_smoke(tiny_data, tmp_path):
     assert 0 <= r["best"]["test/acc"] <= 1
     assert r["args"]["clip_grad"] == 40.0 and r["args"]["alpha"] == 4.0
     m = r["last"]
-    assert m["train/loss"] == pytest.approx(m["train/loss_fused"] + 4.0 * (m["train/loss_audio"] + m["train/loss_visual"]), rel=1e-5)
+    expected = m["train/loss_fused"] + 4.0 * (m["train/loss_audio"] + m["train/loss_visual"])
+    assert m["train/loss"] == pytest.approx(expected, rel=1e-5)
     assert 0 < m["train/clip_factor"] <= 1
 
 

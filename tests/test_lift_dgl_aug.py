@@ -1,69 +1,33 @@
-"""The ALGO LOGIC BLOCKs of dgl.py and aug.py, lifted out of their scripts and executed with only `math`, `copy`,
-`contextlib`, `torch`, `nn` and `F` in scope, applied to toy two-encoder models written here: the properties of the
-methods (docs/dgl.md, docs/aug.md) hold through the lifted code alone, as they would in another project.
+"""The ALGO LOGIC BLOCKs of dgl.py and aug.py, lifted out of their scripts with `conftest.load_block` (executed with
+only `math`, `copy`, `contextlib`, `torch`, `nn` and `F` in scope), applied to toy two-encoder models written here:
+the properties of the methods (docs/dgl.md, docs/aug.md) hold through the lifted code alone, as they would in another
+project.
 
 DGL: each encoder is trained only by alpha * CE of its own unimodal logits, the head only by the fused loss, and the
 single-pass and two-pass backwards agree. AUG: the added classifier fits the residual of the previous ones (with a
 detached residual weight), the audio step moves only the audio side, and ACA adds to the less confident modality.
 """
 
-import ast
-import builtins
-import contextlib
 import copy
 import math
-import types
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from conftest import ROOT, block_source
+from conftest import load_block
 
 C, D, H, B = 4, 6, 5, 32  # classes, encoder feature size, AUG hidden size, batch
-ALLOWED = {"math": math, "copy": copy, "contextlib": contextlib, "torch": torch, "nn": nn, "F": F}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# lifting a block (conftest.load_block allows only math/torch/nn/F; these two blocks also use copy / contextlib)
-# ----------------------------------------------------------------------------------------------------------------
-def exec_lifted(source, name):
-    """Execute block source with only ALLOWED and the builtins; fail on an import or on a name read but neither
-    bound by the block nor available (a block leaning on the rest of its script)."""
-    tree = ast.parse(source, filename=name)
-    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
-    assert not imports, f"{name}: the block imports (line {imports[0].lineno})" if imports else ""
-    bound = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            bound.add(node.name)
-        elif isinstance(node, ast.arg):
-            bound.add(node.arg)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
-            bound.add(node.id)
-    loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    assert not loads & {"__import__", "importlib", "exec", "eval"}, name
-    free = loads - bound - set(ALLOWED) - set(dir(builtins))
-    assert not free, f"{name}: the block reads names it does not define: {sorted(free)}"
-    namespace = {"__builtins__": builtins, "__name__": f"lifted[{name}]", **ALLOWED}
-    exec(compile(tree, name, "exec"), namespace)
-    return types.SimpleNamespace(**{k: v for k, v in namespace.items() if not k.startswith("__")})
-
-
-def block_text(script):
-    with open(f"{ROOT}/{script}") as f:
-        return block_source(f.read(), script)
 
 
 @pytest.fixture(scope="module")
 def dgl_blk():
-    return exec_lifted(block_text("dgl.py"), "dgl.py")
+    return load_block("dgl.py")
 
 
 @pytest.fixture(scope="module")
 def aug_blk():
-    return exec_lifted(block_text("aug.py"), "aug.py")
+    return load_block("aug.py")
 
 
 @pytest.mark.parametrize("script,names", [("dgl.py", {"dgl_logits", "dgl_loss", "dgl_backward", "grad_norm"}),
@@ -72,7 +36,7 @@ def aug_blk():
                                                       "aug_step", "merge_logits", "aca_check_period",
                                                       "is_check_epoch", "aca_decision"})])
 def test_block_is_self_contained(script, names):
-    blk = exec_lifted(block_text(script), script)
+    blk = load_block(script)  # fails on an import or a name from the rest of the script
     assert names <= set(vars(blk))
     assert not set(vars(blk)) & {"np", "runs", "distributed", "unimodal_logits", "AVClassifier", "GatedHead",
                                  "random", "readout", "forward", "init_weights", "AudioEncoder", "VisualEncoder"}
