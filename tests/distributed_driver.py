@@ -42,9 +42,12 @@ def function_checks(out):
     r, w = distributed.rank(), distributed.world_size()
     z_a, z_v, y = global_batch()
     mine = slice(r * 12 // w, (r + 1) * 12 // w)
-    res = {"ogm_scores": [s.item() for s in ogm.scores(z_a[mine], z_v[mine], y[mine])],
-           "opm_scores": [s.item() for s in opm.scores(z_a[mine], z_v[mine], y[mine])],
-           "arl": {k: v.item() for k, v in arl.arl_coefficients(z_a[mine], z_v[mine], 8.0).items()}}
+    # as the scripts call them: the batch statistics summed over the processes
+    ogm_s = distributed.all_reduce_sum(ogm.ogm_scores(z_a[mine], z_v[mine], y[mine]))
+    opm_s = distributed.all_reduce_sum(opm.opm_scores(z_a[mine], z_v[mine], y[mine]))
+    arl_c = arl.arl_coefficients(z_a[mine], z_v[mine], 8.0, reduce=distributed.all_reduce_sum)
+    res = {"ogm_scores": [s.item() for s in ogm_s], "opm_scores": [s.item() for s in opm_s],
+           "arl": {k: v.item() for k, v in arl_c.items()}}
     gen = torch.Generator().manual_seed(3)
     keep_a, keep_v = opm.feature_masks(0.5, 0.0, 6 * w, gen)  # as opm.py: drawn for the global batch, local rows kept
     res["opm_masks"] = [distributed.local_rows(keep_a).tolist(), distributed.local_rows(keep_v).tolist()]

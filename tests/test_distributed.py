@@ -103,8 +103,8 @@ def test_statistics_functions_match_one_process_on_the_global_batch(ddp):
     z_a, z_v, y = global_batch()
     res = [json.load(open(ddp / f"functions_rank{r}.json")) for r in (0, 1)]
     for r in res:
-        assert r["ogm_scores"] == pytest.approx([s.item() for s in ogm.scores(z_a, z_v, y)], rel=1e-6)
-        assert r["opm_scores"] == pytest.approx([s.item() for s in opm.scores(z_a, z_v, y)], rel=1e-6)
+        assert r["ogm_scores"] == pytest.approx([s.item() for s in ogm.ogm_scores(z_a, z_v, y)], rel=1e-6)
+        assert r["opm_scores"] == pytest.approx([s.item() for s in opm.opm_scores(z_a, z_v, y)], rel=1e-6)
         one = arl.arl_coefficients(z_a, z_v, 8.0)
         for k, v in r["arl"].items():
             assert v == pytest.approx(one[k].item(), rel=1e-5, abs=1e-7), k
@@ -164,7 +164,7 @@ def test_each_step_uses_the_coefficient_of_the_summed_statistics(ddp, name):
         assert sum0 == sum1 == pytest.approx([x + y for x, y in zip(loc0, loc1)], rel=1e-6)
         differ |= loc0 != loc1
         if name.startswith("ogm"):
-            expected = ogm.coefficients(sum0[0], sum0[1], 0.8)  # synthetic cvpr preset: alpha 0.8, modulated in epoch 0
+            expected = ogm.ogm_coefficients(sum0[0], sum0[1], 0.8)[:2]  # synthetic cvpr preset: alpha 0.8, epoch 0
         elif name == "opm":
             expected = opm.drop_probabilities(sum0[0], sum0[1], 0.5, 0.5)
         else:  # ARL, --arl-coeff-timing current: the step's own coefficients, as multipliers 1 + c
@@ -179,8 +179,8 @@ def test_each_step_uses_the_coefficient_of_the_summed_statistics(ddp, name):
 def test_aug_classifier_assignment_uses_the_summed_confidence(ddp):
     for steps, _ in traces(ddp, "aug"):
         epoch1 = steps[2]
-        (_, totals), (_, s) = epoch1["reduces"][-2:]  # after epoch 0: finish_epoch (count last), then S_a, S_v
-        n = totals[-1]
+        _, s = epoch1["reduces"][-1]  # after epoch 0's evaluation: the summed [S_a, S_v, samples]
+        n = s[2]
         assert n == 8  # 2 steps x global batch 4
         action = aug.aca_decision(s[0] / n, s[1] / n, 1.0, 0.01)
         for step in steps[2:]:
