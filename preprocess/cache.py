@@ -33,7 +33,8 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
-from common.data import DATASETS, add_data_args, audio_config, build_datasets, cache_folders
+from common.cache import cache_folders
+from common.data import DATASETS, add_data_args, audio_config, build_datasets
 from common.frames import list_frames, load_image
 
 _WORKER = {}  # per process: the audio pipeline, the output folders and the frame side
