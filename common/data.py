@@ -6,49 +6,32 @@ Audio and frames are paired by clip id, never by position; frames come from a *s
 window is deterministic.
 """
 
-import csv
 import json
 import os
 import random
 import shutil
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 from PIL import Image
 
 from common import distributed
-from common.audio import AUDIO_PIPELINES, AudioConfig, AudioPipeline, read_wav, wav_info
+from common.audio import AUDIO_PIPELINES, AudioConfig, AudioPipeline, read_wav
 from common.cache import check_cache
 from common.frames import FrameConfig, FrameTransform, list_frames, load_image, select_frames
-
-CREMAD_LABELS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # fixed order (docs/data.md)
-KS_CLASSES = [
-    "blowing_nose", "blowing_out_candles", "bowling", "chopping_wood", "dribbling_basketball", "laughing",
-    "mowing_lawn", "playing_accordion", "playing_bagpipes", "playing_bass_guitar", "playing_clarinet",
-    "playing_drums", "playing_guitar", "playing_harmonica", "playing_keyboard", "playing_organ", "playing_piano",
-    "playing_saxophone", "playing_trombone", "playing_trumpet", "playing_violin", "playing_xylophone",
-    "ripping_paper", "shoveling_snow", "shuffling_cards", "singing", "stomping_grapes", "tap_dancing",
-    "tapping_guitar", "tapping_pen", "tickling",
-]  # alphabetical, label index = position (docs/data.md)
-
-
-class SkippedClipsWarning(UserWarning):
-    """Raised (as a warning) when clips named by a split file are dropped; the message counts them."""
+from common.splits import (
+    CREMAD_LABELS,
+    KS_CLASSES,
+    Clip,
+    cremad_clips,
+    flat_clips,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Clip:
-    clip_id: str
-    wav: str
-    frame_dir: str
-    label: int
-
-
 class AVDataset(torch.utils.data.Dataset):
     """Clips already paired by id; returns (spec (F, T), frames (3, T_f, H, W), label).
 
@@ -84,145 +67,16 @@ class AVDataset(torch.utils.data.Dataset):
         return spec, self.frames_tf(images, self.train), torch.tensor(c.label, dtype=torch.long)
 
 
-def read_rows(path):
-    """Rows of a header-less CSV/TXT split file: BOM stripped, CRLF or LF, blank lines ignored."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"split file {path} not found; run the preprocess step or pass --data-root")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return [
-            (n, [x.strip() for x in row])
-            for n, row in enumerate(csv.reader(f), 1)
-            if row and any(x.strip() for x in row)
-        ]
-
-
-def index_clips(rows, split_path, label_of, wav_of, frames_of, n_frames):
-    """Pair audio and frames by clip id; drop (with a counted warning) clips whose files are missing or short."""
-    clips, skipped, seen = [], {}, set()
-    for line, row in rows:
-        clip_id, label = label_of(line, row)
-        if clip_id in seen:
-            skipped.setdefault("duplicate row", []).append(clip_id)
-            continue
-        seen.add(clip_id)
-        wav, frame_dir = wav_of(clip_id), frames_of(clip_id)
-        if not os.path.isfile(wav):
-            skipped.setdefault("missing wav", []).append(clip_id)
-            continue
-        try:
-            sr, n = wav_info(wav)
-        except ValueError:
-            skipped.setdefault("unreadable wav", []).append(clip_id)
-            continue
-        if n == 0:
-            skipped.setdefault("empty wav", []).append(clip_id)
-            continue
-        n_found = len(list_frames(frame_dir))
-        if n_found == 0:
-            skipped.setdefault("missing frames", []).append(clip_id)
-            continue
-        if n_found < n_frames:
-            skipped.setdefault(f"fewer than {n_frames} frames", []).append(clip_id)
-            continue
-        assert os.path.splitext(os.path.basename(wav))[0] == os.path.basename(os.path.normpath(frame_dir)) == clip_id
-        clips.append(Clip(clip_id, wav, frame_dir, label))
-    if skipped:
-        total = sum(len(v) for v in skipped.values())
-        parts = "; ".join(f"{k}: {len(v)} (first: {', '.join(v[:3])})" for k, v in skipped.items())
-        warnings.warn(
-            f"{split_path}: skipped {total} of {len(rows)} clips ({parts})", SkippedClipsWarning, stacklevel=3
-        )
-    if not clips:
-        raise FileNotFoundError(f"{split_path}: none of its {len(rows)} clips were found on disk; check --data-root")
-    return clips, skipped
-
-
-def _check_root(root, dataset):
-    if not os.path.isdir(root):
-        hint = {"cremad": "python -m preprocess.cremad", "ks": "python -m preprocess.kinetics_sounds",
-                "vggsound": "python -m preprocess.vggsound"}.get(dataset, "")
-        raise FileNotFoundError(
-            f"dataset root {root} not found; prepare it with `{hint} ...` (see README) or pass --data-root"
-        )
-
-
-def cremad_clips(root, split, n_frames, fps=1):
-    """CREMA-D layout (docs/data.md): AudioWAV/<id>.wav, Image-01-FPS/<id>/*.jpg, {train,test}.csv rows `<id>,<EMO>`."""
-    _check_root(root, "cremad")
-    split_path = next(
-        (
-            p
-            for p in (os.path.join(root, f"{split}.csv"), os.path.join(root, "annotations", f"{split}.csv"))
-            if os.path.isfile(p)
-        ),
-        os.path.join(root, f"{split}.csv"),
-    )
-    rows = read_rows(split_path)
-
-    def label_of(line, row):
-        if len(row) < 2 or row[1] not in CREMAD_LABELS:
-            got = row[1] if len(row) > 1 else "nothing"
-            raise ValueError(f"{split_path}:{line}: unknown label {got!r}; expected one of {', '.join(CREMAD_LABELS)}")
-        return row[0], CREMAD_LABELS.index(row[1])
-
-    return index_clips(rows, split_path, label_of, lambda c: os.path.join(root, "AudioWAV", f"{c}.wav"),
-                       lambda c: os.path.join(root, f"Image-{fps:02d}-FPS", c), n_frames)
-
-
-def read_classes(path):
-    with open(path, encoding="utf-8-sig") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def flat_clips(root, split, n_frames, dataset, default_classes=None):
-    """Flat layout (docs/data.md), used for Kinetics-Sounds and VGGSound.
-
-    <root>/classes.txt, <root>/audio/<id>.wav, <root>/frames/<id>/*.jpg and one split file, tried in order:
-    splits/{split}.csv (`<id>,<label>`), my_{split}.txt (the official KS rows `<id>,10,<label>`), or, for VGGSound,
-    the official vggsound.csv (`<ytid>,<start>,<label text>,<split>`, labels sorted alphabetically).
-    Labels may be indices or class names.
-    """
-    _check_root(root, dataset)
-    classes_path = os.path.join(root, "classes.txt")
-    classes = read_classes(classes_path) if os.path.isfile(classes_path) else default_classes
-    candidates = [os.path.join(root, "splits", f"{split}.csv"), os.path.join(root, f"my_{split}.txt")]
-    split_path = next((p for p in candidates if os.path.isfile(p)), None)
-    vgg_csv = os.path.join(root, "vggsound.csv")
-    if split_path is None and os.path.isfile(vgg_csv):
-        split_path = vgg_csv
-        all_rows = read_rows(vgg_csv)
-        classes = classes or sorted({r[2] for _, r in all_rows if len(r) >= 4})
-        rows = [(n, [f"{r[0]}_{int(float(r[1])):06d}", r[2]]) for n, r in all_rows if len(r) >= 4 and r[3] == split]
-    else:
-        if split_path is None:
-            raise FileNotFoundError(
-                f"no split file for '{split}' under {root}: expected one of {', '.join(candidates)}"
-            )
-        rows = read_rows(split_path)
-    if not classes:
-        raise FileNotFoundError(f"{classes_path} not found: one class name per line, line number = label index")
-
-    def label_of(line, row):
-        raw = row[-1] if len(row) >= 2 else ""
-        if raw.lstrip("-").isdigit():
-            if not 0 <= int(raw) < len(classes):
-                raise ValueError(f"{split_path}:{line}: label {raw} out of range 0..{len(classes) - 1}")
-            return row[0], int(raw)
-        if raw not in classes:
-            raise ValueError(f"{split_path}:{line}: unknown label {raw!r} (not in {classes_path})")
-        return row[0], classes.index(raw)
-
-    clips, skipped = index_clips(rows, split_path, label_of, lambda c: os.path.join(root, "audio", f"{c}.wav"),
-                                 lambda c: os.path.join(root, "frames", c), n_frames)
-    return clips, skipped, classes
-
-
 # dataset name -> facts and default loader parameters (docs/data.md)
 DATASETS = {
-    "cremad": dict(num_classes=6, n_frames=1, frame_size=224, audio="cremad", subdir="cremad", num_workers=4),
-    "ks": dict(num_classes=31, n_frames=3, frame_size=224, audio="stft16k", subdir="kinetics_sounds", num_workers=4),
-    "vggsound": dict(num_classes=309, n_frames=3, frame_size=224, audio="stft16k", subdir="vggsound", num_workers=4),
-    "synthetic": dict(num_classes=6, n_frames=1, frame_size=32, audio="synthetic", subdir="synthetic", num_workers=0),
+    "cremad": dict(num_classes=6, n_frames=1, frame_size=224, audio="cremad", subdir="cremad", num_workers=4,
+                   layout="cremad", classes=CREMAD_LABELS, prepare="python -m preprocess.cremad"),
+    "ks": dict(num_classes=31, n_frames=3, frame_size=224, audio="stft16k", subdir="kinetics_sounds", num_workers=4,
+               layout="flat", classes=KS_CLASSES, prepare="python -m preprocess.kinetics_sounds"),
+    "vggsound": dict(num_classes=309, n_frames=3, frame_size=224, audio="stft16k", subdir="vggsound", num_workers=4,
+                     layout="flat", classes=None, prepare="python -m preprocess.vggsound"),  # classes: classes.txt
+    "synthetic": dict(num_classes=6, n_frames=1, frame_size=32, audio="synthetic", subdir="synthetic", num_workers=0,
+                      layout="cremad", classes=CREMAD_LABELS, prepare=None),  # written on first use
 }
 
 
@@ -321,13 +175,12 @@ def build_datasets(args):
         ensure_synthetic(root)
     sets = []
     for split, train in (("train", True), ("test", False)):
-        if args.dataset in ("cremad", "synthetic"):
-            clips, skipped = cremad_clips(root, split, n_frames)
-            classes = CREMAD_LABELS
+        if facts["layout"] == "cremad":
+            clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"])
+            classes = facts["classes"]
         else:
-            clips, skipped, classes = flat_clips(
-                root, split, n_frames, args.dataset, KS_CLASSES if args.dataset == "ks" else None
-            )
+            clips, skipped, classes = flat_clips(root, split, n_frames, args.dataset, facts["classes"],
+                                                 prepare=facts["prepare"])
         ds = AVDataset(clips, audio_cfg, frame_cfg, train, classes)
         ds.skipped = skipped
         sets.append(ds)

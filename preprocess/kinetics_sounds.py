@@ -13,7 +13,7 @@ import argparse
 import glob
 import os
 
-from common.data import KS_CLASSES, read_rows
+from common.splits import KS_CLASSES, read_rows
 from preprocess.video import process_clip, report_failures, require_ffmpeg, run_parallel, write_split
 
 

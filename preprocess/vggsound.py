@@ -13,7 +13,7 @@ import argparse
 import glob
 import os
 
-from common.data import read_rows
+from common.splits import read_rows
 from preprocess.video import process_clip, report_failures, require_ffmpeg, run_parallel, write_split
 
 

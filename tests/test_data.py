@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
-from common.data import SkippedClipsWarning, add_data_args, build_datasets
+from common.data import add_data_args, build_datasets
 from common.frames import select_frames
+from common.splits import SkippedClipsWarning
 from preprocess.synthetic import class_colours, generate, make_frame, write_wav
 
 
