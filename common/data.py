@@ -6,6 +6,7 @@ Audio and frames are paired by clip id, never by position; frames come from a *s
 window is deterministic.
 """
 
+import fcntl
 import json
 import os
 import random
@@ -114,31 +115,48 @@ def add_data_args(parser):
     return parser
 
 
+_READ_LOCKS = {}  # root -> open lock file, held (shared) for the life of the process: "this set is being read"
+
+
 def ensure_synthetic(root):
     """Generate the default synthetic set on first use, or again if it was written with other generator defaults.
 
-    Written to a temporary folder and renamed into place, so runs started together never read a half-written set.
+    Safe when several processes start together (torchrun, two run_all.sh jobs): one generates, the others wait for
+    it (an exclusive lock on `<root>.lock`). Every process then holds a shared lock on `<root>.readers` for its
+    lifetime, and a set is only replaced when nobody holds it: a set another run is reading is never deleted.
+    The new set is written to a temporary folder and renamed into place, so nobody reads a half-written set.
     """
     from common.synthetic import DEFAULTS, generate
 
-    meta_path = os.path.join(root, "meta.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("custom") or meta == DEFAULTS:
-            return
-        print(f"{root} was written with other generator settings; regenerating with the current defaults")
-    else:
-        print(f"generating the synthetic dataset in {root} (first use)")
-    tmp = f"{root}.tmp{os.getpid()}"
-    generate(tmp)
-    if os.path.isdir(root):
-        os.rename(root, f"{root}.old{os.getpid()}")
-        shutil.rmtree(f"{root}.old{os.getpid()}")
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    with open(f"{root}.lock", "a") as gen_lock:
+        fcntl.flock(gen_lock, fcntl.LOCK_EX)  # waits while another process generates; released when the block ends
+        readers = _READ_LOCKS.get(root) or open(f"{root}.readers", "a")
+        meta_path = os.path.join(root, "meta.json")
+        meta = None
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+        if meta is None or not (meta.get("custom") or meta == DEFAULTS):
+            if meta is not None:
+                try:  # replace the set only if no other process is reading it
+                    fcntl.flock(readers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise SystemExit(f"error: {root} was written with other generator settings and another run is "
+                                     "reading it; wait for that run to end, or pass another --data-root") from None
+                print(f"{root} was written with other generator settings; regenerating with the current defaults")
+            else:
+                print(f"generating the synthetic dataset in {root} (first use)")
+            tmp = f"{root}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            generate(tmp)
+            if os.path.isdir(root):
+                old = f"{root}.old{os.getpid()}"
+                os.rename(root, old)
+                shutil.rmtree(old)
+            os.rename(tmp, root)
+        fcntl.flock(readers, fcntl.LOCK_SH)  # this process reads the set from now on
+        _READ_LOCKS[root] = readers
 
 
 def audio_config(args):
@@ -171,7 +189,10 @@ def build_datasets(args):
     if getattr(args, "in_memory", False):
         return in_memory_datasets(args.dataset, audio_cfg, n_frames, size)
     root = os.path.join(args.data_root, facts["subdir"])
-    if args.dataset == "synthetic":
+    if args.dataset == "synthetic":  # under torchrun rank 0 writes it first, the other processes wait for it
+        if distributed.is_main():
+            ensure_synthetic(root)
+        distributed.barrier()
         ensure_synthetic(root)
     sets = []
     for split, train in (("train", True), ("test", False)):

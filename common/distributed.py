@@ -87,6 +87,12 @@ def init(args):
     atexit.register(lambda: dist.destroy_process_group() if active() else None)
 
 
+def barrier():
+    """Wait until every process gets here; no-op in one process."""
+    if active():
+        dist.barrier()
+
+
 def _comm_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

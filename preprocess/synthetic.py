@@ -18,6 +18,8 @@ Modality imbalance by construction:
 """
 
 import argparse
+import fcntl
+import os
 
 from common.synthetic import DEFAULTS, EMOTIONS, class_colours, generate, make_audio, make_frame, write_wav
 
@@ -40,6 +42,12 @@ if __name__ == "__main__":
     p.add_argument("--uninformative-audio", type=float, default=0.3, help="share of clips whose audio is noise only")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     a = p.parse_args()
-    meta = generate(a.out, a.n_train, a.n_test, a.n_classes, a.sample_rate, a.audio_seconds, a.frame_px, a.min_frames,
-                    a.max_frames, a.audio_snr, a.visual_strength, a.uninformative_audio, a.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(f"{a.out}.readers", "a") as readers:  # the lock every run reading this set holds (common/data.py)
+        try:
+            fcntl.flock(readers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: a run is reading {a.out}; wait for it to end, or pass another --out") from None
+        meta = generate(a.out, a.n_train, a.n_test, a.n_classes, a.sample_rate, a.audio_seconds, a.frame_px,
+                        a.min_frames, a.max_frames, a.audio_snr, a.visual_strength, a.uninformative_audio, a.seed)
     print(f"wrote {meta['n_train']} train and {meta['n_test']} test clips to {a.out}")
