@@ -71,9 +71,10 @@ def clip_frames(clip):
     )
 
 
-def _init(audio_cfg, audio_dir, frames_dir, side, threads):
-    if threads:
-        torch.set_num_threads(threads)
+def _init(audio_cfg, audio_dir, frames_dir, side):
+    # one intra-op thread, always: the cached spectrograms are then bitwise those a one-thread reader computes
+    # (docs/distributed.md); more threads may round the resampler/STFT differently on some CPUs
+    torch.set_num_threads(1)
     _WORKER.update(audio=AudioPipeline(audio_cfg), audio_dir=audio_dir, frames_dir=frames_dir, side=side)
 
 
@@ -153,7 +154,7 @@ def main(argv=None):
         for tmp in glob.glob(os.path.join(folder, "*.tmp")):  # left by an interrupted run
             os.remove(tmp)
     audio_dir = metas["audio"][0] if "audio" in metas else None
-    init = (cfg, audio_dir, metas["frames"][0], a.frame_side, 1 if a.workers > 1 else 0)
+    init = (cfg, audio_dir, metas["frames"][0], a.frame_side)
     counts = {kind: {"written": 0, "present": 0, "failed": 0} for kind in metas}
     errors = []
     with Pool(a.workers, initializer=_init, initargs=init) if a.workers > 1 else contextlib.nullcontext() as pool:

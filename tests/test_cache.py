@@ -2,6 +2,7 @@
 sorted order, resumable and atomic writes, the one-line start-up errors, and a script run end to end."""
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -48,8 +49,21 @@ def copy(cached, tmp_path):
     return tmp_path / "data"
 
 
+@contextlib.contextmanager
+def threads(n):
+    """The reader's intra-op thread count for the block (the cache writer always uses one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("pipeline", ["synthetic", "cremad", "pkl1004", "fbank"])
 def test_cached_spectrogram_equals_the_live_one(cached, pipeline):
+    """Bitwise at the writer's thread count (one); within 1e-5 of the largest value at two threads, where the
+    resampler and STFT may round differently (on this project's CI machine they happen to agree bitwise too)."""
     flags = [] if pipeline == "synthetic" else ["--audio-pipeline", pipeline]
     write_cache(cached, "--frame-side", 24, *flags)
     kw = {} if pipeline == "synthetic" else {"audio_pipeline": pipeline}
@@ -58,8 +72,13 @@ def test_cached_spectrogram_equals_the_live_one(cached, pipeline):
     for ds, dc in zip(live[:2], hit[:2]):
         assert dc.audio_cache is not None and len(ds) == len(dc)
         for i in range(len(ds)):
-            a, b = ds[i][0], dc[i][0]
+            b = dc[i][0]
+            with threads(1):
+                a = ds[i][0]
             assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), (pipeline, ds.train, i)
+            with threads(2):
+                a2 = ds[i][0]
+            assert (a2 - b).abs().max() <= 1e-5 * b.abs().max(), (pipeline, ds.train, i)
 
 
 def test_side_0_items_equal_the_uncached_ones(cached):
@@ -67,10 +86,11 @@ def test_side_0_items_equal_the_uncached_ones(cached):
     hit = build_datasets(data_args(cached, cache=True, cache_frame_side=0))
     for ds, dc in zip(live[:2], hit[:2]):
         for i in (0, 5, len(ds) - 1):
-            torch.manual_seed(i)
-            a = ds[i]
-            torch.manual_seed(i)
-            b = dc[i]
+            with threads(1):
+                torch.manual_seed(i)
+                a = ds[i]
+                torch.manual_seed(i)
+                b = dc[i]
             assert all(torch.equal(x, y) for x, y in zip(a, b)), (ds.train, i)
 
 
@@ -198,10 +218,11 @@ def test_flat_layout_three_frames_exact_at_side_0(tmp_path):
     for ds, dc in zip(live[:2], hit[:2]):
         assert dc.audio_cache and dc.frame_cache
         for i in range(len(ds)):
-            torch.manual_seed(7 + i)
-            a = ds[i]
-            torch.manual_seed(7 + i)
-            b = dc[i]
+            with threads(1):
+                torch.manual_seed(7 + i)
+                a = ds[i]
+                torch.manual_seed(7 + i)
+                b = dc[i]
             assert a[1].shape[1] == 3 and all(torch.equal(x, y) for x, y in zip(a, b)), (ds.train, i)
 
 
