@@ -1,6 +1,7 @@
 """Audio: the spectrogram pipelines of every dataset (docs/data.md, "Audio") and a PCM wav reader."""
 
 import math
+import os
 import wave
 from dataclasses import dataclass
 
@@ -65,13 +66,44 @@ def read_wav(path):
     return x, sr
 
 
-def wav_info(path):
-    """(sample_rate, n_samples) from the header, or raise ValueError naming the file."""
+def _data_chunk(f):
+    """(offset, declared size) of the `data` chunk of an open RIFF/WAVE file, reading only the chunk headers."""
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    while True:
+        h = f.read(8)
+        if len(h) < 8:
+            return None
+        size = int.from_bytes(h[4:8], "little")
+        if h[:4] == b"data":
+            return f.tell(), size
+        f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even length
+
+
+def check_wav(path):
+    """Start-up check of a wav, headers only: None if read_wav can read it whole, else the reason to skip it:
+    "empty wav" (zero bytes or no samples), "unreadable wav" (no RIFF/WAVE header, not PCM, an unsupported sample
+    width) or "truncated wav" (the data chunk declares more bytes than the file holds)."""
     try:
-        with wave.open(str(path), "rb") as w:
-            return w.getframerate(), w.getnframes()
-    except (wave.Error, EOFError, OSError) as e:
-        raise ValueError(f"{path}: unreadable wav ({e})") from e
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return "empty wav"
+            with wave.open(f) as w:  # what read_wav accepts
+                width, n = w.getsampwidth(), w.getnframes()
+            f.seek(0)
+            chunk = _data_chunk(f)
+    except (wave.Error, EOFError, OSError):
+        return "unreadable wav"
+    if width not in (1, 2, 3, 4) or chunk is None:
+        return "unreadable wav"
+    if n == 0:
+        return "empty wav"
+    offset, declared = chunk
+    if declared != 0xFFFFFFFF and offset + declared > size:  # 0xFFFFFFFF: streamed, length unknown (reads to the end)
+        return "truncated wav"
+    return None
 
 
 def _tukey(n, alpha=0.25):

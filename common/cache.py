@@ -3,8 +3,11 @@ runs before reading it (preprocess/cache.py writes it; docs/data.md, "Cache").""
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict
+
+import numpy as np
 
 from common.audio import AudioConfig
 
@@ -78,3 +81,28 @@ def check_cache(args, root, audio_name, audio_cfg, clips):
             f"the cache is stale (or these clips failed to cache): update it with `{cmd}`"
         )
     return by_kind["audio"][0] if "audio" in by_kind else None, by_kind["frames"][0]
+
+
+def check_entry(path, kind, n_frames=1):
+    """Start-up check of one cache entry, its .npy header only: None if it looks whole, else the reason to skip its
+    clip: "empty cache entry", "corrupt cache entry" (not an .npy file, or not the array its kind holds: float32
+    (F, T) audio, uint8 (n, H, W, 3) frames with n >= n_frames) or "truncated cache entry" (shorter than its
+    header says)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return "empty cache entry"
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, _, dtype = read[version](f)
+            offset = f.tell()
+    except (OSError, ValueError, KeyError, SyntaxError):
+        return "corrupt cache entry"
+    if kind == "audio":
+        ok = dtype == np.float32 and len(shape) == 2
+    else:
+        ok = dtype == np.uint8 and len(shape) == 4 and shape[3] == 3 and shape[0] >= n_frames
+    if not ok:
+        return "corrupt cache entry"
+    return "truncated cache entry" if size < offset + math.prod(shape) * dtype.itemsize else None

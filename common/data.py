@@ -11,6 +11,8 @@ import json
 import os
 import random
 import shutil
+import warnings
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -19,12 +21,13 @@ from PIL import Image
 
 from common import distributed
 from common.audio import AUDIO_PIPELINES, AudioConfig, AudioPipeline, read_wav
-from common.cache import check_cache
+from common.cache import check_cache, check_entry
 from common.frames import FrameConfig, FrameTransform, list_frames, load_image, select_frames
 from common.splits import (
     CREMAD_LABELS,
     KS_CLASSES,
     Clip,
+    SkippedClipsWarning,
     cremad_clips,
     flat_clips,
 )
@@ -33,25 +36,97 @@ from common.splits import (
 # ---------------------------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------------------------
+class LoadFailedWarning(UserWarning):
+    """A clip that passed the start-up check failed to load and was replaced by the next clip (docs/data.md)."""
+
+
+class AllClipsFailedError(SystemExit, Exception):
+    """Every clip of a split failed to load: a one-line exit, also from a DataLoader worker. It is an Exception so
+    the worker hands it to the main process, and a SystemExit there so the script exits without a traceback."""
+
+    def __init__(self, msg):
+        if "\n" in msg:  # re-raised by the DataLoader as type(e)(its text + the worker's traceback): keep our line
+            msg = msg.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(msg)
+
+
+_LIVE = weakref.WeakSet()  # every AVDataset of this process: runs.Run counts their failed loads per epoch
+
+
 class AVDataset(torch.utils.data.Dataset):
     """Clips already paired by id; returns (spec (F, T), frames (3, T_f, H, W), label).
 
-    `audio_cache` / `frame_cache`: folders written by `python -m preprocess.cache` (--cache); the spectrogram is
-    then read from `<audio_cache>/<id>.npy`, the frames from the rows of `<frame_cache>/<id>.npy`.
+    `audio_cache` / `frame_cache`: folders written by `python -m preprocess.cache` (--cache, set by `use_cache`); the
+    spectrogram is then read from `<audio_cache>/<id>.npy`, the frames from the rows of `<frame_cache>/<id>.npy`.
+    A clip that fails to load is replaced by the next one that loads (`load_failures` counts the failures per clip,
+    in shared memory, so DataLoader workers count into the main process).
     """
 
     def __init__(self, clips, audio_cfg: AudioConfig, frame_cfg: FrameConfig, train: bool, class_names=None,
                  audio_cache=None, frame_cache=None):
-        self.clips, self.train, self.class_names = list(clips), train, class_names
+        self.clips, self.train, self.class_names = clips, train, class_names
         self.audio, self.frame_cfg, self.frames_tf = AudioPipeline(audio_cfg), frame_cfg, FrameTransform(frame_cfg)
         self.audio_cache, self.frame_cache = audio_cache, frame_cache
         self.skipped = {}  # reason -> list of clip ids, filled by the index builders
+        _LIVE.add(self)
+
+    @property
+    def clips(self):
+        return self._clips
+
+    @clips.setter
+    def clips(self, clips):
+        self._clips = list(clips)
+        # created before any worker starts: workers (forked or spawned) add to the same memory the main process reads
+        self.load_failures = torch.zeros(len(self._clips), dtype=torch.int32).share_memory_()
+
+    def use_cache(self, audio_cache, frame_cache):
+        """Read from the cache folders (entries checked present by common/cache.py check_cache); clips whose entries
+        fail the header check (check_entry) are dropped, counted in one SkippedClipsWarning."""
+        bad, n_frames = {}, self.frame_cfg.n_frames
+        for c in self.clips:
+            for kind, folder in (("audio", audio_cache), ("frames", frame_cache)):
+                problem = folder and check_entry(os.path.join(folder, f"{c.clip_id}.npy"), kind, n_frames)
+                if problem:
+                    bad.setdefault(problem, []).append(c.clip_id)
+                    break
+        if bad:
+            drop = {i for ids in bad.values() for i in ids}
+            parts = "; ".join(f"{k}: {len(v)} (first: {', '.join(v[:3])})" for k, v in bad.items())
+            warnings.warn(f"--cache: skipped {len(drop)} of {len(self.clips)} {'training' if self.train else 'test'} "
+                          f"clips ({parts}); re-run `python -m preprocess.cache` with the same flags to rewrite them",
+                          SkippedClipsWarning, stacklevel=3)
+            if len(drop) == len(self.clips):
+                raise SystemExit(f"--cache: every entry of the {'training' if self.train else 'test'} clips is "
+                                 "damaged; delete the cache folders and run `python -m preprocess.cache` again")
+            self.clips = [c for c in self.clips if c.clip_id not in drop]
+            for k, v in bad.items():
+                self.skipped.setdefault(k, []).extend(v)
+        self.audio_cache, self.frame_cache = audio_cache, frame_cache
 
     def __len__(self):
-        return len(self.clips)
+        return len(self._clips)
 
     def __getitem__(self, i):
-        c = self.clips[i]
+        """Clip i, or, if it fails to load, the next clip (i + 1, i + 2, ... wrapping) that loads: a deterministic
+        choice, so runs stay reproducible. Each failure is counted in `load_failures` and warned once per process."""
+        n, first = len(self._clips), None
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                return self.load(j)
+            except Exception as e:  # any failure of this clip's files; a bug would fail every clip (below)
+                self.load_failures[j] += 1
+                err = " ".join(f"{type(e).__name__}: {e}".split())
+                first = first or f"{self._clips[j].clip_id}: {err}"
+                warnings.warn(f"clip {self._clips[j].clip_id} failed to load ({err}); replaced by the next clip",
+                              LoadFailedWarning, stacklevel=2)
+        raise AllClipsFailedError(f"all {n} {'training' if self.train else 'test'} clips failed to load (first: "
+                                  f"{first}); check the dataset files and the image/audio libraries")
+
+    def load(self, i):
+        """Clip i as (spec, frames, label); raises whatever reading its files raises."""
+        c = self._clips[i]
         if self.audio_cache:
             spec = torch.from_numpy(np.load(os.path.join(self.audio_cache, f"{c.clip_id}.npy")))
         else:
@@ -66,6 +141,22 @@ class AVDataset(torch.utils.data.Dataset):
             idx = select_frames(len(names), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
             images = [load_image(os.path.join(c.frame_dir, names[k])) for k in idx]
         return spec, self.frames_tf(images, self.train), torch.tensor(c.label, dtype=torch.long)
+
+
+def load_failure_counts():
+    """{dataset: its per-clip failed-load counts so far} for every AVDataset of this process (runs.Run, per epoch)."""
+    return {ds: ds.load_failures.clone() for ds in list(_LIVE)}
+
+
+def load_failures_since(before):
+    """(failed loads since the `load_failure_counts()` snapshot `before`, ids of the clips that failed)."""
+    n, ids = 0, []
+    for ds in list(_LIVE):
+        now, old = ds.load_failures, before.get(ds)
+        delta = now - old if old is not None and old.shape == now.shape else now
+        n += int(delta.sum())
+        ids += [ds.clips[k].clip_id for k in delta.nonzero().flatten().tolist()]
+    return n, ids
 
 
 # dataset name -> facts and default loader parameters (docs/data.md)
@@ -208,7 +299,7 @@ def build_datasets(args):
     if getattr(args, "cache", False):
         audio_dir, frames_dir = check_cache(args, root, audio_name, audio_cfg, sets[0].clips + sets[1].clips)
         for ds in sets:
-            ds.audio_cache, ds.frame_cache = audio_dir, frames_dir
+            ds.use_cache(audio_dir, frames_dir)
     return sets[0], sets[1], sets[0].class_names
 
 

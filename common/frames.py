@@ -77,6 +77,35 @@ def load_image(path):
         ) from e
 
 
+# start and end markers of the frame files list_frames accepts; the end marker is looked for in the file's last
+# TAIL bytes (writers end a JPEG at its EOI marker, a few pad bytes after it are tolerated)
+_MARKERS = {".jpg": (b"\xff\xd8", b"\xff\xd9"), ".jpeg": (b"\xff\xd8", b"\xff\xd9"),
+            ".png": (b"\x89PNG\r\n\x1a\n", b"IEND")}
+TAIL = 1024
+
+
+def check_image(path):
+    """Start-up check of a frame file, without decoding it: None if it looks whole, else the reason to skip its
+    clip: "empty frame file" (zero bytes), "corrupt frame" (no JPEG SOI / PNG signature at the start, or
+    unreadable) or "truncated frame" (no JPEG EOI / PNG IEND marker near the end)."""
+    start, end = _MARKERS[os.path.splitext(path)[1].lower()]
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, len(start), 0)
+            tail = os.pread(fd, TAIL, max(len(start), size - TAIL))
+        finally:
+            os.close(fd)
+    except OSError:
+        return "corrupt frame"
+    if size == 0:
+        return "empty frame file"
+    if head != start:
+        return "corrupt frame"
+    return None if end in tail else "truncated frame"
+
+
 def list_frames(frame_dir):
     if not os.path.isdir(frame_dir):
         return []

@@ -8,13 +8,14 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from common import distributed
-from common.data import add_data_args
+from common.data import LoadFailedWarning, add_data_args, load_failure_counts, load_failures_since
 
 # flags that describe *how* to run, not *what* to train: on --resume/--eval-only these come from the command line
 OPERATIONAL_FLAGS = {"resume", "stop_after_epochs", "eval_only", "checkpoint", "device", "num_workers", "data_root",
@@ -130,6 +131,7 @@ class Run:
 
     def begin_epoch(self):
         self.t0, self.sums, self.n_steps, self.n_samples = time.time(), {}, 0, 0
+        self.load_failures = load_failure_counts()  # data/replaced_clips: the clips that fail to load from here
 
     def log_step(self, stats, n_samples):
         """Add one step's logged values (averaged over the epoch's steps) and its batch size (throughput)."""
@@ -150,6 +152,14 @@ class Run:
         `state`) atomically, print, and exit after --stop-after-epochs epochs of this process."""
         metrics.update({"charts/lr": self.lr, "charts/samples_per_sec": self.n_samples / max(self.train_time, 1e-9),
                         "charts/epoch_time": time.time() - self.t0})
+        # clips that failed to load in this epoch's training and evaluation, each replaced by the next clip (summed
+        # over processes; DataLoader workers count into shared memory)
+        replaced, ids = load_failures_since(self.load_failures)
+        metrics["data/replaced_clips"] = int(distributed.all_reduce_sum([float(replaced)])[0])
+        if metrics["data/replaced_clips"] and distributed.is_main():
+            warnings.warn(f"epoch {epoch}: replaced {metrics['data/replaced_clips']} clips that failed to load by the "
+                          f"next clip (first: {', '.join(ids[:3])}); fix or remove their files", LoadFailedWarning,
+                          stacklevel=2)
         self.history.append({"epoch": epoch, **metrics})
         self.logger.log_epoch(epoch, metrics)
         acc, best_acc = metrics["test/acc"], None if self.best is None else self.best["test/acc"]

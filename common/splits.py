@@ -1,13 +1,14 @@
 """Split indexing: the class lists, the split files of each layout (CREMA-D, flat) and the clips they name,
-paired by id and checked on disk; a skipped clip is counted in one warning (docs/data.md)."""
+paired by id and checked on disk (file headers only, nothing decoded); a skipped clip is counted in one warning
+(docs/data.md)."""
 
 import csv
 import os
 import warnings
 from dataclasses import dataclass
 
-from common.audio import wav_info
-from common.frames import list_frames
+from common.audio import check_wav
+from common.frames import check_image, list_frames
 
 CREMAD_LABELS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # fixed order (docs/data.md)
 KS_CLASSES = [
@@ -45,7 +46,8 @@ def read_rows(path):
 
 
 def index_clips(rows, split_path, label_of, wav_of, frames_of, n_frames):
-    """Pair audio and frames by clip id; drop (with a counted warning) clips whose files are missing or short."""
+    """Pair audio and frames by clip id; drop (with one warning counting each reason) clips whose files are missing,
+    short, or fail the start-up check of their headers (common/audio.py check_wav, common/frames.py check_image)."""
     clips, skipped, seen = [], {}, set()
     for line, row in rows:
         clip_id, label = label_of(line, row)
@@ -57,20 +59,21 @@ def index_clips(rows, split_path, label_of, wav_of, frames_of, n_frames):
         if not os.path.isfile(wav):
             skipped.setdefault("missing wav", []).append(clip_id)
             continue
-        try:
-            sr, n = wav_info(wav)
-        except ValueError:
-            skipped.setdefault("unreadable wav", []).append(clip_id)
+        problem = check_wav(wav)  # header, sample width and declared length against the file size
+        if problem:
+            skipped.setdefault(problem, []).append(clip_id)
             continue
-        if n == 0:
-            skipped.setdefault("empty wav", []).append(clip_id)
-            continue
-        n_found = len(list_frames(frame_dir))
-        if n_found == 0:
+        names = list_frames(frame_dir)
+        if not names:
             skipped.setdefault("missing frames", []).append(clip_id)
             continue
-        if n_found < n_frames:
+        if len(names) < n_frames:
             skipped.setdefault(f"fewer than {n_frames} frames", []).append(clip_id)
+            continue
+        # every frame file, not only those this split draws: the clip set never depends on the frame flags
+        problem = next((p for p in (check_image(os.path.join(frame_dir, n)) for n in names) if p), None)
+        if problem:
+            skipped.setdefault(problem, []).append(clip_id)
             continue
         assert os.path.splitext(os.path.basename(wav))[0] == os.path.basename(os.path.normpath(frame_dir)) == clip_id
         clips.append(Clip(clip_id, wav, frame_dir, label))

@@ -14,9 +14,9 @@ writes, under <data-root>/<dataset>/cache/:
                                            antialias; smaller frames are kept as they are). --frame-side 0 keeps the
                                            decoded frames, which makes the cache exact.
     meta.json in each folder               what was cached; the loader checks it against its flags.
-Resumable (existing entries are skipped); each entry is written to a temporary name and renamed; parallel; the
-written / already present / failed entries are counted at the end. After re-running a dataset's preprocess step,
-delete <dataset>/cache/.
+Resumable (existing entries are skipped; damaged ones, per common/cache.py check_entry, are written again); each
+entry is written to a temporary name and renamed; parallel; the written / already present / failed entries are
+counted at the end. After re-running a dataset's preprocess step, delete <dataset>/cache/.
 """
 
 import argparse
@@ -33,7 +33,7 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
-from common.cache import cache_folders
+from common.cache import cache_folders, check_entry
 from common.data import DATASETS, add_data_args, audio_config, build_datasets
 from common.frames import list_frames, load_image
 
@@ -88,7 +88,7 @@ def cache_clip(clip):
         if folder is None:
             continue
         path = os.path.join(folder, f"{clip.clip_id}.npy")
-        if os.path.isfile(path):
+        if os.path.isfile(path) and check_entry(path, kind) is None:  # a damaged entry is written again
             out.append((kind, "present", None))
             continue
         try:

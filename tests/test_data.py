@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
-from common.data import add_data_args, build_datasets
+from common.data import LoadFailedWarning, add_data_args, build_datasets
 from common.frames import select_frames
 from common.splits import SkippedClipsWarning
 from preprocess.synthetic import class_colours, generate, make_frame, write_wav
@@ -237,7 +237,10 @@ def test_unreadable_jpeg_names_the_file(cremad_root):
     for f in os.listdir(train.clips[0].frame_dir):
         (root / "Image-01-FPS" / train.clips[0].clip_id / f).write_bytes(b"\xff\xd8garbage")
     with pytest.raises(ValueError, match=r"\.jpg: unreadable image"):
+        train.load(0)
+    with pytest.warns(LoadFailedWarning, match=r"\.jpg: unreadable image"):  # the loader replaces it by clip 1
         train[0]
+    assert train.load_failures.tolist() == [1, 0, 0, 0]
 
 
 def test_unknown_label(cremad_root):
