@@ -1,5 +1,6 @@
 """AUG (aug.py): the properties listed in docs/aug.md (Tests), on CPU with tiny tensors and tiny synthetic data."""
 
+import copy
 import json
 import os
 import runpy
@@ -46,7 +47,11 @@ def batch(seed=0):
 
 
 def clone_params(module):
-    return [p.detach().clone() for p in module.parameters()]
+    return clone_params_of(module.parameters())
+
+
+def clone_params_of(params):
+    return [p.detach().clone() for p in params]
 
 
 def same(a, b):
@@ -129,16 +134,27 @@ def test_shared_head_parameter_counts_and_roles():
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
 
 
-def test_ensemble_output_is_sum_of_classifier_logits():
-    _, model, _ = setup()
-    u = torch.randn(B, 512)
-    for n in (1, 2, 3):
+def test_ensemble_output_on_a_hand_computed_example():
+    """dim 2, hidden 2, 2 classes, identity encoders; numbers worked out by hand. h = identity + bias (0.5, -0.5).
+    u = (1, -2). L_1 = identity: ReLU(1, -2) = (1, 0), q_1 = (1.5, -0.5). L_2 swaps: ReLU(-2, 1) = (0, 1),
+    q_2 = (0.5, 0.5), P = (2, 0). L_3 = 0: q_3 = h(0) = (0.5, -0.5), P = (2.5, -0.5). Audio keeps one classifier."""
+    model = aug.AUGClassifier(torch.nn.Identity(), torch.nn.Identity(), 2, dim=2, hidden=2)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.eye(2))
+        model.head.bias.copy_(torch.tensor([0.5, -0.5]))
+        for layer in (model.audio_classifiers[0], model.visual_classifiers[0]):
+            layer.weight.copy_(torch.eye(2))
+            layer.bias.zero_()
+    u = torch.tensor([[1.0, -2.0]])
+    expected = [[1.5, -0.5], [2.0, 0.0], [2.5, -0.5]]
+    for n, (weight, p) in enumerate(zip([None, [[0.0, 1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], expected)):
+        if weight is not None:
+            with torch.no_grad():
+                aug.add_classifier(model, "visual").weight.copy_(torch.tensor(weight))
         logits = model.classifier_logits(u, "visual")
-        assert len(logits) == n
-        manual = [model.head(F.relu(layer(u))) for layer in model.visual_classifiers]
-        assert torch.allclose(sum(logits), sum(manual), atol=1e-6)
-        aug.add_classifier(model, "visual")
-    assert len(model.classifier_logits(u, "audio")) == 1
+        assert len(logits) == n + 1
+        assert torch.allclose(sum(logits), torch.tensor([p]))
+    assert torch.allclose(sum(model.classifier_logits(u, "audio")), torch.tensor([[1.5, -0.5]]))
 
 
 def test_added_classifier_init():
@@ -229,32 +245,59 @@ def test_alternation_visual_sees_h_after_audio_step():
     assert same(events[2][2], visual0)  # the audio step leaves the visual encoder (computed before it) unchanged
 
 
-def test_no_cross_modal_gradient_and_legacy_zero_grad():
-    args, model, opt = setup()
-    audio_side = list(model.audio_net.parameters()) + list(model.audio_classifiers[0].parameters())
-    visual_side = list(model.visual_net.parameters()) + list(model.visual_classifiers[0].parameters())
-    seen = []
-    opt.register_step_pre_hook(lambda o, a, k: seen.append((all(p.grad is not None for p in audio_side),
-                                                            all(p.grad is None for p in audio_side),
-                                                            all(p.grad is not None for p in visual_side),
-                                                            all(p.grad is None for p in visual_side))))
-    for s in range(2):
+def record_steps(model, opt):
+    """Per optimizer step: the audio side's and the visual side's parameters before and after it, their gradients as
+    the step sees them ("none", "zero" or "grad" per side) and the audio side's momentum buffers before it."""
+    audio = list(model.audio_net.parameters()) + list(model.audio_classifiers[0].parameters())
+    visual = list(model.visual_net.parameters()) + list(model.visual_classifiers[0].parameters())
+    log = []
+
+    def grads(params):
+        kinds = {"none" if p.grad is None else "zero" if not p.grad.any() else "grad" for p in params}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def pre(o, a, k):
+        buf = [o.state[p]["momentum_buffer"].clone() if "momentum_buffer" in o.state[p] else None for p in audio]
+        log.append({"grads": (grads(audio), grads(visual)), "audio": clone_params_of(audio), "buf": buf,
+                    "visual": clone_params_of(visual)})
+
+    def post(o, a, k):
+        log[-1].update(audio_after=clone_params_of(audio), visual_after=clone_params_of(visual))
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(post)
+    return log
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_cross_modal_updates_with_and_without_legacy_zero_grad(legacy):
+    """Default: no step moves the other modality. --legacy-zero-grad (the release on PyTorch 1.11): the audio gradients
+    are zeroed, not deleted, after the audio step, so the visual step gives the audio side a momentum and weight-decay
+    update (p <- p - lr (momentum buf + wd p)); every gradient is deleted at the end of the batch, so the audio step
+    never moves the visual side, in the first iteration or any later one."""
+    args, model, opt = setup(*(["--legacy-zero-grad"] if legacy else []))
+    group = opt.param_groups[0]
+    lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+    log = record_steps(model, opt)
+    for s in range(3):
         step(model, opt, *batch(s), args)
-    assert seen == [(True, False, False, True), (False, True, True, False)] * 2
-    assert all(p.grad is None for p in model.parameters())  # cleared after the step
-    # --legacy-zero-grad (PyTorch 1.11 zero_grad): the audio side moves in the visual step (momentum and weight decay)
-    args, model, opt = setup("--legacy-zero-grad")
-    snaps = []
-    opt.register_step_post_hook(lambda o, a, k: snaps.append(clone_params(model.audio_net)))
-    for s in range(2):  # the second step also moves visual parameters saved for the visual backward
-        step(model, opt, *batch(s), args)
-    assert not same(snaps[0], snaps[1]) and not same(snaps[2], snaps[3])
-    args, model, opt = setup()  # and without the flag it does not
-    snaps = []
-    opt.register_step_post_hook(lambda o, a, k: snaps.append(clone_params(model.audio_net)))
-    for s in range(2):
-        step(model, opt, *batch(s), args)
-    assert same(snaps[0], snaps[1]) and same(snaps[2], snaps[3])
+        assert all(p.grad is None for p in model.parameters())  # deleted at the end of every batch
+    assert len(log) == 6
+    for i in range(3):
+        a_step, v_step = log[2 * i], log[2 * i + 1]
+        # audio step: the visual side has no gradient and does not move (bitwise), in every iteration
+        assert a_step["grads"] == ("grad", "none"), i
+        assert same(a_step["visual"], a_step["visual_after"]) and not same(a_step["audio"], a_step["audio_after"])
+        assert not same(v_step["visual"], v_step["visual_after"])
+        if not legacy:  # visual step: the audio side has no gradient and does not move
+            assert v_step["grads"] == ("none", "grad"), i
+            assert same(v_step["audio"], v_step["audio_after"]), i
+            continue
+        # visual step: zero audio gradients, so SGD applies momentum and weight decay alone to the audio side
+        assert v_step["grads"] == ("zero", "grad"), i
+        assert not same(v_step["audio"], v_step["audio_after"]), i
+        for p, buf, after in zip(v_step["audio"], v_step["buf"], v_step["audio_after"]):
+            torch.testing.assert_close(after, p - lr * (momentum * buf + wd * p), rtol=1e-6, atol=1e-9)
 
 
 def test_step_callbacks_run_sync_grads_and_clipping():
@@ -315,13 +358,50 @@ def test_confidence_sums_match_train_mode_forward_at_lr0():
     assert total["visual"] != pytest.approx(total["audio"])
 
 
+def train_mode_scores(model, audio, visual, y, source="ensemble"):
+    """Both modalities' summed true-class scores from a train-mode forward pass of a copy of the model as it is now
+    (a copy, so its BatchNorm statistics stay those of the run): softmax(sum_j q_j)[y] or sum_j softmax(q_j)[y]."""
+    ref = copy.deepcopy(model).train()
+    out = {}
+    with torch.no_grad():
+        for m, x, net in (("audio", audio, ref.audio_net), ("visual", visual, ref.visual_net)):
+            u = net(x)
+            qs = [ref.head(F.relu(layer(u))) for layer in ref.classifiers(m)]
+            p = torch.softmax(sum(qs), 1) if source == "ensemble" else sum(torch.softmax(q, 1) for q in qs)
+            out[m] = p.gather(1, y[:, None]).sum().item()
+    return out
+
+
+def test_confidence_scores_are_taken_before_each_step():
+    """The release scores each modality on the logits its own step used: audio before the audio step, visual after
+    the audio step (so with its h) and before the visual step. At LR 0.1 one step changes the scores visibly."""
+    args, model, opt = setup()
+    for group in opt.param_groups:
+        group["lr"] = 0.1
+    aug.add_classifier(model, "visual")
+    audio, visual, y = batch(0)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(train_mode_scores(model, audio, visual, y)))
+    opt.register_step_post_hook(lambda o, a, k: seen.append(train_mode_scores(model, audio, visual, y)))
+    out = step(model, opt, audio, visual, y, args)
+    before_audio, after_audio, before_visual, after_visual = seen
+    assert out["audio"][2] == pytest.approx(before_audio["audio"], abs=1e-5)
+    assert out["visual"][2] == pytest.approx(before_visual["visual"], abs=1e-5)
+    assert abs(after_audio["audio"] - before_audio["audio"]) > 1e-3  # the test can tell before from after
+    assert abs(after_visual["visual"] - before_visual["visual"]) > 1e-3
+    assert abs(before_visual["visual"] - before_audio["visual"]) > 1e-3  # the audio step's h counts for visual
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # inference fusion and the unimodal metrics
 # ---------------------------------------------------------------------------------------------------------------
 def test_merge_logits_and_unimodal_metrics():
-    p_a, p_v = torch.randn(5, C), torch.randn(5, C)
-    assert torch.allclose(aug.merge_logits(p_a, p_v, 0.4), 0.4 * p_a + 0.6 * p_v)
-    assert torch.equal(aug.merge_logits(p_a, p_v, 1.0), p_a)
+    # fusion by hand: audio says class 0 (2 vs 0), visual class 1 (0 vs 1.5). alpha 0.4: (0.8, 0.9) -> class 1;
+    # alpha 0.5: (1.0, 0.75) -> class 0; alpha 1: audio alone, alpha 0: visual alone
+    p_a, p_v = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.5]])
+    assert torch.allclose(aug.merge_logits(p_a, p_v, 0.4), torch.tensor([[0.8, 0.9]]))
+    assert [aug.merge_logits(p_a, p_v, alpha).argmax(1).item() for alpha in (0.4, 0.5)] == [1, 0]
+    assert torch.equal(aug.merge_logits(p_a, p_v, 1.0), p_a) and torch.equal(aug.merge_logits(p_a, p_v, 0.0), p_v)
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1],
                           [0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.5, 0.1, 0.4]])
     y = torch.tensor([0, 0, 1, 1, 2, 2]).numpy()
