@@ -358,17 +358,18 @@ def test_confidence_sums_match_train_mode_forward_at_lr0():
     assert total["visual"] != pytest.approx(total["audio"])
 
 
-def train_mode_scores(model, audio, visual, y, source="ensemble"):
-    """Both modalities' summed true-class scores from a train-mode forward pass of a copy of the model as it is now
-    (a copy, so its BatchNorm statistics stay those of the run): softmax(sum_j q_j)[y] or sum_j softmax(q_j)[y]."""
+def train_mode_scores(model, audio, visual, y):
+    """{source: {modality: summed true-class score}} from a train-mode forward pass of a copy of the model as it is
+    now (a copy, so the run's BatchNorm statistics stay untouched): softmax(sum_j q_j)[y] for "ensemble",
+    sum_j softmax(q_j)[y] for "sum-probs"."""
     ref = copy.deepcopy(model).train()
-    out = {}
+    out = {"ensemble": {}, "sum-probs": {}}
     with torch.no_grad():
         for m, x, net in (("audio", audio, ref.audio_net), ("visual", visual, ref.visual_net)):
             u = net(x)
             qs = [ref.head(F.relu(layer(u))) for layer in ref.classifiers(m)]
-            p = torch.softmax(sum(qs), 1) if source == "ensemble" else sum(torch.softmax(q, 1) for q in qs)
-            out[m] = p.gather(1, y[:, None]).sum().item()
+            out["ensemble"][m] = torch.softmax(sum(qs), 1).gather(1, y[:, None]).sum().item()
+            out["sum-probs"][m] = sum(torch.softmax(q, 1) for q in qs).gather(1, y[:, None]).sum().item()
     return out
 
 
@@ -381,8 +382,8 @@ def test_confidence_scores_are_taken_before_each_step():
     aug.add_classifier(model, "visual")
     audio, visual, y = batch(0)
     seen = []
-    opt.register_step_pre_hook(lambda o, a, k: seen.append(train_mode_scores(model, audio, visual, y)))
-    opt.register_step_post_hook(lambda o, a, k: seen.append(train_mode_scores(model, audio, visual, y)))
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(train_mode_scores(model, audio, visual, y)["ensemble"]))
+    opt.register_step_post_hook(lambda o, a, k: seen.append(train_mode_scores(model, audio, visual, y)["ensemble"]))
     out = step(model, opt, audio, visual, y, args)
     before_audio, after_audio, before_visual, after_visual = seen
     assert out["audio"][2] == pytest.approx(before_audio["audio"], abs=1e-5)
@@ -532,6 +533,118 @@ def test_resume_with_added_classifiers(tiny_data, tmp_path, train_new_heads):
     w_added = load(tmp_path / "after_epoch0.pt")["model"]["visual_classifiers.1.weight"]
     # the classifier added after epoch 0 trained during epoch 1 only with --train-new-heads
     assert torch.equal(final["model"]["visual_classifiers.1.weight"], w_added) != train_new_heads
+
+
+def resume(run, tiny_data):
+    old, sys.argv = sys.argv, ["aug.py", "--resume", run, "--no-progress", "--data-root", str(tiny_data)]
+    try:
+        runpy.run_path(os.path.join(ROOT, "aug.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+
+
+def test_resume_when_an_added_head_already_has_momentum(tiny_data, tmp_path):
+    """--train-new-heads: the head added after epoch 0 trains in epoch 1 (momentum buffers in its own param group);
+    stopping after epoch 1 and resuming must end bitwise where the uninterrupted run ends (model and optimizer)."""
+    flags = ["--epochs", 3, "--max-steps", 2, "--aca-check-every", 1, "--aca-tau", -1, "--train-new-heads"]
+    straight = run_inprocess(tmp_path / "straight", tiny_data, *flags)
+    run = run_inprocess(tmp_path / "split", tiny_data, *flags, "--stop-after-epochs", 2)
+    stopped = load(os.path.join(run, "last.pt"))
+    assert stopped["added"] == ["visual", "visual"] and len(stopped["optimizer"]["param_groups"]) == 3
+    head_ids = stopped["optimizer"]["param_groups"][1]["params"]  # the first added head's weight and bias
+    assert all(stopped["optimizer"]["state"][i]["momentum_buffer"].abs().sum() > 0 for i in head_ids)
+    resume(run, tiny_data)
+    a, b = load(os.path.join(straight, "last.pt")), load(os.path.join(run, "last.pt"))
+    assert a["added"] == b["added"] == ["visual", "visual"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]), i
+    assert [r["test/acc"] for r in read_metrics(straight)] == [r["test/acc"] for r in read_metrics(run)]
+
+
+def test_max_classifiers_caps_the_additions_in_the_loop(tiny_data, tmp_path):
+    """tau -1 asks for a visual classifier at every check; --max-classifiers 3 (the first one included) lets two
+    through (after epochs 0 and 1) and refuses the third (after epoch 2); epoch 3 is the last."""
+    run = run_inprocess(tmp_path, tiny_data, "--epochs", 4, "--max-steps", 1, "--aca-check-every", 1, "--aca-tau", -1,
+                        "--max-classifiers", 3)
+    rows = read_metrics(run)
+    assert [r["train/aca_action"] for r in rows] == [1, 1, 0, 0]
+    assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3, 3] and [r["train/coeff_audio"] for r in rows] == [1] * 4
+    assert load(os.path.join(run, "last.pt"))["added"] == ["visual", "visual"]
+
+
+def test_aca_rule_difference_in_the_loop(tiny_data, tmp_path):
+    """The difference rule compares the epoch-mean scores: s_a - sigma s_v against +- tau. sigma 0, tau 0.5: nothing is
+    added while s_a < 0.5 (after two steps it is near chance), where the ratio rule (s_a / s_v > 0.5) or a difference
+    of the sums (8 s_a > 0.5) would add to visual. sigma 10, tau 0.05: s_a - 10 s_v < -0.05, so audio gets one."""
+    flags = ["--epochs", 2, "--max-steps", 2, "--aca-rule", "difference"]
+    run = run_inprocess(tmp_path / "none", tiny_data, *flags, "--aca-sigma", 0, "--aca-tau", 0.5)
+    row = read_metrics(run)[0]
+    s_a, s_v = row["train/score_audio"], row["train/score_visual"]
+    assert s_a < 0.5 and s_a / s_v > 0.5 and 8 * s_a > 0.5  # the premise: the other two readings would add
+    assert row["train/aca_action"] == 0 and load(os.path.join(run, "last.pt"))["added"] == []
+    run = run_inprocess(tmp_path / "audio", tiny_data, *flags, "--aca-sigma", 10, "--aca-tau", 0.05)
+    rows = read_metrics(run)
+    assert rows[0]["train/score_audio"] - 10 * rows[0]["train/score_visual"] < -0.05
+    assert rows[0]["train/aca_action"] == -1 and [r["train/coeff_audio"] for r in rows] == [1, 2]
+    assert load(os.path.join(run, "last.pt"))["added"] == ["audio"]
+
+
+def test_sum_probs_scores_in_the_loop(tiny_data, tmp_path, monkeypatch):
+    """--residual-source sum-probs: the logged scores are the epoch means of sum_j softmax(q_j)[y], recomputed here
+    from a copy of the model right before each step (its batch recorded from the training loader; sync_grads, called
+    after each backward, gives the model). One classifier: the same as the ensemble's score; more: a different one."""
+    import common.data
+    import common.distributed
+
+    epochs, current = [], {}
+    real_loaders, real_sync = common.data.make_loaders, common.distributed.sync_grads
+
+    class Recording:  # the training loader, remembering the batch being trained
+        def __init__(self, loader):
+            self.loader, self.generator, self.sampler = loader, loader.generator, loader.sampler
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            epochs.append({"sum-probs": [0.0, 0.0], "ensemble": [0.0, 0.0], "n": 0, "calls": 0})
+            for b in self.loader:
+                current["batch"] = b
+                yield b
+
+    def make_loaders(*a, **k):
+        train, test = real_loaders(*a, **k)
+        return Recording(train), test
+
+    def sync_grads(model):
+        real_sync(model)
+        e = epochs[-1]
+        spec, frames, y = current["batch"]
+        i = e["calls"] % 2  # 0: the audio step, 1: the visual step
+        if i == 0:
+            e["n"] += y.shape[0]
+        e["calls"] += 1
+        scores = train_mode_scores(model, spec.unsqueeze(1), frames, y)
+        for source in ("sum-probs", "ensemble"):
+            e[source][i] += scores[source][("audio", "visual")[i]]
+
+    monkeypatch.setattr(common.data, "make_loaders", make_loaders)
+    monkeypatch.setattr(common.distributed, "sync_grads", sync_grads)
+    run = run_inprocess(tmp_path, tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1, "--aca-tau", -1,
+                        "--residual-source", "sum-probs")
+    rows = read_metrics(run)
+    assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3] and len(epochs) == 3
+    for row, e in zip(rows, epochs):
+        assert e["calls"] == 4 and e["n"] == 8
+        for i, m in enumerate(("audio", "visual")):
+            assert row[f"train/score_{m}"] == pytest.approx(e["sum-probs"][i] / e["n"], rel=1e-5), (row["epoch"], m)
+        assert e["sum-probs"][0] == pytest.approx(e["ensemble"][0], rel=1e-5)  # audio keeps one classifier
+        if row["train/coeff_visual"] > 1:
+            assert abs(e["sum-probs"][1] - e["ensemble"][1]) > 1e-3 * e["n"]
 
 
 def test_imbalance_first_check_adds_to_visual(tmp_path):
