@@ -8,7 +8,6 @@ and every E // 10 epochs, adaptive classifier assignment (ACA) appends a classif
 Test-time fusion: z = 0.4 P_a + 0.6 P_v. `diff baseline.py aug.py` shows it.
 """
 
-import contextlib
 import random
 
 import numpy as np
@@ -24,7 +23,7 @@ from common.models import AudioEncoder, VisualEncoder, init_weights
 
 
 # ALGO LOGIC BLOCK: AUG (NeurIPS 2025 paper): the classifiers, the boosting loss, the step and ACA.
-# Needs only contextlib and torch: copy it as is.
+# Needs only torch: copy it as is.
 class AUGClassifier(nn.Module):
     """Roles: `audio_net`, `visual_net` (any encoders giving (B, dim) features), the per-modality lists of first
     layers `audio_classifiers` / `visual_classifiers` (L_j: dim -> hidden; [0] is the release's embedding_a /
@@ -97,23 +96,23 @@ def aug_step(model, optimizer, audio, visual, label, lam, source="ensemble", cli
     run(fn) = fn(model) by default (e.g. under autocast); sync_grads(model), if given, follows each backward pass
     (with several processes: average the gradients, as DDP would; two optimizer steps per batch rule DDP out)."""
     out, run = {}, run or (lambda fn: fn(model))
-    # legacy_zero_grad: the audio step also moves visual parameters saved for the visual backward; keep the saved
-    # pre-step copies, as the release's DataParallel replicas did (without it autograd raises an in-place error)
-    with torch.autograd.graph.allow_mutation_on_saved_tensors() if legacy_zero_grad else contextlib.nullcontext():
-        u = run(lambda m: {"audio": m.audio_net(audio), "visual": m.visual_net(visual)})
-        for modality in ("audio", "visual"):
-            logits = run(lambda m: m.classifier_logits(u[modality], modality))
-            loss = boosting_loss(logits, label, lam, source)
-            loss.backward()
-            if sync_grads is not None:
-                sync_grads(model)
-            if clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            model.zero_grad(set_to_none=not legacy_zero_grad)
-            with torch.no_grad():
-                out[modality] = (loss.item(), F.cross_entropy(sum(logits), label).item(),
-                                 true_class_prob(logits, label, source).sum().item())
+    u = run(lambda m: {"audio": m.audio_net(audio), "visual": m.visual_net(visual)})
+    for modality in ("audio", "visual"):
+        logits = run(lambda m: m.classifier_logits(u[modality], modality))
+        loss = boosting_loss(logits, label, lam, source)
+        loss.backward()
+        if sync_grads is not None:
+            sync_grads(model)
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        # legacy_zero_grad (the release on PyTorch 1.11): the audio gradients are zeroed, not deleted, so the visual
+        # step also gives the audio side a momentum and weight-decay update; every gradient is deleted at the end of
+        # the batch, so the audio step never moves the visual side
+        model.zero_grad(set_to_none=not (legacy_zero_grad and modality == "audio"))
+        with torch.no_grad():
+            out[modality] = (loss.item(), F.cross_entropy(sum(logits), label).item(),
+                             true_class_prob(logits, label, source).sum().item())
     return out
 
 
@@ -175,7 +174,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--legacy-zero-grad",
         action="store_true",
-        help="zero gradients instead of None (PyTorch 1.11): the other modality gets momentum/weight-decay updates",
+        help="the release on PyTorch 1.11: the audio gradients are zeroed, not deleted, before the visual step, so the "
+        "audio side also gets a momentum/weight-decay update in the visual step",
     )
     return p.parse_args(argv)
 

@@ -1,5 +1,6 @@
 """AUG (aug.py): the properties listed in docs/aug.md (Tests), on CPU with tiny tensors and tiny synthetic data."""
 
+import copy
 import json
 import os
 import runpy
@@ -46,7 +47,11 @@ def batch(seed=0):
 
 
 def clone_params(module):
-    return [p.detach().clone() for p in module.parameters()]
+    return clone_params_of(module.parameters())
+
+
+def clone_params_of(params):
+    return [p.detach().clone() for p in params]
 
 
 def same(a, b):
@@ -129,16 +134,27 @@ def test_shared_head_parameter_counts_and_roles():
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
 
 
-def test_ensemble_output_is_sum_of_classifier_logits():
-    _, model, _ = setup()
-    u = torch.randn(B, 512)
-    for n in (1, 2, 3):
+def test_ensemble_output_on_a_hand_computed_example():
+    """dim 2, hidden 2, 2 classes, identity encoders; numbers worked out by hand. h = identity + bias (0.5, -0.5).
+    u = (1, -2). L_1 = identity: ReLU(1, -2) = (1, 0), q_1 = (1.5, -0.5). L_2 swaps: ReLU(-2, 1) = (0, 1),
+    q_2 = (0.5, 0.5), P = (2, 0). L_3 = 0: q_3 = h(0) = (0.5, -0.5), P = (2.5, -0.5). Audio keeps one classifier."""
+    model = aug.AUGClassifier(torch.nn.Identity(), torch.nn.Identity(), 2, dim=2, hidden=2)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.eye(2))
+        model.head.bias.copy_(torch.tensor([0.5, -0.5]))
+        for layer in (model.audio_classifiers[0], model.visual_classifiers[0]):
+            layer.weight.copy_(torch.eye(2))
+            layer.bias.zero_()
+    u = torch.tensor([[1.0, -2.0]])
+    expected = [[1.5, -0.5], [2.0, 0.0], [2.5, -0.5]]
+    for n, (weight, p) in enumerate(zip([None, [[0.0, 1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], expected)):
+        if weight is not None:
+            with torch.no_grad():
+                aug.add_classifier(model, "visual").weight.copy_(torch.tensor(weight))
         logits = model.classifier_logits(u, "visual")
-        assert len(logits) == n
-        manual = [model.head(F.relu(layer(u))) for layer in model.visual_classifiers]
-        assert torch.allclose(sum(logits), sum(manual), atol=1e-6)
-        aug.add_classifier(model, "visual")
-    assert len(model.classifier_logits(u, "audio")) == 1
+        assert len(logits) == n + 1
+        assert torch.allclose(sum(logits), torch.tensor([p]))
+    assert torch.allclose(sum(model.classifier_logits(u, "audio")), torch.tensor([[1.5, -0.5]]))
 
 
 def test_added_classifier_init():
@@ -229,32 +245,59 @@ def test_alternation_visual_sees_h_after_audio_step():
     assert same(events[2][2], visual0)  # the audio step leaves the visual encoder (computed before it) unchanged
 
 
-def test_no_cross_modal_gradient_and_legacy_zero_grad():
-    args, model, opt = setup()
-    audio_side = list(model.audio_net.parameters()) + list(model.audio_classifiers[0].parameters())
-    visual_side = list(model.visual_net.parameters()) + list(model.visual_classifiers[0].parameters())
-    seen = []
-    opt.register_step_pre_hook(lambda o, a, k: seen.append((all(p.grad is not None for p in audio_side),
-                                                            all(p.grad is None for p in audio_side),
-                                                            all(p.grad is not None for p in visual_side),
-                                                            all(p.grad is None for p in visual_side))))
-    for s in range(2):
+def record_steps(model, opt):
+    """Per optimizer step: the audio side's and the visual side's parameters before and after it, their gradients as
+    the step sees them ("none", "zero" or "grad" per side) and the audio side's momentum buffers before it."""
+    audio = list(model.audio_net.parameters()) + list(model.audio_classifiers[0].parameters())
+    visual = list(model.visual_net.parameters()) + list(model.visual_classifiers[0].parameters())
+    log = []
+
+    def grads(params):
+        kinds = {"none" if p.grad is None else "zero" if not p.grad.any() else "grad" for p in params}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def pre(o, a, k):
+        buf = [o.state[p]["momentum_buffer"].clone() if "momentum_buffer" in o.state[p] else None for p in audio]
+        log.append({"grads": (grads(audio), grads(visual)), "audio": clone_params_of(audio), "buf": buf,
+                    "visual": clone_params_of(visual)})
+
+    def post(o, a, k):
+        log[-1].update(audio_after=clone_params_of(audio), visual_after=clone_params_of(visual))
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(post)
+    return log
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_cross_modal_updates_with_and_without_legacy_zero_grad(legacy):
+    """Default: no step moves the other modality. --legacy-zero-grad (the release on PyTorch 1.11): the audio gradients
+    are zeroed, not deleted, after the audio step, so the visual step gives the audio side a momentum and weight-decay
+    update (p <- p - lr (momentum buf + wd p)); every gradient is deleted at the end of the batch, so the audio step
+    never moves the visual side, in the first iteration or any later one."""
+    args, model, opt = setup(*(["--legacy-zero-grad"] if legacy else []))
+    group = opt.param_groups[0]
+    lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+    log = record_steps(model, opt)
+    for s in range(3):
         step(model, opt, *batch(s), args)
-    assert seen == [(True, False, False, True), (False, True, True, False)] * 2
-    assert all(p.grad is None for p in model.parameters())  # cleared after the step
-    # --legacy-zero-grad (PyTorch 1.11 zero_grad): the audio side moves in the visual step (momentum and weight decay)
-    args, model, opt = setup("--legacy-zero-grad")
-    snaps = []
-    opt.register_step_post_hook(lambda o, a, k: snaps.append(clone_params(model.audio_net)))
-    for s in range(2):  # the second step also moves visual parameters saved for the visual backward
-        step(model, opt, *batch(s), args)
-    assert not same(snaps[0], snaps[1]) and not same(snaps[2], snaps[3])
-    args, model, opt = setup()  # and without the flag it does not
-    snaps = []
-    opt.register_step_post_hook(lambda o, a, k: snaps.append(clone_params(model.audio_net)))
-    for s in range(2):
-        step(model, opt, *batch(s), args)
-    assert same(snaps[0], snaps[1]) and same(snaps[2], snaps[3])
+        assert all(p.grad is None for p in model.parameters())  # deleted at the end of every batch
+    assert len(log) == 6
+    for i in range(3):
+        a_step, v_step = log[2 * i], log[2 * i + 1]
+        # audio step: the visual side has no gradient and does not move (bitwise), in every iteration
+        assert a_step["grads"] == ("grad", "none"), i
+        assert same(a_step["visual"], a_step["visual_after"]) and not same(a_step["audio"], a_step["audio_after"])
+        assert not same(v_step["visual"], v_step["visual_after"])
+        if not legacy:  # visual step: the audio side has no gradient and does not move
+            assert v_step["grads"] == ("none", "grad"), i
+            assert same(v_step["audio"], v_step["audio_after"]), i
+            continue
+        # visual step: zero audio gradients, so SGD applies momentum and weight decay alone to the audio side
+        assert v_step["grads"] == ("zero", "grad"), i
+        assert not same(v_step["audio"], v_step["audio_after"]), i
+        for p, buf, after in zip(v_step["audio"], v_step["buf"], v_step["audio_after"]):
+            torch.testing.assert_close(after, p - lr * (momentum * buf + wd * p), rtol=1e-6, atol=1e-9)
 
 
 def test_step_callbacks_run_sync_grads_and_clipping():
@@ -315,13 +358,51 @@ def test_confidence_sums_match_train_mode_forward_at_lr0():
     assert total["visual"] != pytest.approx(total["audio"])
 
 
+def train_mode_scores(model, audio, visual, y):
+    """{source: {modality: summed true-class score}} from a train-mode forward pass of a copy of the model as it is
+    now (a copy, so the run's BatchNorm statistics stay untouched): softmax(sum_j q_j)[y] for "ensemble",
+    sum_j softmax(q_j)[y] for "sum-probs"."""
+    ref = copy.deepcopy(model).train()
+    out = {"ensemble": {}, "sum-probs": {}}
+    with torch.no_grad():
+        for m, x, net in (("audio", audio, ref.audio_net), ("visual", visual, ref.visual_net)):
+            u = net(x)
+            qs = [ref.head(F.relu(layer(u))) for layer in ref.classifiers(m)]
+            out["ensemble"][m] = torch.softmax(sum(qs), 1).gather(1, y[:, None]).sum().item()
+            out["sum-probs"][m] = sum(torch.softmax(q, 1) for q in qs).gather(1, y[:, None]).sum().item()
+    return out
+
+
+def test_confidence_scores_are_taken_before_each_step():
+    """The release scores each modality on the logits its own step used: audio before the audio step, visual after
+    the audio step (so with its h) and before the visual step. At LR 0.1 one step changes the scores visibly."""
+    args, model, opt = setup()
+    for group in opt.param_groups:
+        group["lr"] = 0.1
+    aug.add_classifier(model, "visual")
+    audio, visual, y = batch(0)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(train_mode_scores(model, audio, visual, y)["ensemble"]))
+    opt.register_step_post_hook(lambda o, a, k: seen.append(train_mode_scores(model, audio, visual, y)["ensemble"]))
+    out = step(model, opt, audio, visual, y, args)
+    before_audio, after_audio, before_visual, after_visual = seen
+    assert out["audio"][2] == pytest.approx(before_audio["audio"], abs=1e-5)
+    assert out["visual"][2] == pytest.approx(before_visual["visual"], abs=1e-5)
+    assert abs(after_audio["audio"] - before_audio["audio"]) > 1e-3  # the test can tell before from after
+    assert abs(after_visual["visual"] - before_visual["visual"]) > 1e-3
+    assert abs(before_visual["visual"] - before_audio["visual"]) > 1e-3  # the audio step's h counts for visual
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # inference fusion and the unimodal metrics
 # ---------------------------------------------------------------------------------------------------------------
 def test_merge_logits_and_unimodal_metrics():
-    p_a, p_v = torch.randn(5, C), torch.randn(5, C)
-    assert torch.allclose(aug.merge_logits(p_a, p_v, 0.4), 0.4 * p_a + 0.6 * p_v)
-    assert torch.equal(aug.merge_logits(p_a, p_v, 1.0), p_a)
+    # fusion by hand: audio says class 0 (2 vs 0), visual class 1 (0 vs 1.5). alpha 0.4: (0.8, 0.9) -> class 1;
+    # alpha 0.5: (1.0, 0.75) -> class 0; alpha 1: audio alone, alpha 0: visual alone
+    p_a, p_v = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.5]])
+    assert torch.allclose(aug.merge_logits(p_a, p_v, 0.4), torch.tensor([[0.8, 0.9]]))
+    assert [aug.merge_logits(p_a, p_v, alpha).argmax(1).item() for alpha in (0.4, 0.5)] == [1, 0]
+    assert torch.equal(aug.merge_logits(p_a, p_v, 1.0), p_a) and torch.equal(aug.merge_logits(p_a, p_v, 0.0), p_v)
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1],
                           [0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.5, 0.1, 0.4]])
     y = torch.tensor([0, 0, 1, 1, 2, 2]).numpy()
@@ -452,6 +533,118 @@ def test_resume_with_added_classifiers(tiny_data, tmp_path, train_new_heads):
     w_added = load(tmp_path / "after_epoch0.pt")["model"]["visual_classifiers.1.weight"]
     # the classifier added after epoch 0 trained during epoch 1 only with --train-new-heads
     assert torch.equal(final["model"]["visual_classifiers.1.weight"], w_added) != train_new_heads
+
+
+def resume(run, tiny_data):
+    old, sys.argv = sys.argv, ["aug.py", "--resume", run, "--no-progress", "--data-root", str(tiny_data)]
+    try:
+        runpy.run_path(os.path.join(ROOT, "aug.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+
+
+def test_resume_when_an_added_head_already_has_momentum(tiny_data, tmp_path):
+    """--train-new-heads: the head added after epoch 0 trains in epoch 1 (momentum buffers in its own param group);
+    stopping after epoch 1 and resuming must end bitwise where the uninterrupted run ends (model and optimizer)."""
+    flags = ["--epochs", 3, "--max-steps", 2, "--aca-check-every", 1, "--aca-tau", -1, "--train-new-heads"]
+    straight = run_inprocess(tmp_path / "straight", tiny_data, *flags)
+    run = run_inprocess(tmp_path / "split", tiny_data, *flags, "--stop-after-epochs", 2)
+    stopped = load(os.path.join(run, "last.pt"))
+    assert stopped["added"] == ["visual", "visual"] and len(stopped["optimizer"]["param_groups"]) == 3
+    head_ids = stopped["optimizer"]["param_groups"][1]["params"]  # the first added head's weight and bias
+    assert all(stopped["optimizer"]["state"][i]["momentum_buffer"].abs().sum() > 0 for i in head_ids)
+    resume(run, tiny_data)
+    a, b = load(os.path.join(straight, "last.pt")), load(os.path.join(run, "last.pt"))
+    assert a["added"] == b["added"] == ["visual", "visual"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]), i
+    assert [r["test/acc"] for r in read_metrics(straight)] == [r["test/acc"] for r in read_metrics(run)]
+
+
+def test_max_classifiers_caps_the_additions_in_the_loop(tiny_data, tmp_path):
+    """tau -1 asks for a visual classifier at every check; --max-classifiers 3 (the first one included) lets two
+    through (after epochs 0 and 1) and refuses the third (after epoch 2); epoch 3 is the last."""
+    run = run_inprocess(tmp_path, tiny_data, "--epochs", 4, "--max-steps", 1, "--aca-check-every", 1, "--aca-tau", -1,
+                        "--max-classifiers", 3)
+    rows = read_metrics(run)
+    assert [r["train/aca_action"] for r in rows] == [1, 1, 0, 0]
+    assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3, 3] and [r["train/coeff_audio"] for r in rows] == [1] * 4
+    assert load(os.path.join(run, "last.pt"))["added"] == ["visual", "visual"]
+
+
+def test_aca_rule_difference_in_the_loop(tiny_data, tmp_path):
+    """The difference rule compares the epoch-mean scores: s_a - sigma s_v against +- tau. sigma 0, tau 0.5: nothing is
+    added while s_a < 0.5 (after two steps it is near chance), where the ratio rule (s_a / s_v > 0.5) or a difference
+    of the sums (8 s_a > 0.5) would add to visual. sigma 10, tau 0.05: s_a - 10 s_v < -0.05, so audio gets one."""
+    flags = ["--epochs", 2, "--max-steps", 2, "--aca-rule", "difference"]
+    run = run_inprocess(tmp_path / "none", tiny_data, *flags, "--aca-sigma", 0, "--aca-tau", 0.5)
+    row = read_metrics(run)[0]
+    s_a, s_v = row["train/score_audio"], row["train/score_visual"]
+    assert s_a < 0.5 and s_a / s_v > 0.5 and 8 * s_a > 0.5  # the premise: the other two readings would add
+    assert row["train/aca_action"] == 0 and load(os.path.join(run, "last.pt"))["added"] == []
+    run = run_inprocess(tmp_path / "audio", tiny_data, *flags, "--aca-sigma", 10, "--aca-tau", 0.05)
+    rows = read_metrics(run)
+    assert rows[0]["train/score_audio"] - 10 * rows[0]["train/score_visual"] < -0.05
+    assert rows[0]["train/aca_action"] == -1 and [r["train/coeff_audio"] for r in rows] == [1, 2]
+    assert load(os.path.join(run, "last.pt"))["added"] == ["audio"]
+
+
+def test_sum_probs_scores_in_the_loop(tiny_data, tmp_path, monkeypatch):
+    """--residual-source sum-probs: the logged scores are the epoch means of sum_j softmax(q_j)[y], recomputed here
+    from a copy of the model right before each step (its batch recorded from the training loader; sync_grads, called
+    after each backward, gives the model). One classifier: the same as the ensemble's score; more: a different one."""
+    import common.data
+    import common.distributed
+
+    epochs, current = [], {}
+    real_loaders, real_sync = common.data.make_loaders, common.distributed.sync_grads
+
+    class Recording:  # the training loader, remembering the batch being trained
+        def __init__(self, loader):
+            self.loader, self.generator, self.sampler = loader, loader.generator, loader.sampler
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            epochs.append({"sum-probs": [0.0, 0.0], "ensemble": [0.0, 0.0], "n": 0, "calls": 0})
+            for b in self.loader:
+                current["batch"] = b
+                yield b
+
+    def make_loaders(*a, **k):
+        train, test = real_loaders(*a, **k)
+        return Recording(train), test
+
+    def sync_grads(model):
+        real_sync(model)
+        e = epochs[-1]
+        spec, frames, y = current["batch"]
+        i = e["calls"] % 2  # 0: the audio step, 1: the visual step
+        if i == 0:
+            e["n"] += y.shape[0]
+        e["calls"] += 1
+        scores = train_mode_scores(model, spec.unsqueeze(1), frames, y)
+        for source in ("sum-probs", "ensemble"):
+            e[source][i] += scores[source][("audio", "visual")[i]]
+
+    monkeypatch.setattr(common.data, "make_loaders", make_loaders)
+    monkeypatch.setattr(common.distributed, "sync_grads", sync_grads)
+    run = run_inprocess(tmp_path, tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1, "--aca-tau", -1,
+                        "--residual-source", "sum-probs")
+    rows = read_metrics(run)
+    assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3] and len(epochs) == 3
+    for row, e in zip(rows, epochs):
+        assert e["calls"] == 4 and e["n"] == 8
+        for i, m in enumerate(("audio", "visual")):
+            assert row[f"train/score_{m}"] == pytest.approx(e["sum-probs"][i] / e["n"], rel=1e-5), (row["epoch"], m)
+        assert e["sum-probs"][0] == pytest.approx(e["ensemble"][0], rel=1e-5)  # audio keeps one classifier
+        if row["train/coeff_visual"] > 1:
+            assert abs(e["sum-probs"][1] - e["ensemble"][1]) > 1e-3 * e["n"]
 
 
 def test_imbalance_first_check_adds_to_visual(tmp_path):
