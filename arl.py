@@ -125,6 +125,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Valid ranges of ARL's flags and their impossible combinations (after the preset): one line naming the flag."""
+    runs.check(args, "gamma", lambda x: x >= 0, ">= 0")
+    runs.check(args, "temperature", lambda x: x >= 0, ">= 0 (0: c = (0.5, 0.5), as --arl-weights fixed)")
+    runs.check(args, "warmup_epochs", lambda x: x >= 0, ">= 0")
+    runs.check(args, "entropy_floor", lambda x: 0 <= x <= 0.5, "in [0, 0.5] (the two shares sum to 1)")
+    runs.check(args, "select_after", lambda x: x >= -1, ">= -1 (-1: every epoch)")
+    if args.select_after >= args.epochs - 1:
+        raise SystemExit(f"--select-after {args.select_after} leaves no epoch to select among {args.epochs}")
+    if args.fusion == "film":
+        raise SystemExit("--fusion film: ARL needs unimodal logits, which FiLM does not have (docs/models.md)")
+
+
 def forward(model, audio, visual, coeff):
     """Encoders, GradScale by 1 + c_m on each encoder output (c = 0: unscaled), head, zero-fill unimodal logits."""
     a, v = model.audio_net(audio), model.visual_net(visual)
@@ -136,8 +149,7 @@ def forward(model, audio, visual, coeff):
 
 if __name__ == "__main__":
     args, ckpt = runs.setup(parse_args(), PRESETS)  # --resume / --eval-only: the saved run's settings
-    if args.select_after >= args.epochs - 1:
-        raise SystemExit(f"--select-after {args.select_after} leaves no epoch to select among {args.epochs}")
+    check_args(args)  # ranges and combinations of the method flags
     distributed.init(args)  # torchrun: join the process group (no-op in a single process)
 
     # seeding

@@ -180,6 +180,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Valid ranges of AUG's flags and their impossible combinations (after the preset): one line naming the flag."""
+    for name in ("lam_res", "merge_alpha"):
+        runs.check(args, name, lambda x: 0 <= x <= 1, "in [0, 1]")
+    runs.check(args, "aca_sigma", lambda x: x > 0, "positive")
+    runs.check(args, "aca_tau", lambda x: x >= 0, ">= 0 (the width of the dead zone)")
+    runs.check(args, "aca_check_every", lambda x: x > 0, "positive (leave it out for epochs // 10)")
+    runs.check(args, "max_classifiers", lambda x: x >= 0, ">= 0 (0 = no cap)")
+    if args.fusion != "concat":
+        raise SystemExit(f"--fusion {args.fusion}: AUG has no fusion head (test-time fusion: --merge-alpha)")
+
+
 def unimodal_metrics(test_logits, labels, num_classes):
     """Macro-F1 and mAP of each ensemble from the (P_a, P_v) recorded during evaluate()."""
     out = {}
@@ -193,6 +205,7 @@ def unimodal_metrics(test_logits, labels, num_classes):
 
 if __name__ == "__main__":
     args, ckpt = runs.setup(parse_args(), PRESETS)  # --resume / --eval-only: the saved run's settings
+    check_args(args)  # ranges and combinations of the method flags
     args.aca_check_every = args.aca_check_every or aca_check_period(args.epochs)  # ALGO LOGIC: E // 10
     distributed.init(args)  # torchrun: join the process group (no-op in a single process)
 

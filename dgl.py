@@ -93,6 +93,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Valid ranges of DGL's flags and their impossible combinations (after the preset): one line naming the flag."""
+    runs.check(args, "alpha", lambda x: x > 0, "positive (it is the encoders' only loss; 0 never trains them)")
+    if args.fusion == "film":
+        raise SystemExit("--fusion film: DGL needs unimodal logits, which FiLM does not have (docs/models.md)")
+    if args.gated_release_quirk and args.fusion != "gated":
+        raise SystemExit(f"--gated-release-quirk needs --fusion gated, not --fusion {args.fusion}")
+
+
 def readout(head, f_a, f_v):
     return unimodal_logits(head, f_a, f_v, bias="full")  # ALGO LOGIC: zero-fill, full bias
 
@@ -112,8 +121,7 @@ def forward(model, audio, visual, impl, gated_quirk):
 
 if __name__ == "__main__":
     args, ckpt = runs.setup(parse_args(), PRESETS)  # --resume / --eval-only: the saved run's settings
-    if args.fusion == "film":
-        raise SystemExit("--fusion film: DGL needs unimodal logits, which FiLM does not have (docs/models.md)")
+    check_args(args)  # ranges and combinations of the method flags
     distributed.init(args)  # torchrun: join the process group (no-op in a single process)
 
     # seeding

@@ -126,6 +126,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Valid ranges of OGM's flags and their impossible combinations (after the preset): one line naming the flag."""
+    runs.check(args, "alpha", lambda x: x >= 0, ">= 0 (below 0, k > 1 would amplify the dominant modality)")
+    for name in ("modulation_starts", "modulation_ends", "warmup_epochs"):
+        runs.check(args, name, lambda x: x >= 0, ">= 0 (0-based epochs)")
+    runs.check(args, "ratio_offset", lambda x: 0 <= x <= 1, "in [0, 1] (above 1, k > 1 would amplify the dominant one)")
+    if args.modulation_starts > args.modulation_ends:
+        raise SystemExit(f"--modulation-starts {args.modulation_starts} is after --modulation-ends "
+                         f"{args.modulation_ends}: the modulation window is empty")
+    if args.modulation != "ogm_ge" and (args.ge_target != "both" or args.ge_std_source != "unscaled"):
+        raise SystemExit(f"--ge-target and --ge-std-source shape the GE noise, which --modulation {args.modulation} "
+                         "does not add: use --modulation ogm_ge or drop them")
+    if args.unimodal_logits == "self-gate" and args.fusion != "gated":
+        raise SystemExit(f"--unimodal-logits self-gate reads the gated head, not --fusion {args.fusion}: add "
+                         "--fusion gated or drop it")
+
+
 def check_fusion(fusion, unimodal):
     """OGM needs per-modality logits: concat and sum split exactly; gated only with the self-gate extension."""
     if fusion == "film" or (fusion == "gated" and unimodal != "self-gate"):
@@ -138,6 +155,7 @@ if __name__ == "__main__":
     args = parse_args()
     args, ckpt = runs.setup(args, PRESETS[args.preset])  # ALGO LOGIC: the table of --preset
     check_fusion(args.fusion, args.unimodal_logits)  # ALGO LOGIC: film/gated have no unimodal split
+    check_args(args)  # ranges and combinations of the method flags
     distributed.init(args)  # torchrun: join the process group (no-op in a single process)
 
     # seeding

@@ -140,6 +140,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Valid ranges of OPM's flags and their impossible combinations (after the preset): one line naming the flag."""
+    for name in ("q_base", "p_exe"):
+        runs.check(args, name, lambda x: 0 <= x <= 1, "a probability in [0, 1]")
+    runs.check(args, "lam", lambda x: x >= 0, ">= 0 (below 0 the dominant modality would be dropped less)")
+    runs.check(args, "warmup_epochs", lambda x: x >= 0, ">= 0")
+    runs.check(args, "opm_window", lambda x: x >= 0, "two 0-based epochs >= 0")
+    if args.opm_window and args.opm_window[0] > args.opm_window[1]:
+        raise SystemExit(f"--opm-window {args.opm_window[0]} {args.opm_window[1]}: START is after END")
+    if args.opm_window and args.opm_window[1] < args.warmup_epochs:
+        raise SystemExit(f"--opm-window ends at epoch {args.opm_window[1]}, before --warmup-epochs "
+                         f"{args.warmup_epochs} ends: OPM would never act; lower --warmup-epochs")
+    if args.unimodal_logits == "self-gate" and args.fusion != "gated":
+        raise SystemExit(f"--unimodal-logits self-gate reads the gated head, not --fusion {args.fusion}: add "
+                         "--fusion gated or drop it")
+
+
 def check_fusion(fusion, unimodal):
     """OPM's scores need per-modality logits: concat and sum split exactly; gated only with self-gate."""
     if fusion == "film" or (fusion == "gated" and unimodal != "self-gate"):
@@ -150,6 +167,7 @@ def check_fusion(fusion, unimodal):
 if __name__ == "__main__":
     args, ckpt = runs.setup(parse_args(), PRESETS)  # --resume / --eval-only: the saved run's settings
     check_fusion(args.fusion, args.unimodal_logits)  # ALGO LOGIC: film/gated have no unimodal split
+    check_args(args)  # ranges and combinations of the method flags
     distributed.init(args)  # torchrun: join the process group (no-op in a single process)
 
     # seeding

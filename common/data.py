@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import warnings
 import weakref
 from dataclasses import replace
@@ -263,9 +264,13 @@ def audio_config(args):
 def build_datasets(args):
     """(train_set, test_set, class_names) for args.dataset, with the loader flags resolved to per-dataset defaults."""
     facts = DATASETS[args.dataset]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if getattr(args, "num_workers", None) is None:  # the table's default, capped at the CPUs this process may use
-        args.num_workers = min(facts["num_workers"], len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                               else os.cpu_count() or 1)
+        args.num_workers = min(facts["num_workers"], cpus)
+    elif args.num_workers > cpus:  # kept as given, said once here instead of PyTorch's warnings at every loader
+        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+        print(f"note: --num-workers {args.num_workers} is more than the {cpus} CPUs this process may use; "
+              "loading may be slower", file=sys.stderr)
     n_frames = args.n_frames or facts["n_frames"]
     size = args.frame_size or facts["frame_size"]
     audio_name, audio_cfg = audio_config(args)
@@ -280,22 +285,25 @@ def build_datasets(args):
     if getattr(args, "in_memory", False):
         return in_memory_datasets(args.dataset, audio_cfg, n_frames, size)
     root = os.path.join(args.data_root, facts["subdir"])
-    if args.dataset == "synthetic":  # under torchrun rank 0 writes it first, the other processes wait for it
-        if distributed.is_main():
-            ensure_synthetic(root)
-        distributed.barrier()
-        ensure_synthetic(root)
     sets = []
-    for split, train in (("train", True), ("test", False)):
-        if facts["layout"] == "cremad":
-            clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"])
-            classes = facts["classes"]
-        else:
-            clips, skipped, classes = flat_clips(root, split, n_frames, args.dataset, facts["classes"],
-                                                 prepare=facts["prepare"])
-        ds = AVDataset(clips, audio_cfg, frame_cfg, train, classes)
-        ds.skipped = skipped
-        sets.append(ds)
+    try:  # a missing root, split file or clips, a malformed split row: one line naming the path (common/cli.py)
+        if args.dataset == "synthetic":  # under torchrun rank 0 writes it first, the other processes wait for it
+            if distributed.is_main():
+                ensure_synthetic(root)
+            distributed.barrier()
+            ensure_synthetic(root)
+        for split, train in (("train", True), ("test", False)):
+            if facts["layout"] == "cremad":
+                clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"])
+                classes = facts["classes"]
+            else:
+                clips, skipped, classes = flat_clips(root, split, n_frames, args.dataset, facts["classes"],
+                                                     prepare=facts["prepare"])
+            ds = AVDataset(clips, audio_cfg, frame_cfg, train, classes)
+            ds.skipped = skipped
+            sets.append(ds)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     if getattr(args, "cache", False):
         audio_dir, frames_dir = check_cache(args, root, audio_name, audio_cfg, sets[0].clips + sets[1].clips)
         for ds in sets:

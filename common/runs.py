@@ -2,7 +2,6 @@
 --resume / --eval-only, per-step and per-epoch logging (TensorBoard, metrics.jsonl, results.json), best/last
 checkpoints and --stop-after-epochs. Nothing here is method logic."""
 
-import argparse
 import json
 import os
 import random
@@ -15,7 +14,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from common import distributed
-from common.data import LoadFailedWarning, add_data_args, load_failure_counts, load_failures_since
+from common.audio import AUDIO_PIPELINES
+from common.cli import Parser, check
+from common.data import DATASETS, LoadFailedWarning, add_data_args, load_failure_counts, load_failures_since
 
 # flags that describe *how* to run, not *what* to train: on --resume/--eval-only these come from the command line
 OPERATIONAL_FLAGS = {"resume", "stop_after_epochs", "eval_only", "checkpoint", "device", "num_workers", "data_root",
@@ -25,7 +26,7 @@ OPERATIONAL_FLAGS = {"resume", "stop_after_epochs", "eval_only", "checkpoint", "
 
 def make_parser(doc, script_file):
     """The flags every script shares (run, optimisation, data, speed); each script adds its method's flags."""
-    p = argparse.ArgumentParser(description=doc)
+    p = Parser(description=doc)  # one-line errors (common/cli.py)
     name = os.path.splitext(os.path.basename(script_file))[0]
     p.add_argument("--exp-name", default=name,
                    help="name of this experiment (run folder <dataset>__<name>__<seed>__<time>)")
@@ -66,11 +67,41 @@ def apply_preset(args, presets):
             setattr(args, key, value)
     if getattr(args, "clip_grad", 0) is None:
         args.clip_grad = 0.0
-    for key in ("epochs", "batch_size", "lr"):
-        value = getattr(args, key, None)
-        if value is not None and value <= 0:
-            raise SystemExit(f"--{key.replace('_', '-')} must be positive, got {value}")
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """The valid ranges of the shared flags and their impossible combinations: a one-line exit naming the flag,
+    before any data or model is touched (docs: README, "Errors and valid ranges")."""
+    for name in ("epochs", "batch_size", "lr", "lr_gamma", "n_frames", "frame_size", "audio_seconds"):
+        check(args, name, lambda x: x > 0, "positive")
+    for name in ("lr_milestones", "weight_decay", "clip_grad", "max_steps", "eval_max_steps", "stop_after_epochs",
+                 "num_workers", "cache_frame_side"):
+        check(args, name, lambda x: x >= 0, ">= 0" + (" (0 = off)" if name == "clip_grad" else ""))
+    check(args, "seed", lambda x: 0 <= x < 2**32, "in [0, 2**32)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device {args.device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    if args.in_memory and args.cache:
+        raise SystemExit("--in-memory uses random tensors, --cache reads files: pass one of them")
+    pipeline = args.audio_pipeline or DATASETS[args.dataset]["audio"]
+    if args.in_memory and AUDIO_PIPELINES[pipeline].kind != "stft":
+        raise SystemExit(f"--in-memory supports the STFT audio pipelines, not {pipeline}; pass --audio-pipeline "
+                         "cremad or stft16k")
+    if args.persistent_workers and args.num_workers == 0:
+        raise SystemExit("--persistent-workers keeps loader workers, but --num-workers is 0: drop one of them")
+    if args.eval_only and args.resume:
+        raise SystemExit("--eval-only evaluates --checkpoint, --resume continues training: pass one of them")
+    if args.eval_only and not args.checkpoint:
+        raise SystemExit("--eval-only needs --checkpoint RUN_DIR/best.pt (or last.pt)")
+    if args.checkpoint and not args.eval_only:
+        raise SystemExit("--checkpoint is read only with --eval-only; to continue a run use --resume RUN_DIR")
+    if args.resume and not os.path.isdir(args.resume):
+        raise SystemExit(f"--resume {args.resume}: run folder not found; pass a folder under --runs-dir")
 
 
 def setup(args, presets):
@@ -228,11 +259,15 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found; pass --checkpoint PATH/best.pt or --resume RUN_DIR")
+        raise SystemExit(f"checkpoint {path} not found; pass --checkpoint PATH/best.pt or --resume RUN_DIR")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SystemExit(f"{path}: not a readable checkpoint ({first}); pass another one") from None
+    if not isinstance(ckpt, dict) or "args" not in ckpt:
+        raise SystemExit(f"{path}: not a checkpoint written by these scripts (no saved args)")
+    return ckpt
 
 
 def merge_saved_args(args, saved):

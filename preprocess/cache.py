@@ -32,6 +32,7 @@ import torchaudio
 import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
+from common import cli
 from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
 from common.cache import cache_folders, check_entry
 from common.data import DATASETS, add_data_args, audio_config, build_datasets
@@ -100,7 +101,7 @@ def cache_clip(clip):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS),
                    help="dataset to cache (as the scripts' --dataset)")
     p.add_argument("--data-root", default="data", help="folder holding <dataset>/ (as the scripts' --data-root)")
@@ -112,6 +113,7 @@ def main(argv=None):
                    help="short side of the cached frames (0 = original size, exact)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
+    cli.check(a, "workers", lambda x: x > 0, "positive")
     if a.frame_side < 0:
         raise SystemExit(f"--frame-side must be 0 (original size) or positive, got {a.frame_side}")
     root = os.path.join(a.data_root, DATASETS[a.dataset]["subdir"])

@@ -19,6 +19,7 @@ import shutil
 
 import numpy as np
 
+from common import cli
 from preprocess.video import DONE, extract_frames, report_failures, run_parallel
 
 EMOTIONS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
@@ -58,7 +59,7 @@ def write_rows(path, ids):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
     p.add_argument("--src", required=True, help="CREMA-D checkout with VideoFlash/ and AudioWAV/")
     p.add_argument("--out", default="data/cremad", help="output folder")
     p.add_argument("--splits", default=None,
@@ -68,6 +69,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
+    cli.check(a, "workers", lambda x: x > 0, "positive")
+    cli.check(a, "test_fraction", lambda x: 0 < x < 1, "in (0, 1)")
+    for split in ("train", "test") if a.splits else ():  # before the long conversion, not after it
+        cli.require(os.path.join(a.splits, f"{split}.csv"), "--splits", "it must hold the official train.csv and "
+                    "test.csv", kind="file")
     video_dir = os.path.join(a.src, "VideoFlash")
     if not os.path.isdir(video_dir):
         raise SystemExit(f"{video_dir} not found: --src must be a CREMA-D checkout with VideoFlash/ and AudioWAV/ "

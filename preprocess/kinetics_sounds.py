@@ -13,6 +13,7 @@ import argparse
 import glob
 import os
 
+from common import cli
 from common.splits import KS_CLASSES, read_rows
 from preprocess.video import process_clip, report_failures, require_ffmpeg, run_parallel, write_split
 
@@ -25,13 +26,18 @@ def find_videos(root):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
     p.add_argument("--videos", required=True, help="folder of <clip_id>.mp4 files (searched recursively)")
     p.add_argument("--splits", required=True, help="folder holding my_train.txt and my_test.txt")
     p.add_argument("--out", default="data/kinetics_sounds", help="output folder")
     p.add_argument("--sample-rate", type=int, default=16000, help="wav sample rate")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
+    cli.check(a, "workers", lambda x: x > 0, "positive")
+    cli.require(a.videos, "--videos", "pass the folder of the downloaded <clip_id>.mp4 files")
+    for split in ("train", "test"):
+        cli.require(os.path.join(a.splits, f"my_{split}.txt"), "--splits", "it must hold the official my_train.txt "
+                    "and my_test.txt", kind="file")
     require_ffmpeg()
     videos = find_videos(a.videos)
     os.makedirs(os.path.join(a.out, "audio"), exist_ok=True)

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from common import cli
+
 ORDER = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug"]
 SIGNAL = {  # what train/coeff_* means for each script (logged metric keys)
     "ogm": "OGM coefficient k", "opm": "OPM drop probability q", "arl": "ARL weight 1+c", "dgl": "DGL (none: 1)",
@@ -163,8 +165,9 @@ def write_report(runs_dir, out=None):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
     p.add_argument("runs_dir", help="folder searched recursively for results.json")
     p.add_argument("--out", default=None, help="output folder (default: runs/report next to runs_dir)")
     a = p.parse_args()
+    cli.require(a.runs_dir, "runs_dir", "pass the folder holding the run folders (e.g. runs/)")
     write_report(a.runs_dir, a.out)

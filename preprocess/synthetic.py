@@ -21,13 +21,14 @@ import argparse
 import fcntl
 import os
 
+from common import cli
 from common.synthetic import DEFAULTS, EMOTIONS, class_colours, generate, make_audio, make_frame, write_wav
 
 __all__ = ["DEFAULTS", "EMOTIONS", "class_colours", "generate", "make_audio", "make_frame", "write_wav"]
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
     p.add_argument("--out", default="data/synthetic", help="output folder")
     p.add_argument("--n-train", type=int, default=600, help="training clips")
     p.add_argument("--n-test", type=int, default=300, help="test clips")
@@ -42,6 +43,13 @@ if __name__ == "__main__":
     p.add_argument("--uninformative-audio", type=float, default=0.3, help="share of clips whose audio is noise only")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     a = p.parse_args()
+    for name in ("n_train", "n_test", "sample_rate", "audio_seconds", "frame_px", "min_frames"):
+        cli.check(a, name, lambda x: x > 0, "positive")
+    cli.check(a, "n_classes", lambda x: 1 <= x <= len(EMOTIONS), f"in 1..{len(EMOTIONS)} (CREMA-D label names)")
+    cli.check(a, "max_frames", lambda x: x >= a.min_frames, f">= --min-frames ({a.min_frames})")
+    cli.check(a, "uninformative_audio", lambda x: 0 <= x <= 1, "a share in [0, 1]")
+    for name in ("audio_snr", "visual_strength"):
+        cli.check(a, name, lambda x: x >= 0, ">= 0")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(f"{a.out}.readers", "a") as readers:  # the lock every run reading this set holds (common/data.py)
         try:

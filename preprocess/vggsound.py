@@ -13,18 +13,22 @@ import argparse
 import glob
 import os
 
+from common import cli
 from common.splits import read_rows
 from preprocess.video import process_clip, report_failures, require_ffmpeg, run_parallel, write_split
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
     p.add_argument("--videos", required=True, help="folder of mp4 files (searched recursively)")
     p.add_argument("--csv", required=True, help="the official vggsound.csv")
     p.add_argument("--out", default="data/vggsound", help="output folder")
     p.add_argument("--sample-rate", type=int, default=16000, help="wav sample rate")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
+    cli.check(a, "workers", lambda x: x > 0, "positive")
+    cli.require(a.videos, "--videos", "pass the folder of the downloaded mp4 files")
+    cli.require(a.csv, "--csv", "pass the official vggsound.csv", kind="file")
     require_ffmpeg()
     videos = {
         os.path.splitext(os.path.basename(v))[0]: v

@@ -477,9 +477,9 @@ def eval_only(capsys, tiny_data, tmp_path, checkpoint):
 
 
 def test_checkpoint_with_added_classifiers_evaluates_to_same_accuracy(tiny_data, tmp_path, capsys):
-    # tau -1: the visual side gets a classifier after every check (epochs 0 and 1; not after the last)
+    # sigma 1e-6, tau 0: the visual side gets a classifier after every check (epochs 0 and 1; not after the last)
     run = run_inprocess(tmp_path / "run", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1,
-                        "--aca-tau", -1)
+                        "--aca-sigma", 1e-6, "--aca-tau", 0)
     rows = read_metrics(run)
     last, best = load(os.path.join(run, "last.pt")), load(os.path.join(run, "best.pt"))
     assert last["added"] == ["visual", "visual"]
@@ -510,7 +510,7 @@ def test_rebuilt_model_reproduces_logits():
 
 @pytest.mark.parametrize("train_new_heads", [False, True])
 def test_resume_with_added_classifiers(tiny_data, tmp_path, train_new_heads):
-    flags = ["--epochs", 2, "--max-steps", 2, "--aca-check-every", 1, "--aca-tau", -1]
+    flags = ["--epochs", 2, "--max-steps", 2, "--aca-check-every", 1, "--aca-sigma", 1e-6, "--aca-tau", 0]
     flags += ["--train-new-heads"] if train_new_heads else []
     straight = read_metrics(run_inprocess(tmp_path / "straight", tiny_data, *flags))
     run = run_inprocess(tmp_path / "split", tiny_data, *flags, "--stop-after-epochs", 1)
