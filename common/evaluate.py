@@ -17,13 +17,16 @@ def macro_f1(pred, target, num_classes):
 
 
 def average_precision(scores, positives):
-    """AP of one class: mean precision at the rank of each positive (sklearn's definition, ties broken by order)."""
+    """AP of one class as sklearn's average_precision_score defines it: sum over the distinct score thresholds of
+    (recall step) x precision. Tied scores form one threshold, so their order does not matter."""
     if positives.sum() == 0:
         return float("nan")
     order = np.argsort(-scores, kind="stable")
-    hits = positives[order]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(np.sum(precision * hits) / hits.sum())
+    s, hits = scores[order], positives[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # the last rank of each group of equal scores
+    tp = np.cumsum(hits)[last]
+    precision, recall = tp / (last + 1), tp / hits.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def mean_average_precision(probs, target, num_classes):

@@ -114,3 +114,18 @@ def test_gated_self_gate_and_film_error():
         unimodal_logits(film.head, a, v, bias="half")
     with pytest.raises(ValueError, match="bias"):
         unimodal_logits(model.head, a, v, bias=None)
+
+
+def test_average_precision_is_sklearns_and_ignores_the_order_of_tied_scores():
+    """Hand-computed: scores (0.9, 0.5, 0.5, 0.1), positives at 0.9 and at one of the 0.5s. Thresholds 0.9 (P 1,
+    R 1/2), 0.5 (P 2/3, R 1), 0.1 (P 1/2, R 1): AP = 1/2 * 1 + 1/2 * 2/3 = 5/6, whichever 0.5 is the positive."""
+    import numpy as np
+
+    from common.evaluate import average_precision
+
+    scores = np.array([0.9, 0.5, 0.5, 0.1])
+    for positives in ([1, 1, 0, 0], [1, 0, 1, 0]):
+        assert abs(average_precision(scores, np.array(positives, dtype=float)) - 5 / 6) < 1e-12
+    # no ties: the mean precision at each positive's rank (positives at ranks 1 and 3: (1 + 2/3) / 2)
+    assert abs(average_precision(np.array([0.9, 0.6, 0.5, 0.1]), np.array([1.0, 0, 1, 0])) - 5 / 6) < 1e-12
+    assert abs(average_precision(np.array([0.9, 0.6, 0.5, 0.1]), np.array([0.0, 1, 0, 1])) - 0.5) < 1e-12
