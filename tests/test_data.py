@@ -183,13 +183,13 @@ def test_split_lines_bom_and_crlf(cremad_root):
 
 # ---- bad input -------------------------------------------------------------------------------------------------
 def test_missing_root(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cremad.*not found.*preprocess.cremad"):
+    with pytest.raises(SystemExit, match="cremad.*not found.*preprocess.cremad"):
         build_datasets(data_args(dataset="cremad", data_root=str(tmp_path)))
 
 
 def test_missing_split_file(cremad_root):
     os.remove(cremad_root / "cremad" / "test.csv")
-    with pytest.raises(FileNotFoundError, match="test.csv not found"):
+    with pytest.raises(SystemExit, match="test.csv not found"):
         build_datasets(data_args(dataset="cremad", data_root=str(cremad_root)))
 
 
@@ -216,7 +216,7 @@ def test_missing_frames_do_not_shift_pairs(cremad_root):
 
 def test_every_split_clip_missing(cremad_root):
     shutil.rmtree(cremad_root / "cremad" / "AudioWAV")
-    with pytest.raises(FileNotFoundError, match="none of its"), pytest.warns(SkippedClipsWarning):
+    with pytest.raises(SystemExit, match="none of its"), pytest.warns(SkippedClipsWarning):
         build_datasets(data_args(dataset="cremad", data_root=str(cremad_root)))
 
 
@@ -246,13 +246,13 @@ def test_unreadable_jpeg_names_the_file(cremad_root):
 def test_unknown_label(cremad_root):
     with open(cremad_root / "cremad" / "train.csv", "a", newline="") as f:
         f.write("1234_ABC_XYZ_XX,XYZ\r\n")
-    with pytest.raises(ValueError, match=r"train.csv:5: unknown label 'XYZ'"):
+    with pytest.raises(SystemExit, match=r"train.csv:5: unknown label 'XYZ'"):
         build_datasets(data_args(dataset="cremad", data_root=str(cremad_root)))
 
 
 def test_ks_label_out_of_range(ks_root):
     (ks_root / "kinetics_sounds" / "my_train.txt").write_text("abc_000010_000020,10,31\n")
-    with pytest.raises(ValueError, match="my_train.txt:1: label 31 out of range"):
+    with pytest.raises(SystemExit, match="my_train.txt:1: label 31 out of range"):
         build_datasets(data_args(dataset="ks", data_root=str(ks_root)))
 
 
