@@ -18,18 +18,17 @@ from conftest import run_inproc
 
 from common import distributed, runs
 
-ROLES = ("audio_net", "visual_net", "head")
-
 
 class Stop(Exception):
     """Raised after the last recorded step: no evaluation, no checkpoint."""
 
 
 def train_steps(script, data_root, runs_dir, n_steps, *flags, freeze=True, reduce=None):
-    """Run `script` for `n_steps` training steps; returns one record per optimizer step:
-    {"grads": {role: flat float32 gradient (None if no parameter of the role has one)}, "stats": the step's logged
-    values (the last ones logged so far)}. freeze: the optimizer step is skipped (parameters stay at their init).
-    reduce: replaces distributed.all_reduce_sum (the sums a method's statistics are built from)."""
+    """Run `script` for `n_steps` training steps; returns one record per optimizer step: "grads" {parameter name:
+    float32 copy of its gradient at the step, or None}, "stats" (the values the batch logged), and with
+    freeze=False "before" and "after" {name: float32 copy of the parameter} around the step. freeze=True: the
+    optimizer step moves nothing (parameters stay at their init). reduce: replaces distributed.all_reduce_sum (the
+    sums a method's statistics are built from)."""
     records, models, logged = [], [], []
     real_wrap, real_make_optimizer, real_log_step = distributed.wrap, runs.make_optimizer, runs.Run.log_step
 
@@ -37,22 +36,27 @@ def train_steps(script, data_root, runs_dir, n_steps, *flags, freeze=True, reduc
         models.append(model)
         return real_wrap(model, args, **kw)
 
-    def make_optimizer(args, params):
-        optimizer = real_make_optimizer(args, params)
+    def params():
+        return {n: p.detach().float().clone() for n, p in models[0].named_parameters()}
 
-        def record(opt, *_):
-            grads = {}
-            for role in ROLES:
-                gs = [p.grad.detach().float().reshape(-1) for p in getattr(models[0], role).parameters()
-                      if p.grad is not None]
-                grads[role] = torch.cat(gs).clone() if gs else None
-            records.append({"grads": grads})
+    def make_optimizer(args, parameters):
+        optimizer = real_make_optimizer(args, parameters)
+
+        def before(opt, *_):
+            grads = {n: None if p.grad is None else p.grad.detach().float().clone()
+                     for n, p in models[0].named_parameters()}
+            records.append({"grads": grads} if freeze else {"grads": grads, "before": params()})
             if freeze:  # SGD and AdamW leave a parameter without a gradient untouched
                 for group in opt.param_groups:
                     for p in group["params"]:
                         p.grad = None
 
-        optimizer.register_step_pre_hook(record)
+        def after(opt, *_):
+            if not freeze:
+                records[-1]["after"] = params()
+
+        optimizer.register_step_pre_hook(before)
+        optimizer.register_step_post_hook(after)
         return optimizer
 
     def log_step(self, stats, n_samples):
@@ -73,6 +77,12 @@ def train_steps(script, data_root, runs_dir, n_steps, *flags, freeze=True, reduc
     for i, r in enumerate(records):
         r["stats"] = logged[i // per_step]
     return records
+
+
+def flat(tensors, role):
+    """The tensors of one role (`audio_net`, `head`, ...) as one vector (parameters without a gradient left out)."""
+    parts = [t.reshape(-1) for n, t in tensors.items() if n.startswith(role + ".") and t is not None]
+    return torch.cat(parts) if parts else None
 
 
 def ratio(got, ref):
@@ -142,3 +152,64 @@ def test_arl_encoder_gradients_times_one_plus_c(monkeypatch, tiny_data, tmp_path
             r, cos = ratio(got["grads"][role], ref["grads"][role])
             assert r == pytest.approx(want, rel=2e-3 if amp else 1e-5), (timing, role)
             assert cos > (0.999 if amp else 1 - 1e-9), (timing, role)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OGM-GE: after backward the dominant encoder's conv-kernel gradients are multiplied by k; GE adds N(0, std(g)^2)
+# ---------------------------------------------------------------------------------------------------------------
+def test_ogm_modulation_and_ge_noise_under_amp(tiny_data, tmp_path):
+    flags = ("--amp", "--channels-last", "--clip-grad", "0")
+    ref = train_steps("ogm.py", tiny_data, tmp_path / "none", 1, "--modulation", "none", *flags)[0]
+    ogm = train_steps("ogm.py", tiny_data, tmp_path / "ogm", 1, "--modulation", "ogm", *flags)[0]
+    ge = train_steps("ogm.py", tiny_data, tmp_path / "ge", 1, "--modulation", "ogm_ge", *flags)[0]
+    k = {"audio_net": ogm["stats"]["train/coeff_audio"], "visual_net": ogm["stats"]["train/coeff_visual"]}
+    assert sorted(k.values())[0] < 0.9 and sorted(k.values())[1] == 1.0  # one side is modulated, visibly
+    assert ge["stats"]["train/coeff_audio"] == k["audio_net"] and ge["stats"]["train/coeff_visual"] == k["visual_net"]
+    n_noisy = 0
+    for name, g in ref["grads"].items():
+        role = name.split(".")[0]
+        conv = g.dim() == 4 and role in k
+        assert g.abs().sum() > 0, name
+        # OGM: k g on the conv kernels of the encoders, everything else (BatchNorm, head) untouched
+        torch.testing.assert_close(ogm["grads"][name], k[role] * g if conv else g, rtol=1e-6, atol=0)
+        if not conv:
+            assert torch.equal(ge["grads"][name], g), name
+            continue
+        noise = ge["grads"][name] - k[role] * g  # GE: N(0, std(g)^2), the std of the unscaled gradient
+        if noise.numel() >= 4096:
+            n_noisy += 1
+            assert noise.std().item() == pytest.approx(g.std().item(), rel=0.1), name
+            assert abs(noise.mean().item()) < 0.1 * g.std().item(), name
+    assert n_noisy > 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DGL: the encoders get only the alpha-weighted unimodal gradient, the head only the fused one
+# ---------------------------------------------------------------------------------------------------------------
+def test_dgl_truncations_under_amp(tiny_data, tmp_path):
+    """Doubling alpha doubles every encoder gradient exactly (no fused-loss part reaches the encoders) and leaves the
+    head's gradient unchanged (no unimodal-loss part reaches it); the release's two backward passes agree."""
+    flags = ("--amp", "--channels-last", "--clip-grad", "0")
+    g2 = train_steps("dgl.py", tiny_data, tmp_path / "a2", 1, "--alpha", "2", *flags)[0]["grads"]
+    g4 = train_steps("dgl.py", tiny_data, tmp_path / "a4", 1, "--alpha", "4", *flags)[0]["grads"]
+    two = train_steps("dgl.py", tiny_data, tmp_path / "two", 1, "--alpha", "4", "--dgl-impl", "two-pass",
+                      *flags)[0]["grads"]
+    for role in ("audio_net", "visual_net", "head"):
+        a2, a4, t4 = flat(g2, role), flat(g4, role), flat(two, role)
+        assert a2.abs().sum() > 0, role
+        torch.testing.assert_close(a4, a2 if role == "head" else 2 * a2, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(t4, a4, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AUG: per batch an audio step that moves only audio parameters, then a visual step that moves only visual ones
+# ---------------------------------------------------------------------------------------------------------------
+def test_aug_steps_move_one_modality_under_amp(tiny_data, tmp_path):
+    audio_step, visual_step = train_steps("aug.py", tiny_data, tmp_path, 1, "--amp", "--channels-last", freeze=False)
+    for step, mine, other in ((audio_step, "audio", "visual"), (visual_step, "visual", "audio")):
+        for role in (f"{other}_net", f"{other}_classifiers"):
+            assert flat(step["grads"], role) is None, (mine, role)
+            assert torch.equal(flat(step["after"], role), flat(step["before"], role)), (mine, role)
+        for role in (f"{mine}_net", f"{mine}_classifiers", "head"):
+            assert flat(step["grads"], role).abs().sum() > 0, (mine, role)
+            assert not torch.equal(flat(step["after"], role), flat(step["before"], role)), (mine, role)
