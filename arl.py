@@ -22,16 +22,28 @@ from common.models import AVClassifier, unimodal_logits
 
 # ALGO LOGIC BLOCK: ARL (ICCV 2025 paper): GradScale, the coefficients, the loss. Needs only torch: copy it as is.
 class GradScale(torch.autograd.Function):
-    """Identity in the forward pass; multiplies the gradient by (1 + w) in the backward pass (w a constant)."""
+    """Identity in the forward pass; multiplies the gradient by (1 + w) in the backward pass (w a constant, no
+    gradient). `w` is read when the gradient arrives: a number, or a Coefficient set after the forward pass."""
 
     @staticmethod
     def forward(ctx, x, w):
-        ctx.scale = 1.0 + float(w)
+        ctx.w = w
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * ctx.scale, None  # no gradient for w
+        return grad * (1.0 + float(ctx.w)), None  # no gradient for w
+
+
+class Coefficient:
+    """A GradScale coefficient that may be set between the forward and the backward pass (the coefficients of the
+    same batch, computed from the logits of that forward pass): GradScale reads float(c) in the backward pass."""
+
+    def __init__(self, value=0.0):
+        self.value = float(value)
+
+    def __float__(self):
+        return self.value
 
 
 def arl_coefficients(z_a, z_v, temperature, entropy_floor=0.3, reduce=lambda t: t):
@@ -76,13 +88,6 @@ def arl_loss(z, z_a, z_v, label, weight):
     """L = CE(z) + weight (CE(z_a) + CE(z_v)); weight is gamma after the warm-up and 1 during it."""
     loss_f, loss_a, loss_v = F.cross_entropy(z, label), F.cross_entropy(z_a, label), F.cross_entropy(z_v, label)
     return loss_f + weight * (loss_a + loss_v), loss_f, loss_a, loss_v
-
-
-def scale_gradients(a, v, coeff):
-    """The same scaling as GradScale, for features that already exist: hooks multiply the gradient reaching a (v)
-    in the backward pass by 1 + c_a (1 + c_v). Used when the coefficients come from the same batch."""
-    a.register_hook(lambda g, s=1.0 + coeff[0]: g * s)
-    v.register_hook(lambda g, s=1.0 + coeff[1]: g * s)
 # END ALGO LOGIC BLOCK
 
 
@@ -139,7 +144,8 @@ def check_args(args):
 
 
 def forward(model, audio, visual, coeff):
-    """Encoders, GradScale by 1 + c_m on each encoder output (c = 0: unscaled), head, zero-fill unimodal logits."""
+    """Encoders, GradScale by 1 + c_m on each encoder output (c = 0: unscaled), head, zero-fill unimodal logits.
+    coeff: (c_a, c_v), numbers or Coefficients (then read in the backward pass)."""
     a, v = model.audio_net(audio), model.visual_net(visual)
     a, v = GradScale.apply(a, coeff[0]), GradScale.apply(v, coeff[1])  # ALGO LOGIC
     f_a, f_v, z = model.head(a, v)
@@ -198,15 +204,16 @@ if __name__ == "__main__":
 
             # ALGO LOGIC: GradScale (after the warm-up), gamma-weighted unimodal losses, coefficients for the next step
             applied = coeff if arl_on and args.arl_coeff_timing == "previous" else (0.0, 0.0)  # c of the previous step
-            a, v, z, z_a, z_v = train_forward(lambda m: forward(m, audio, visual, applied))
+            scale = (Coefficient(applied[0]), Coefficient(applied[1]))  # read by GradScale in the backward pass
+            _, _, z, z_a, z_v = train_forward(lambda m: forward(m, audio, visual, scale))
             loss, loss_f, loss_a, loss_v = arl_loss(z, z_a, z_v, label, args.gamma if arl_on else 1.0)
             arl = arl_coefficients(z_a.detach(), z_v.detach(), args.temperature, args.entropy_floor,
                                    reduce=distributed.all_reduce_sum)  # over the global batch
             if arl_on and args.arl_weights == "computed":
                 coeff = (arl["c_a"].item(), arl["c_v"].item())
-            if arl_on and args.arl_coeff_timing == "current":  # the same batch's coefficients, as gradient hooks
+            if arl_on and args.arl_coeff_timing == "current":  # the same batch's coefficients, before the backward
                 applied = coeff
-                scale_gradients(a, v, applied)
+                scale[0].value, scale[1].value = applied
 
             optimizer.zero_grad()
             loss.backward()

@@ -186,7 +186,10 @@ def gather_in_order(t, n_total):
 class TrainForward(nn.Module):
     """`train_forward(fn)` runs `fn(model)`, the script's training forward pass, under bfloat16 autocast with --amp,
     returning float32 outputs, so the losses and every statistic stay float32. It is the module DDP wraps, so DDP
-    sees each training forward and averages the gradients of the backward pass that follows."""
+    sees each training forward and averages the gradients of the backward pass that follows.
+    With --amp the returned float32 tensors are new tensors (casts of the bfloat16 ones `fn` computed): gradient
+    surgery belongs inside `fn` (e.g. arl.py's GradScale), since a hook on a returned copy misses the gradient that
+    reaches the original through the rest of `fn`'s graph."""
 
     def __init__(self, model, amp=False):
         super().__init__()

@@ -253,21 +253,23 @@ def test_encoder_gradients_scaled_by_one_plus_c_head_unscaled(model0, batch):
         torch.testing.assert_close(got["head"][n], g, rtol=1e-6, atol=1e-12)
 
 
-def test_scale_gradients_hooks_equal_gradscale(model0, batch):
-    """--arl-coeff-timing current: hooks on existing features scale the encoder gradients like GradScale does."""
+def test_coefficient_set_after_the_forward_pass_scales_like_a_number(model0, batch):
+    """--arl-coeff-timing current: GradScale reads a Coefficient in the backward pass, so a value set after the
+    forward pass (the same batch's coefficients) acts exactly as that number given to the forward pass would."""
     c_a, c_v = 0.8, 0.2
     _, want = step_grads(model0, batch, (c_a, c_v), 4.0, torch.float64)
     _, ref = step_grads(model0, batch, (0.0, 0.0), 4.0, torch.float64)
     model = copy.deepcopy(model0).to(torch.float64)
     audio, visual, y = batch
-    a, v, z, z_a, z_v = arl.forward(model, audio.double(), visual.double(), (0.0, 0.0))
-    arl.scale_gradients(a, v, (c_a, c_v))
+    scale = (arl.Coefficient(), arl.Coefficient())
+    _, _, z, z_a, z_v = arl.forward(model, audio.double(), visual.double(), scale)
+    scale[0].value, scale[1].value = c_a, c_v
     arl.arl_loss(z, z_a, z_v, y, 4.0)[0].backward()
     for role in ("audio_net", "visual_net", "head"):
         got = grads_of(getattr(model, role))
         for n, g in want[role].items():
             torch.testing.assert_close(got[n], g, rtol=1e-6, atol=1e-12)
-    for n, g in ref["audio_net"].items():  # control: the hooks did scale
+    for n, g in ref["audio_net"].items():  # control: the late value did scale
         if g.abs().sum() > 0:
             torch.testing.assert_close(grads_of(model.audio_net)[n], (1 + c_a) * g, rtol=1e-6, atol=1e-12)
 

@@ -321,24 +321,27 @@ def arl_blk():
 
 
 def arl_step_grads(blk, model, batch, coeff, how, gamma=4.0):
-    """Forward with GradScale (or scale_gradients hooks, or neither), zero-fill logits, ARL's loss, backward."""
+    """Forward with GradScale (or GradScale on Coefficients set after the forward pass, or neither), zero-fill
+    logits, ARL's loss, backward."""
     x_a, x_v, y = batch
     model.zero_grad()
     a, v = model.audio_net(x_a), model.visual_net(x_v)
+    late = (blk.Coefficient(), blk.Coefficient())
     if how == "gradscale":
         a, v = blk.GradScale.apply(a, coeff[0]), blk.GradScale.apply(v, coeff[1])
-    elif how == "hooks":
-        blk.scale_gradients(a, v, coeff)
+    elif how == "late":
+        a, v = blk.GradScale.apply(a, late[0]), blk.GradScale.apply(v, late[1])
     z = model.head(torch.cat([a, v], 1))
     z_a, z_v = model.unimodal_logits(a, v, "full")
     loss, loss_f, loss_a, loss_v = blk.arl_loss(z, z_a, z_v, y, gamma)
+    late[0].value, late[1].value = coeff  # read only by the backward pass
     want = F.cross_entropy(z, y) + gamma * (F.cross_entropy(z_a, y) + F.cross_entropy(z_v, y))
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
     loss.backward()
     return encoder_grads(model)
 
 
-@pytest.mark.parametrize("how", ["gradscale", "hooks"])
+@pytest.mark.parametrize("how", ["gradscale", "late"])
 @pytest.mark.parametrize("coeff", [(0.8, 0.2), (0.1, 0.9)])
 def test_arl_encoder_gradients_times_one_plus_c(arl_blk, how, coeff):
     model, batch = trained_toy("audio")
