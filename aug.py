@@ -184,7 +184,7 @@ def check_args(args):
     """Valid ranges of AUG's flags and their impossible combinations (after the preset): one line naming the flag."""
     for name in ("lam_res", "merge_alpha"):
         runs.check(args, name, lambda x: 0 <= x <= 1, "in [0, 1]")
-    runs.check(args, "aca_sigma", lambda x: x > 0, "positive")
+    runs.check(args, "aca_sigma", lambda x: x >= 0, ">= 0")
     runs.check(args, "aca_tau", lambda x: x >= 0, ">= 0 (the width of the dead zone)")
     runs.check(args, "aca_check_every", lambda x: x > 0, "positive (leave it out for epochs // 10)")
     runs.check(args, "max_classifiers", lambda x: x >= 0, ">= 0 (0 = no cap)")

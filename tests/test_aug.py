@@ -546,7 +546,8 @@ def resume(run, tiny_data):
 def test_resume_when_an_added_head_already_has_momentum(tiny_data, tmp_path):
     """--train-new-heads: the head added after epoch 0 trains in epoch 1 (momentum buffers in its own param group);
     stopping after epoch 1 and resuming must end bitwise where the uninterrupted run ends (model and optimizer)."""
-    flags = ["--epochs", 3, "--max-steps", 2, "--aca-check-every", 1, "--aca-tau", -1, "--train-new-heads"]
+    flags = ["--epochs", 3, "--max-steps", 2, "--aca-check-every", 1, "--aca-sigma", 1e-6, "--aca-tau", 0,
+             "--train-new-heads"]
     straight = run_inprocess(tmp_path / "straight", tiny_data, *flags)
     run = run_inprocess(tmp_path / "split", tiny_data, *flags, "--stop-after-epochs", 2)
     stopped = load(os.path.join(run, "last.pt"))
@@ -566,10 +567,10 @@ def test_resume_when_an_added_head_already_has_momentum(tiny_data, tmp_path):
 
 
 def test_max_classifiers_caps_the_additions_in_the_loop(tiny_data, tmp_path):
-    """tau -1 asks for a visual classifier at every check; --max-classifiers 3 (the first one included) lets two
-    through (after epochs 0 and 1) and refuses the third (after epoch 2); epoch 3 is the last."""
-    run = run_inprocess(tmp_path, tiny_data, "--epochs", 4, "--max-steps", 1, "--aca-check-every", 1, "--aca-tau", -1,
-                        "--max-classifiers", 3)
+    """sigma 1e-6, tau 0 asks for a visual classifier at every check; --max-classifiers 3 (the first one included)
+    lets two through (after epochs 0 and 1) and refuses the third (after epoch 2); epoch 3 is the last."""
+    run = run_inprocess(tmp_path, tiny_data, "--epochs", 4, "--max-steps", 1, "--aca-check-every", 1,
+                        "--aca-sigma", 1e-6, "--aca-tau", 0, "--max-classifiers", 3)
     rows = read_metrics(run)
     assert [r["train/aca_action"] for r in rows] == [1, 1, 0, 0]
     assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3, 3] and [r["train/coeff_audio"] for r in rows] == [1] * 4
@@ -634,8 +635,8 @@ def test_sum_probs_scores_in_the_loop(tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(common.data, "make_loaders", make_loaders)
     monkeypatch.setattr(common.distributed, "sync_grads", sync_grads)
-    run = run_inprocess(tmp_path, tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1, "--aca-tau", -1,
-                        "--residual-source", "sum-probs")
+    run = run_inprocess(tmp_path, tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1,
+                        "--aca-sigma", 1e-6, "--aca-tau", 0, "--residual-source", "sum-probs")
     rows = read_metrics(run)
     assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3] and len(epochs) == 3
     for row, e in zip(rows, epochs):

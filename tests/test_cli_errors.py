@@ -117,7 +117,7 @@ CASES = [  # (script, flags, text the one-line error must contain)
     # AUG
     ("aug.py", ["--lam-res", 1.5], "--lam-res"),
     ("aug.py", ["--merge-alpha", -0.1], "--merge-alpha"),
-    ("aug.py", ["--aca-sigma", 0], "--aca-sigma"),
+    ("aug.py", ["--aca-sigma", -1], "--aca-sigma"),
     ("aug.py", ["--aca-tau", -1], "--aca-tau"),
     ("aug.py", ["--aca-check-every", 0], "--aca-check-every"),
     ("aug.py", ["--max-classifiers", -1], "--max-classifiers"),

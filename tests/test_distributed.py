@@ -179,7 +179,8 @@ def test_each_step_uses_the_coefficient_of_the_summed_statistics(ddp, name):
 def test_aug_classifier_assignment_uses_the_summed_confidence(ddp):
     for steps, _ in traces(ddp, "aug"):
         epoch1 = steps[2]
-        _, s = epoch1["reduces"][-1]  # after epoch 0's evaluation: the summed [S_a, S_v, samples]
+        # after epoch 0's evaluation: the summed [S_a, S_v, samples] (the epoch's replaced-clip count is a 1-list)
+        s = [s for _, s in epoch1["reduces"] if len(s) == 3][-1]
         n = s[2]
         assert n == 8  # 2 steps x global batch 4
         action = aug.aca_decision(s[0] / n, s[1] / n, 1.0, 0.01)
