@@ -4,6 +4,7 @@
     python tests/mutate.py all            # the five, one after the other
     python tests/mutate.py ogm --list     # print the mutants, run nothing
     python tests/mutate.py ogm --jobs 1 --timeout 300 --lines 40-60
+    python tests/mutate.py arl --match clip -k clipping_in   # some mutants, against some tests
 
 The method lines of a script are its ALGO LOGIC BLOCK (between `# ALGO LOGIC BLOCK` and `# END ALGO LOGIC BLOCK`)
 and the statements marked `# ALGO LOGIC` in the rest of it: a marker at the end of a line marks the statement that
@@ -51,6 +52,9 @@ TESTS = {
             f"(aug or aca or block) and {SLOW}"),
 }
 
+# method lines besides the markers: statements with a line matching one of these (the loops' gradient clipping,
+# part of the ARL and DGL recipes: clip 40 in every preset)
+EXTRA = {"arl": [r"if args\.clip_grad > 0:"], "dgl": [r"if args\.clip_grad > 0:", r"clip_factor = 1\.0"]}
 MARK = re.compile(r"#\s*ALGO LOGIC(?! BLOCK)")
 BLOCK_START, BLOCK_END = "# ALGO LOGIC BLOCK", "# END ALGO LOGIC BLOCK"
 
@@ -91,8 +95,9 @@ def _siblings(tree):
     return out
 
 
-def method_lines(text):
-    """The set of 1-based line numbers that hold the method's logic (see the module docstring)."""
+def method_lines(text, extra=()):
+    """The set of 1-based line numbers that hold the method's logic (see the module docstring); `extra`: regular
+    expressions, a line matching one marks its statement like a marker at the end of it."""
     lines = text.splitlines()
     tree = ast.parse(text)
     starts = [i + 1 for i, line in enumerate(lines) if line.startswith(BLOCK_START)]
@@ -101,10 +106,10 @@ def method_lines(text):
         raise SystemExit("expected one '# ALGO LOGIC BLOCK' line followed by one '# END ALGO LOGIC BLOCK' line")
     marked = set(range(starts[0] + 1, ends[0]))
     stmts, siblings = _statements(tree), _siblings(tree)
-    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-        if tok.type != tokenize.COMMENT or not MARK.match(tok.string):
-            continue
-        row = tok.start[0]
+    rows = [tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+            if tok.type == tokenize.COMMENT and MARK.match(tok.string)]
+    rows += [i + 1 for i, line in enumerate(lines) if any(re.search(x, line) for x in extra)]
+    for row in rows:
         if lines[row - 1].strip().startswith("#"):  # a comment line: the statements that follow, to a gap
             following = [s for s in stmts if s.lineno > row]
             if not following:
@@ -312,14 +317,14 @@ class Worker:
                 f.write(original)
 
 
-def check(method, jobs, timeout, line_range, verbose):
+def check(method, jobs, timeout, line_range, verbose, match=None):
     script = f"{method}.py"
     with open(os.path.join(ROOT, script)) as f:
         text = f.read()
-    lines = method_lines(text)
+    lines = method_lines(text, EXTRA.get(method, ()))
     if line_range:
         lines &= set(range(line_range[0], line_range[1] + 1))
-    todo = mutants(text, lines)
+    todo = [m for m in mutants(text, lines) if not match or re.search(match, m[1])]
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"mutate_{method}_") as tmp:
         workers = []
@@ -367,6 +372,8 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds per mutant run (default: 3x the unmutated run, at least 60)")
     p.add_argument("--lines", default=None, help="only mutants on lines A-B (e.g. 40-60)")
+    p.add_argument("--match", default=None, help="only mutants whose description matches this regular expression")
+    p.add_argument("-k", dest="k", default=None, help="pytest -k expression replacing the method's test selection")
     p.add_argument("--list", action="store_true", help="print the method lines' mutants and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="print every mutant's outcome")
     args = p.parse_args(argv)
@@ -376,13 +383,16 @@ def main(argv=None):
         for method in methods:
             with open(os.path.join(ROOT, f"{method}.py")) as f:
                 text = f.read()
-            lines = method_lines(text)
-            ms = mutants(text, lines)
+            lines = method_lines(text, EXTRA.get(method, ()))
+            ms = [m for m in mutants(text, lines) if not args.match or re.search(args.match, m[1])]
             print(f"{method}: {len(ms)} mutants on lines {_ranges(lines)}")
             for line, what, _ in ms:
                 print(f"  line {line}: {what}")
         return
-    reports = [check(m, args.jobs, args.timeout, rng, args.verbose) for m in methods]
+    if args.k:
+        for m in methods:
+            TESTS[m] = (TESTS[m][0], args.k)
+    reports = [check(m, args.jobs, args.timeout, rng, args.verbose, args.match) for m in methods]
     print("\n| method | mutants | killed | survived | timeouts | wall |\n|---|---|---|---|---|---|")
     for r in reports:
         print(f"| {r['method']} | {r['tried']} | {r['killed']} | {len(r['survivors'])} | {r['timeouts']} | "
