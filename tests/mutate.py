@@ -45,8 +45,7 @@ SLOW = "not imbalance and not smoke_cli"
 TESTS = {
     "ogm": (["tests/test_lift.py", "tests/test_ogm.py"], f"(ogm or block) and {SLOW}"),
     "opm": (["tests/test_lift.py", "tests/test_opm.py"], f"(opm or block) and {SLOW}"),
-    "arl": (["tests/test_lift.py", "tests/test_arl.py", "tests/test_amp_gradients.py"],
-            f"(arl or block) and {SLOW} and not amp_run"),
+    "arl": (["tests/test_lift.py", "tests/test_arl.py"], f"(arl or block) and {SLOW}"),
     "dgl": (["tests/test_lift_dgl_aug.py", "tests/test_dgl.py"], f"(dgl or block) and {SLOW}"),
     "aug": (["tests/test_lift_dgl_aug.py", "tests/test_aug.py", "tests/test_aug_mutants.py"],
             f"(aug or aca or block) and {SLOW}"),

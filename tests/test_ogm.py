@@ -314,6 +314,11 @@ def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
     run = run_inproc("ogm.py", tiny_data, tmp_path / "o", "--epochs", 2, "--max-steps", 1, "--modulation-ends", 0)
     first, second = history(run)
     assert min(first["train/coeff_audio"], first["train/coeff_visual"]) < 1.0
+    rho = first["train/ratio"]  # s_a / s_v of the one step: k = 1 - tanh(0.8 rho) on the higher-scoring side
+    k_dominant = 1 - math.tanh(0.8 * max(rho, 1 / rho))
+    assert abs(rho - 1) > 1e-3 and first["train/modulated_audio_frac"] == float(rho > 1)
+    assert (first["train/coeff_audio"], first["train/coeff_visual"]) == pytest.approx(
+        (k_dominant, 1.0) if rho > 1 else (1.0, k_dominant), rel=1e-5)
     assert second["train/coeff_audio"] == second["train/coeff_visual"] == 1.0
 
 
