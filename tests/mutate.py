@@ -383,6 +383,8 @@ def main(argv=None):
             with open(os.path.join(ROOT, f"{method}.py")) as f:
                 text = f.read()
             lines = method_lines(text, EXTRA.get(method, ()))
+            if rng:
+                lines &= set(range(rng[0], rng[1] + 1))
             ms = [m for m in mutants(text, lines) if not args.match or re.search(args.match, m[1])]
             print(f"{method}: {len(ms)} mutants on lines {_ranges(lines)}")
             for line, what, _ in ms:
@@ -416,4 +418,7 @@ def _ranges(lines):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `... --list | head`
+        sys.stderr.close()

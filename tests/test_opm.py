@@ -378,3 +378,14 @@ def test_smoke_cli(tiny_data, tmp_path):
     for key in SHARED_KEYS + OPM_KEYS:
         assert key in r["last"], key
     assert 0 <= r["best"]["test/acc"] <= 1 and r["args"]["q_base"] == 0.5 and r["args"]["p_exe"] == 0.7
+
+
+def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
+    """--opm-window 0 0 with --p-exe 1: epoch 0 drops (q > 0 on the dominant side, the drop executed), epoch 1 is
+    past the window's end (q = 0 on both sides, nothing executed)."""
+    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 1, "--warmup-epochs", 0,
+                     "--p-exe", 1, "--opm-window", 0, 0)
+    first, second = history(run)
+    assert first["train/drop_exec_frac"] == 1.0 and max(first["train/coeff_audio"], first["train/coeff_visual"]) > 0
+    assert second["train/drop_exec_frac"] == 0.0
+    assert second["train/coeff_audio"] == second["train/coeff_visual"] == 0.0
