@@ -219,13 +219,21 @@ def step_grads(model0, batch, coeff, weight, dtype=torch.float32):
 
 
 def test_warmup_loss_is_unweighted_sum(model0, batch):
+    """The warm-up step (no GradScale, weight 1) gives every parameter the gradient of CE(z) + CE(z_a) + CE(z_v),
+    with z_a, z_v written out by hand here: a W_a^T + b and v W_v^T + b (zero-fill, full bias)."""
     audio, visual, y = batch
-    model = copy.deepcopy(model0)
-    _, _, z, z_a, z_v = arl.forward(model, audio, visual, (0.0, 0.0))
-    loss, loss_f, loss_a, loss_v = arl.arl_loss(z, z_a, z_v, y, 1.0)
-    want = F.cross_entropy(z, y) + F.cross_entropy(z_a, y) + F.cross_entropy(z_v, y)
-    assert loss.item() == pytest.approx(want.item())
-    assert loss_f.item() == pytest.approx(F.cross_entropy(model(audio, visual)[2], y).item(), abs=1e-5)
+    model, got = step_grads(model0, batch, (0.0, 0.0), 1.0)
+    ref = copy.deepcopy(model0)
+    a, v = ref.audio_net(audio), ref.visual_net(visual)
+    W, b = ref.head.fc_out.weight, ref.head.fc_out.bias
+    z = torch.cat([a, v], 1) @ W.T + b
+    z_a, z_v = a @ W[:, :512].T + b, v @ W[:, 512:].T + b
+    (F.cross_entropy(z, y) + F.cross_entropy(z_a, y) + F.cross_entropy(z_v, y)).backward()
+    for part in ("audio_net", "visual_net", "head"):
+        for n, g in grads_of(getattr(ref, part)).items():
+            torch.testing.assert_close(got[part][n], g, rtol=1e-4, atol=1e-7, msg=f"{part}.{n}")
+    _, gamma_grads = step_grads(model0, batch, (0.0, 0.0), 4.0)  # control: the weight changes the gradients
+    assert not all(torch.allclose(g, got["audio_net"][n]) for n, g in gamma_grads["audio_net"].items())
 
 
 def test_loss_after_warmup_weights_the_unimodal_losses_by_gamma(model0, batch):
@@ -368,3 +376,50 @@ def test_resume_continues_exactly(three_epoch_run, tiny_data, tmp_path):
     assert [m["test/acc"] for m in resumed] == [m["test/acc"] for m in full]
     a, b = final_weights(three_epoch_run), final_weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the training loop's gradients, seen in the parameters after one SGD step (lr 1, no weight decay: the first step
+# moves every parameter by minus its gradient; momentum has no history yet)
+# ---------------------------------------------------------------------------------------------------------------
+def one_step_delta(tiny_data, runs_dir, *flags):
+    """{parameter name: change after one step of `arl.py --lr 1 --weight-decay 0 <flags>`}, and the run folder."""
+    torch.manual_seed(0)  # the script's initialisation: seed, then the model is the first draw
+    init = {n: p.detach().clone() for n, p in AVClassifier(C).named_parameters()}
+    run = run_inprocess(runs_dir, tiny_data, "--epochs", "1", "--max-steps", "1", "--lr", "1", "--weight-decay", "0",
+                        *flags)
+    m = final_weights(run)
+    return {n: m[n] - p for n, p in init.items()}, run
+
+
+def norm_of(delta, prefix=""):
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for n, d in delta.items()
+                                                 if n.startswith(prefix)])).item()
+
+
+def test_clipping_in_the_training_loop(tiny_data, tmp_path):
+    """--clip-grad 0.05: the step's gradient has global norm 0.05 (it is far larger unclipped)."""
+    clipped, _ = one_step_delta(tiny_data, tmp_path / "c", "--clip-grad", "0.05", "--warmup-epochs", "0")
+    free, _ = one_step_delta(tiny_data, tmp_path / "f", "--clip-grad", "0", "--warmup-epochs", "0")
+    assert norm_of(clipped) == pytest.approx(0.05, rel=1e-3)
+    assert norm_of(free) > 0.5
+
+
+def test_current_timing_scales_the_gradients_of_the_same_batch(tiny_data, tmp_path):
+    """--arl-coeff-timing current (no --amp): the encoders' step is (1 + c) times their unscaled gradient, c from this
+    batch (logged as train/coeff_*), i.e. (1 + c) / 1.5 times the first step of the default timing, which uses the
+    initial (0.5, 0.5); the head's step is the same in both."""
+    flags = ("--clip-grad", "0", "--warmup-epochs", "0")
+    cur, run = one_step_delta(tiny_data, tmp_path / "cur", *flags, "--arl-coeff-timing", "current")
+    prev, _ = one_step_delta(tiny_data, tmp_path / "prev", *flags)
+    m = read_metrics(run)[0]
+    assert abs(m["train/coeff_audio"] - 1.5) > 0.01  # precondition: c_a differs from the initial 0.5
+    for prefix, key in (("audio_net.", "train/coeff_audio"), ("visual_net.", "train/coeff_visual")):
+        r = m[key] / 1.5
+        for n in cur:
+            if n.startswith(prefix):
+                err = torch.linalg.vector_norm(cur[n] - r * prev[n]).item()
+                assert err <= 1e-3 * torch.linalg.vector_norm(cur[n]).item() + 1e-9, n
+    for n in cur:
+        if n.startswith("head."):
+            torch.testing.assert_close(cur[n], prev[n], rtol=1e-4, atol=1e-7)

@@ -5,6 +5,7 @@ path as `python ogm.py ...`, without paying the torch/torchvision import for eve
 """
 
 import copy
+import glob
 import json
 import math
 import os
@@ -117,6 +118,8 @@ def test_ratio_offset_is_continuous_at_one():
     assert ogm.ogm_coefficients(2.0, 2.0, 0.8, ratio_offset=1.0)[:2] == (1.0, 1.0)
     k_a, _, _ = ogm.ogm_coefficients(2.0 * 1.5, 2.0, 0.8, ratio_offset=1.0)
     assert k_a == pytest.approx(1 - math.tanh(0.8 * 0.5))
+    k = ogm.ogm_coefficients(2.0, 2.0 * 1.5, 0.8, ratio_offset=1.0)  # visual dominant
+    assert k == (1.0, pytest.approx(1 - math.tanh(0.8 * 0.5)), False)
 
 
 def test_half_bias_identity():
@@ -146,18 +149,18 @@ def test_scores_are_batch_sums_and_ratio_is_batch_size_free():
 
 
 def test_scores_do_not_train():
-    """Gradients after backward equal those of CE(z, y) alone; the scores carry no graph."""
+    """ogm_scores of logits that carry a graph return a tensor without one (the function itself runs without
+    gradient tracking), and computing them leaves the gradients of CE(z, y) unchanged."""
     torch.manual_seed(0)
     model = AVClassifier(6, "concat")
     ref = copy.deepcopy(model)
     audio, visual, label = tiny_batch()
     f_a, f_v, z = model.head(model.audio_net(audio), model.visual_net(visual))
-    loss = F.cross_entropy(z, label)
-    with torch.no_grad():  # exactly the loop's block
-        z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
-        s_a, s_v = ogm.ogm_scores(z_a, z_v, label)
-    assert not s_a.requires_grad and not s_v.requires_grad
-    loss.backward()
+    z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
+    assert z_a.requires_grad and z_v.requires_grad  # precondition: the logits carry a graph
+    s = ogm.ogm_scores(z_a, z_v, label)
+    assert not s.requires_grad and s.grad_fn is None
+    F.cross_entropy(z, label).backward()
     _, _, z_ref = ref.head(ref.audio_net(audio), ref.visual_net(visual))
     F.cross_entropy(z_ref, label).backward()
     got, want = grads(model), grads(ref)
@@ -272,6 +275,17 @@ def test_ge_std_source(source, expected):
     assert noise.std().item() / (expected * g_old.std().item()) == pytest.approx(1.0, abs=0.03)
 
 
+@pytest.mark.parametrize("source", ["unscaled", "scaled"])
+def test_ge_noise_std_of_a_zero_gradient_is_the_epsilon(source):
+    """std(g) = 0: the noise is N(0, (1e-8)^2), i.e. the generator's standard normal draw times 1e-8."""
+    conv = torch.nn.Conv2d(4, 4, 3, bias=False)
+    conv.weight.grad = torch.zeros_like(conv.weight)
+    ogm.modulate_gradients(conv, torch.nn.Identity(), 0.5, 1.0, True, True, torch.Generator().manual_seed(0),
+                           std_source=source)
+    want = torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(0)) * 1e-8
+    torch.testing.assert_close(conv.weight.grad, want, rtol=1e-6, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # end to end: equivalence with the baseline, windows, frozen kernels, heads, resume, smoke
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,6 +307,54 @@ def test_window_start_respected(tiny_data, tmp_path):
     base = run_inproc("baseline.py", tiny_data, tmp_path / "b", "--epochs", 1, "--max-steps", 2)
     run = run_inproc("ogm.py", tiny_data, tmp_path / "o", "--epochs", 1, "--max-steps", 2, "--modulation-starts", 1)
     assert same_state(ckpt(run)["model"], ckpt(base)["model"])  # ogm_ge: not even noise outside the window
+
+
+def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
+    """--modulation-ends 0: epoch 0 is modulated (k < 1 logged), epoch 1 is not (k = 1 on both sides)."""
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "o", "--epochs", 2, "--max-steps", 1, "--modulation-ends", 0)
+    first, second = history(run)
+    assert min(first["train/coeff_audio"], first["train/coeff_visual"]) < 1.0
+    rho = first["train/ratio"]  # s_a / s_v of the one step: k = 1 - tanh(0.8 rho) on the higher-scoring side
+    k_dominant = 1 - math.tanh(0.8 * max(rho, 1 / rho))
+    assert abs(rho - 1) > 1e-3 and first["train/modulated_audio_frac"] == float(rho > 1)
+    assert (first["train/coeff_audio"], first["train/coeff_visual"]) == pytest.approx(
+        (k_dominant, 1.0) if rho > 1 else (1.0, k_dominant), rel=1e-5)
+    assert second["train/coeff_audio"] == second["train/coeff_visual"] == 1.0
+
+
+def one_step_vs_joint(tiny_data, tmp_path, *flags):
+    """(ogm.py model, baseline.py model, initial parameters) after one SGD step without weight decay."""
+    one = ("--epochs", 1, "--max-steps", 1, "--weight-decay", 0)
+    torch.manual_seed(0)  # the script's initialisation: seed, then the model is the first draw
+    init = {n: p.detach().clone() for n, p in AVClassifier(6, "concat").named_parameters()}
+    joint = ckpt(run_inproc("baseline.py", tiny_data, tmp_path / "joint", *one))["model"]
+    return ckpt(run_inproc("ogm.py", tiny_data, tmp_path / "ogm", *one, *flags))["model"], joint, init
+
+
+def test_modulation_none_is_joint_training(tiny_data, tmp_path):
+    m, joint, _ = one_step_vs_joint(tiny_data, tmp_path, "--modulation", "none")
+    assert same_state(m, joint)
+    assert history(sorted(glob.glob(str(tmp_path / "ogm" / "*")))[-1])[0]["train/coeff_audio"] == 1.0
+
+
+@pytest.mark.parametrize("target", ["both", "dominant"])
+def test_ge_noise_in_the_training_loop(tiny_data, tmp_path, target):
+    """--alpha 0 (k = 1) with GE: the loop adds noise to the conv kernels' gradients, so after one step exactly the
+    conv kernels of the noised encoder(s) differ from joint training (both encoders by default; only the modulated
+    one with --ge-target dominant); BatchNorm and the head moved as in joint training."""
+    m, joint, init = one_step_vs_joint(tiny_data, tmp_path, "--alpha", 0, "--ge-target", target)
+    # ge_noise with a tie (alpha 0 does not change which side is dominant): the side the loop logs
+    hist = history(sorted(glob.glob(str(tmp_path / "ogm" / "*")))[-1])
+    audio_dominant = hist[0]["train/modulated_audio_frac"] == 1.0
+    noised = {"audio_net.", "visual_net."} if target == "both" else {"audio_net." if audio_dominant else "visual_net."}
+    n_noised = 0
+    for name, value in m.items():
+        if name in init and value.dim() == 4 and name.split(".")[0] + "." in noised:
+            assert not torch.equal(value, joint[name]), name
+            n_noised += 1
+        else:
+            assert torch.equal(value, joint[name]), name
+    assert n_noised == 20 * len(noised)
 
 
 def test_tpami_warmup_is_baseline(tiny_data, tmp_path):

@@ -101,16 +101,24 @@ def test_rescale_factors():
     assert opm.rescale_factors(0.5, 0.0, "none") == (1.0, 1.0)
 
 
-def test_weak_modality_never_masked():
+@pytest.mark.parametrize("dominant", ["audio", "visual"])
+def test_weak_modality_never_masked(dominant):
+    """Scores with one dominant side, then opm_drop over many steps: every row of the weaker modality's features
+    comes out as its input times the rescale factor (none zeroed), while the dominant side loses rows."""
     gen = torch.Generator().manual_seed(0)
-    q_a, q_v = opm.drop_probabilities(20.0, 10.0, 0.5, 0.5)  # audio dominant
-    assert q_v == 0.0
-    n_exec = 0
-    while n_exec < 1000:
-        if opm.execute_drop(0.7, gen):
-            keep_a, keep_v = opm.feature_masks(q_a, q_v, 16, gen)
-            assert torch.equal(keep_v, torch.ones(16))
-            n_exec += 1
+    s = (20.0, 10.0) if dominant == "audio" else (10.0, 20.0)
+    q_a, q_v = opm.drop_probabilities(*s, 0.5, 0.5)
+    f = opm.rescale_factors(q_a, q_v)[0]
+    lost_dominant = 0
+    for _ in range(50):
+        a, v, y = torch.randn(16, 512) + 3, torch.randn(16, 512) + 3, torch.arange(16)
+        a2, v2, y2, executed, frac = opm.opm_drop(a, v, y, q_a, q_v, 1.0, gen)
+        assert executed and torch.equal(y2, y)  # the weak side keeps every row, so no sample is removed
+        weak, weak_in, strong, strong_frac = (v2, v, a2, frac[0]) if dominant == "audio" else (a2, a, v2, frac[1])
+        torch.testing.assert_close(weak, weak_in * f)
+        assert frac == ((strong_frac, 0.0) if dominant == "audio" else (0.0, strong_frac))
+        lost_dominant += int((strong.abs().sum(1) == 0).sum())
+    assert lost_dominant > 0.4 * 50 * 16
 
 
 def test_drop_frequencies():
@@ -178,7 +186,8 @@ def test_gradient_through_the_drop():
 
 
 def test_scores_do_not_train():
-    """After backward, gradients equal those of CE(head(a~, v~), y_kept) alone on the same masked features."""
+    """opm_scores of logits that carry a graph return a tensor without one, and computing them leaves the gradients
+    of CE(head(a~, v~), y_kept) unchanged."""
     torch.manual_seed(0)
     model = AVClassifier(6, "concat")
     ref = copy.deepcopy(model)
@@ -187,10 +196,10 @@ def test_scores_do_not_train():
     y = torch.arange(4)
     keep_a, keep_v = torch.tensor([1.0, 0, 1, 0]), torch.ones(4)
     a, v = model.audio_net(audio), model.visual_net(visual)
-    with torch.no_grad():  # exactly the loop's block
-        z_a, z_v = unimodal_logits(model.head, *model.head(a, v)[:2], bias="half")
-        s_a, s_v = opm.opm_scores(z_a, z_v, y)
-    assert not s_a.requires_grad and not s_v.requires_grad
+    z_a, z_v = unimodal_logits(model.head, *model.head(a, v)[:2], bias="half")
+    assert z_a.requires_grad and z_v.requires_grad  # precondition: the logits carry a graph
+    s = opm.opm_scores(z_a, z_v, y)
+    assert not s.requires_grad and s.grad_fn is None
     a, v, y_k = opm.drop_features(a, v, y, keep_a, keep_v, 0.6, 0.0)
     F.cross_entropy(model.head(a, v)[2], y_k).backward()
     a_r, v_r, y_r = opm.drop_features(ref.audio_net(audio), ref.visual_net(visual), y, keep_a, keep_v, 0.6, 0.0)
@@ -369,3 +378,14 @@ def test_smoke_cli(tiny_data, tmp_path):
     for key in SHARED_KEYS + OPM_KEYS:
         assert key in r["last"], key
     assert 0 <= r["best"]["test/acc"] <= 1 and r["args"]["q_base"] == 0.5 and r["args"]["p_exe"] == 0.7
+
+
+def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
+    """--opm-window 0 0 with --p-exe 1: epoch 0 drops (q > 0 on the dominant side, the drop executed), epoch 1 is
+    past the window's end (q = 0 on both sides, nothing executed)."""
+    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 1, "--warmup-epochs", 0,
+                     "--p-exe", 1, "--opm-window", 0, 0)
+    first, second = history(run)
+    assert first["train/drop_exec_frac"] == 1.0 and max(first["train/coeff_audio"], first["train/coeff_visual"]) > 0
+    assert second["train/drop_exec_frac"] == 0.0
+    assert second["train/coeff_audio"] == second["train/coeff_visual"] == 0.0
