@@ -172,6 +172,7 @@ if __name__ == "__main__":
             # ALGO LOGIC: fused loss -> head only, alpha-weighted unimodal losses -> encoders only
             z, z_a, z_v = train_forward(lambda m: forward(m, audio, visual, args.dgl_impl, args.gated_release_quirk))
             loss, loss_f, loss_a, loss_v = dgl_loss(z, z_a, z_v, label, args.alpha)
+
             with torch.no_grad():  # monitoring only: the score ratio s_a / s_v (zero-fill logits)
                 s_a = torch.softmax(z_a, 1).gather(1, label[:, None]).sum()
                 s_v = torch.softmax(z_v, 1).gather(1, label[:, None]).sum()

@@ -265,11 +265,12 @@ def test_resume_continues_exactly(two_epoch_run, tiny_data, tmp_path):
 def test_clipping_in_the_training_loop(tiny_data, tmp_path):
     """One step with --lr 1 --weight-decay 0 (the first SGD step moves every parameter by minus its gradient):
     --clip-grad 0.05 makes that step's norm 0.05, and the logged clip factor is 0.05 over the logged norm before
-    clipping; --clip-grad 0 leaves the step unclipped (far larger) and logs factor 1."""
+    clipping; --clip-grad 0 leaves the step unclipped (far larger) and logs factor 1, and so does a clip above the
+    norm (--clip-grad 100000: the factor is capped at 1)."""
     torch.manual_seed(0)  # the script's initialisation: seed, then the model is the first draw
     init = {n: p.detach().clone() for n, p in AVClassifier(C).named_parameters()}
     steps, logs = {}, {}
-    for clip in ("0.05", "0"):
+    for clip in ("0.05", "0", "100000"):
         run = run_inproc("dgl.py", tiny_data, tmp_path / clip, "--epochs", "1", "--max-steps", "1", "--lr", "1",
                          "--weight-decay", "0", "--clip-grad", clip)
         m = torch.load(os.path.join(run, "last.pt"), map_location="cpu", weights_only=False)["model"]
@@ -281,3 +282,5 @@ def test_clipping_in_the_training_loop(tiny_data, tmp_path):
     total = sum(logs["0.05"][f"train/grad_norm_{k}"] ** 2 for k in ("audio", "head", "visual")) ** 0.5
     assert total > 1.0 and logs["0.05"]["train/clip_factor"] == pytest.approx(0.05 / total, rel=1e-4)
     assert steps["0"] == pytest.approx(total, rel=1e-3) and logs["0"]["train/clip_factor"] == 1.0
+    assert steps["100000"] == pytest.approx(total, rel=1e-3) and logs["100000"]["train/clip_factor"] == 1.0
+    assert logs["0"]["train/coeff_audio"] == logs["0"]["train/coeff_visual"] == 1.0  # DGL scales no gradient

@@ -159,6 +159,8 @@ def test_dgl_single_pass_unimodal_logits_lead_only_to_the_encoders(dgl_blk):
     assert not z_a.requires_grad and not z_v.requires_grad
     _, z_a, z_v = dgl_blk.dgl_logits(model.head, a, v, zero_fill, "two-pass")
     assert z_a.requires_grad and z_v.requires_grad
+    _, z_a, z_v = dgl_blk.dgl_logits(model.head, a, v, zero_fill)  # the documented default: single-pass
+    assert not z_a.requires_grad and not z_v.requires_grad
 
 
 def test_dgl_grad_norm(dgl_blk):
