@@ -291,7 +291,8 @@ def build_datasets(args):
             if distributed.is_main():
                 ensure_synthetic(root)
             distributed.barrier()
-            ensure_synthetic(root)
+            if not distributed.is_main():
+                ensure_synthetic(root)  # the set is there now: this takes the readers' lock
         for split, train in (("train", True), ("test", False)):
             if facts["layout"] == "cremad":
                 clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"])
