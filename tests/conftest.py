@@ -139,7 +139,7 @@ def exec_block(source, name="<block>"):
             what = ", ".join(a.name for a in node.names)
             if isinstance(node, ast.ImportFrom):
                 what = f"from {node.module} import {what}"
-            pytest.fail(f"{name}, block line {node.lineno}: the ALGO LOGIC BLOCK imports ({what}); it may use only "
+            pytest.fail(f"{name}, line {node.lineno}: the ALGO LOGIC BLOCK imports ({what}); it may use only "
                         f"{sorted(BLOCK_NAMES)} and the builtins", pytrace=False)
     loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     for forbidden in ("__import__", "importlib", "exec", "eval"):
@@ -160,4 +160,6 @@ def load_block(script_name):
     path = os.path.join(ROOT, script_name)
     with open(path) as f:
         text = f.read()
-    return exec_block(block_source(text, script_name), script_name)
+    first = next(i for i, line in enumerate(text.splitlines()) if line.startswith(BLOCK_START)) + 1
+    # padded so that the block's lines keep their line numbers in the script (tracebacks, tests/mutate.py)
+    return exec_block("\n" * first + block_source(text, script_name), path)

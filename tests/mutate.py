@@ -26,16 +26,18 @@ Not collected by pytest (not a test_*.py file). At most two processes run mutant
 
 import argparse
 import ast
-import concurrent.futures
+import importlib
 import io
+import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import tokenize
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,7 +169,9 @@ def _number_variants(v):
 
 
 def mutants(text, lines):
-    """Every mutant of `text` on `lines`: a list of (line, description, source)."""
+    """Every mutant of `text` on `lines`: a list of (line, description, source, reach), where `reach` is the set of
+    lines at least one of which a test must execute for the mutant to change what it sees (the changed node's
+    statement: the whole of a simple statement, the header of a compound one)."""
     src, tree = Source(text), ast.parse(text)
     parents = {}
     for node in ast.walk(tree):
@@ -180,8 +184,18 @@ def mutants(text, lines):
     inside = [n for n in ast.walk(tree) if hasattr(n, "lineno") and n.lineno in lines and n.end_lineno in lines]
     out = []
 
+    def reach(node):
+        stmt = node
+        while stmt is not None and not isinstance(stmt, ast.stmt):
+            stmt = parents.get(id(stmt))
+        if stmt is None:
+            return set(range(node.lineno, node.end_lineno + 1))
+        if isinstance(stmt, SIMPLE_STATEMENTS):
+            return set(range(stmt.lineno, stmt.end_lineno + 1))
+        return set(range(min(stmt.lineno, node.lineno), node.end_lineno + 1))
+
     def add(node, what, new_text, start=None, end=None):
-        out.append((node.lineno, what, src.replace(node, new_text, start, end)))
+        out.append((node.lineno, what, src.replace(node, new_text, start, end), reach(node)))
 
     def unparse_with(node, **changes):
         clone = ast.parse(ast.unparse(node), mode="eval").body if isinstance(node, ast.expr) else None
@@ -198,7 +212,8 @@ def mutants(text, lines):
         # decorators dropped
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             for d in node.decorator_list:
-                out.append((d.lineno, f"drop decorator @{src.segment(d)}", src.replace(d, "(lambda f: f)")))
+                out.append((d.lineno, f"drop decorator @{src.segment(d)}", src.replace(d, "(lambda f: f)"),
+                            reach(d) | {node.lineno}))
         # conditions negated
         if isinstance(node, (ast.If, ast.While, ast.IfExp)):
             t = node.test
@@ -248,7 +263,7 @@ def mutants(text, lines):
             if isinstance(f, ast.Attribute) and f.attr == "detach" and not node.args:
                 add(node, f"drop .detach() in `{short}`", f"({src.segment(f.value)})")
     seen, unique = {text}, []
-    for line, what, new in out:
+    for line, what, new, lines_reached in out:
         if new in seen:
             continue
         try:
@@ -256,7 +271,7 @@ def mutants(text, lines):
         except SyntaxError:
             continue
         seen.add(new)
-        unique.append((line, what, new))
+        unique.append((line, what, new, lines_reached))
     return sorted(unique, key=lambda m: m[0])
 
 
@@ -273,7 +288,15 @@ def _string_is_logic(node, parents):
 # ----------------------------------------------------------------------------------------------------------------
 # running them
 # ----------------------------------------------------------------------------------------------------------------
+# How a pass stays short. (1) Which tests can see a mutant: the unmutated tests run once under a line tracer that
+# records, per test, the lines of the script it executes (its own and those of the fixtures it uses; lines run while
+# the test files are imported count for every test, and a test that starts a subprocess counts as running every
+# line). A test that never executes a mutant's statement cannot tell the mutant from the original, so only the tests
+# that do are run on it, fastest first, stopping at the first failure. (2) No interpreter start-up per mutant: this
+# process imports torch, torchvision and pytest once and forks one child per mutant, which runs pytest in-process in
+# its own copy of the repository (the script, the tests and `common` are imported fresh by the child).
 IGNORE = shutil.ignore_patterns(".git", "runs", "data", "__pycache__", ".ruff_cache", ".pytest_cache", "*.pyc")
+HEAVY = ("torch", "torchvision", "numpy", "cv2", "PIL.Image", "pytest")
 
 
 def make_copy(base):
@@ -282,38 +305,162 @@ def make_copy(base):
     return dst
 
 
-def run_tests(repo, method, timeout):
-    """(status, seconds): status 'pass', 'fail' or 'timeout' of the method's fast tests in the copy `repo`."""
-    files, expr = TESTS[method]
-    files = [f for f in files if os.path.exists(os.path.join(repo, f))]
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--basetemp",
-           os.path.join(os.path.dirname(repo), "pt"), "-k", expr, *files]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=repo)
-    env.pop("BML_TRACE_DIR", None)
-    t0 = time.time()
+class LineTracer:
+    """A pytest plugin: the lines of one file executed by each test (and its fixtures), and each test's seconds."""
+
+    def __init__(self, path):
+        self.path = path
+        self.stack = [set()]  # the bottom set: lines run outside any test (importing the test files)
+        self.fixtures, self.tests, self.seconds, self.spawns = {}, {}, {}, set()
+        self.current = None
+
+    def _local(self, frame, event, arg):
+        if event == "line":
+            self.stack[-1].add(frame.f_lineno)
+        return self._local
+
+    def _global(self, frame, event, arg):
+        if frame.f_code.co_filename != self.path:
+            return None
+        self.stack[-1].add(frame.f_lineno)
+        return self._local
+
+    def start(self):
+        import subprocess as sp
+        import threading
+
+        tracer, popen_init = self, sp.Popen.__init__
+
+        def init(popen, *a, **kw):  # a test that starts a process may run any line there, untraced
+            if tracer.current:
+                tracer.spawns.add(tracer.current)
+            popen_init(popen, *a, **kw)
+
+        sp.Popen.__init__ = init
+        sys.settrace(self._global)
+        threading.settrace(self._global)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        self.stack.append(set())
+        yield
+        lines = self.stack.pop()
+        self.fixtures.setdefault(fixturedef.argname, set()).update(lines)
+        self.stack[-1].update(lines)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.current = item.nodeid
+        self.stack.append(set())
+        yield
+        lines = self.stack.pop()
+        for name in item.fixturenames:
+            lines |= self.fixtures.get(name, set())
+        self.tests[item.nodeid] = sorted(lines)
+        self.current = None
+
+    def pytest_runtest_logreport(self, report):
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def _child(repo, args, log, plugin=None):
+    """In a forked child: run pytest on `args` inside `repo`; never returns."""
+    code = 3
     try:
-        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout", time.time() - t0, ""
-    status = "pass" if proc.returncode == 0 else "fail"
-    return status, time.time() - t0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        os.setpgid(0, 0)  # its own process group, so a timeout also stops the loader workers it started
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.chdir(repo)
+        here = os.path.dirname(os.path.abspath(__file__))
+        sys.path[:] = [repo] + [p for p in sys.path if p not in (here, ROOT, "")]
+        sys.dont_write_bytecode = True
+        if plugin is not None:
+            plugin.start()
+        code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--basetemp",
+                                os.path.join(os.path.dirname(repo), "pt"), *args],
+                               plugins=[plugin] if plugin is not None else []))
+        if plugin is not None:
+            sys.settrace(None)
+            with open(log + ".json", "w") as f:
+                json.dump({"import": sorted(plugin.stack[0]), "tests": plugin.tests, "seconds": plugin.seconds,
+                           "spawns": sorted(plugin.spawns)}, f)
+    except BaseException:  # noqa: BLE001 (a child must never return into the parent's loop)
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
-class Worker:
+class Slot:
+    """One private copy of the repository and at most one child running the tests in it."""
+
     def __init__(self, base):
-        self.repo = make_copy(base)
+        self.base, self.repo = base, make_copy(base)
+        self.pid = None
 
-    def run(self, script, new_text, method, timeout):
-        path = os.path.join(self.repo, script)
-        with open(os.path.join(ROOT, script)) as f:
-            original = f.read()
-        with open(path, "w") as f:
-            f.write(new_text)
-        try:
-            return run_tests(self.repo, method, timeout)
-        finally:
-            with open(path, "w") as f:
-                f.write(original)
+    def start(self, script, text, args, timeout, plugin=None):
+        with open(os.path.join(self.repo, script), "w") as f:
+            f.write(text)
+        self.log = os.path.join(self.base, "log")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(self.repo, args, self.log, plugin)
+        self.pid, self.t0, self.deadline = pid, time.time(), time.time() + timeout if timeout else None
+
+    def poll(self):
+        """None while running, else (status, seconds, log tail)."""
+        pid, wstatus = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            if self.deadline is None or time.time() < self.deadline:
+                return None
+            try:
+                os.killpg(self.pid, 9)
+            except ProcessLookupError:
+                pass
+            os.waitpid(self.pid, 0)
+            status = "timeout"
+        else:
+            try:
+                os.killpg(self.pid, 9)  # leftovers of the child's group
+            except (ProcessLookupError, PermissionError):
+                pass
+            code = os.waitstatus_to_exitcode(wstatus)
+            status = "pass" if code == 0 else "fail"
+        self.pid = None
+        with open(self.log, errors="replace") as f:
+            tail = f.read()[-4000:]
+        return status, time.time() - self.t0, tail
+
+
+def trace_tests(slot, script, text, method):
+    """Run the method's tests on the unmutated script under the line tracer: (test ids in run order, {test: set of
+    lines it can reach}, {test: seconds}, lines run at import, wall seconds)."""
+    files, expr = TESTS[method]
+    plugin = LineTracer(os.path.join(slot.repo, script))
+    slot.start(script, text, ["-k", expr, *files], None, plugin)
+    while (res := slot.poll()) is None:
+        time.sleep(0.2)
+    status, secs, log = res
+    if status != "pass":
+        print(log)
+        raise SystemExit(f"{method}: the tests fail on the unmutated tree; fix them first")
+    with open(slot.log + ".json") as f:
+        info = json.load(f)
+    everything = set(range(1, len(text.splitlines()) + 1))
+    reach = {t: everything if t in info["spawns"] else set(lines) for t, lines in info["tests"].items()}
+    return list(info["tests"]), reach, info["seconds"], set(info["import"]), secs
+
+
+def selection(mutant_reach, order, reach, seconds, at_import):
+    """The tests that execute a mutant's statement, fastest first (all of them if it runs at import)."""
+    chosen = order if mutant_reach & at_import else [t for t in order if reach[t] & mutant_reach]
+    return sorted(chosen, key=lambda t: seconds.get(t, 0.0))
 
 
 def check(method, jobs, timeout, line_range, verbose, match=None):
@@ -326,40 +473,47 @@ def check(method, jobs, timeout, line_range, verbose, match=None):
     todo = [m for m in mutants(text, lines) if not match or re.search(match, m[1])]
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"mutate_{method}_") as tmp:
-        workers = []
+        slots = []
         for i in range(jobs):
             os.makedirs(os.path.join(tmp, str(i)))
-            workers.append(Worker(os.path.join(tmp, str(i))))
-        status, secs, log = workers[0].run(script, text, method, None)  # the unmutated tree must pass
-        if status != "pass":
-            print(log)
-            raise SystemExit(f"{method}: the tests fail on the unmutated tree; fix them first")
+            slots.append(Slot(os.path.join(tmp, str(i))))
+        order, reach, seconds, at_import, secs = trace_tests(slots[0], script, text, method)
         limit = timeout or max(60.0, 3 * secs)
-        print(f"{method}: {len(todo)} mutants on {len(lines)} method lines; unmutated tests {secs:.0f} s, "
-              f"timeout {limit:.0f} s, {jobs} process(es)", flush=True)
-        free = list(workers)
-        results = []
-        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            pending = {}
-            queue = list(enumerate(todo))
-            while queue or pending:
-                while queue and free:
+        print(f"{method}: {len(todo)} mutants on {len(lines)} method lines; {len(order)} tests, unmutated run "
+              f"{secs:.0f} s (traced), timeout {limit:.0f} s, {jobs} process(es)", flush=True)
+        results, queue, running = [], list(enumerate(todo)), {}
+        while queue or running:
+            for slot in slots:
+                if slot.pid is None and queue:
                     i, m = queue.pop(0)
-                    w = free.pop()
-                    pending[pool.submit(w.run, script, m[2], method, limit)] = (i, m, w)
-                done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                for fut in done:
-                    i, m, w = pending.pop(fut)
-                    free.append(w)
-                    st, s, _ = fut.result()
-                    results.append((i, m[0], m[1], st, s))
-                    if verbose or st == "pass":
-                        mark = "SURVIVED" if st == "pass" else st
-                        print(f"  [{len(results)}/{len(todo)}] line {m[0]}: {m[1]}: {mark} ({s:.0f} s)", flush=True)
+                    tests = selection(m[3], order, reach, seconds, at_import)
+                    if not tests:  # no test executes this statement
+                        results.append((i, m[0], m[1], "unreached", 0.0, 0))
+                        print(f"  [{len(results)}/{len(todo)}] line {m[0]}: {m[1]}: SURVIVED (no test runs it)",
+                              flush=True)
+                        continue
+                    slot.start(script, m[2], tests, limit)
+                    running[id(slot)] = (i, m, len(tests))
+            for slot in slots:
+                if slot.pid is None:
+                    continue
+                res = slot.poll()
+                if res is None:
+                    continue
+                st, s, _ = res
+                with open(os.path.join(slot.repo, script), "w") as f:
+                    f.write(text)
+                i, m, n = running.pop(id(slot))
+                results.append((i, m[0], m[1], st, s, n))
+                if verbose or st == "pass":
+                    mark = "SURVIVED" if st == "pass" else st
+                    print(f"  [{len(results)}/{len(todo)}] line {m[0]}: {m[1]}: {mark} ({s:.0f} s, {n} tests)",
+                          flush=True)
+            time.sleep(0.05)
     wall = time.time() - t0
     results.sort()
-    survivors = [(line, what) for _, line, what, st, _ in results if st == "pass"]
-    timeouts = sum(st == "timeout" for *_, st, _ in results)
+    survivors = [(line, what) for _, line, what, st, *_ in results if st in ("pass", "unreached")]
+    timeouts = sum(r[3] == "timeout" for r in results)
     return {"method": method, "tried": len(results), "killed": len(results) - len(survivors), "timeouts": timeouts,
             "survivors": survivors, "wall": wall}
 
@@ -387,12 +541,17 @@ def main(argv=None):
                 lines &= set(range(rng[0], rng[1] + 1))
             ms = [m for m in mutants(text, lines) if not args.match or re.search(args.match, m[1])]
             print(f"{method}: {len(ms)} mutants on lines {_ranges(lines)}")
-            for line, what, _ in ms:
+            for line, what, *_ in ms:
                 print(f"  line {line}: {what}")
         return
     if args.k:
         for m in methods:
             TESTS[m] = (TESTS[m][0], args.k)
+    # the children inherit these: one thread each, and the heavy imports done once here, before any fork
+    os.environ.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    os.environ.pop("BML_TRACE_DIR", None)
+    for name in HEAVY:
+        importlib.import_module(name)
     reports = [check(m, args.jobs, args.timeout, rng, args.verbose, args.match) for m in methods]
     print("\n| method | mutants | killed | survived | timeouts | wall |\n|---|---|---|---|---|---|")
     for r in reports:
