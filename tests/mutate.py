@@ -44,13 +44,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # per method: the test files (lift tests first, then the method's own) and a -k expression that keeps the fast
 # tests of those files for this method (the imbalance smoke tests and the subprocess CLI smoke tests are left out)
 SLOW = "not imbalance and not smoke_cli"
+AMP = "tests/test_amp_gradients.py"  # the gradient surgery under --amp, measured against an unscaled step
 TESTS = {
-    "ogm": (["tests/test_lift.py", "tests/test_ogm.py"], f"(ogm or block) and {SLOW}"),
+    "ogm": (["tests/test_lift.py", "tests/test_ogm.py", AMP], f"(ogm or block) and {SLOW}"),
     "opm": (["tests/test_lift.py", "tests/test_opm.py"], f"(opm or block) and {SLOW}"),
-    "arl": (["tests/test_lift.py", "tests/test_arl.py"], f"(arl or block) and {SLOW}"),
-    "dgl": (["tests/test_lift_dgl_aug.py", "tests/test_dgl.py"], f"(dgl or block) and {SLOW}"),
-    "aug": (["tests/test_lift_dgl_aug.py", "tests/test_aug.py", "tests/test_aug_mutants.py"],
-            f"(aug or aca or block) and {SLOW}"),
+    "arl": (["tests/test_lift.py", "tests/test_arl.py", AMP], f"(arl or block) and {SLOW}"),
+    "dgl": (["tests/test_lift_dgl_aug.py", "tests/test_dgl.py", AMP], f"(dgl or block) and {SLOW}"),
+    "aug": (["tests/test_lift_dgl_aug.py", "tests/test_aug.py", AMP], f"(aug or aca or block) and {SLOW}"),
 }
 
 # method lines besides the markers: statements with a line matching one of these (the loops' gradient clipping,
@@ -442,6 +442,7 @@ def trace_tests(slot, script, text, method):
     """Run the method's tests on the unmutated script under the line tracer: (test ids in run order, {test: set of
     lines it can reach}, {test: seconds}, lines run at import, wall seconds)."""
     files, expr = TESTS[method]
+    files = [f for f in files if os.path.exists(os.path.join(slot.repo, f))]
     plugin = LineTracer(os.path.join(slot.repo, script))
     slot.start(script, text, ["-k", expr, *files], None, plugin)
     while (res := slot.poll()) is None:
