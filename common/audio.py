@@ -6,6 +6,7 @@ import wave
 from dataclasses import dataclass
 
 import numpy as np
+import soxr
 import torch
 import torchaudio
 
@@ -22,6 +23,7 @@ class AudioConfig:
     test_start: float = 0.0  # deterministic test window start, seconds
     n_fft: int = 512
     hop: int = 353
+    resampler: str = "soxr_hq"  # soxr_hq: soxr's HQ filter, librosa's default; torchaudio: the previous loader's sinc
 
 
 AUDIO_PIPELINES = {
@@ -62,7 +64,8 @@ def read_wav(path):
         x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
     else:
         raise ValueError(f"{path}: unsupported wav sample width {width} bytes")
-    x = x[: (len(x) // n_ch) * n_ch].reshape(-1, n_ch).mean(axis=1)
+    if n_ch > 1:
+        x = x[: (len(x) // n_ch) * n_ch].reshape(-1, n_ch).mean(axis=1)
     return x, sr
 
 
@@ -133,11 +136,14 @@ class AudioPipeline:
             self.window = _tukey(cfg.n_fft)
 
     def resample(self, x, sr):
+        """float32 samples (numpy) at `sr` -> a float32 tensor at the pipeline's rate."""
         if sr == self.cfg.sample_rate:
-            return x
-        if sr not in self._resamplers:
+            return torch.as_tensor(x, dtype=torch.float32)
+        if self.cfg.resampler == "soxr_hq":  # what librosa.load(sr=...) does by default (res_type "soxr_hq")
+            return torch.from_numpy(soxr.resample(np.asarray(x, dtype=np.float32), sr, self.cfg.sample_rate, "HQ"))
+        if sr not in self._resamplers:  # the previous loader (--legacy-loader): torchaudio's windowed sinc
             self._resamplers[sr] = torchaudio.transforms.Resample(sr, self.cfg.sample_rate)
-        return self._resamplers[sr](x)
+        return self._resamplers[sr](torch.as_tensor(x, dtype=torch.float32))
 
     def window_samples(self, x, train, generator=None):
         cfg, sr = self.cfg, self.cfg.sample_rate
@@ -155,10 +161,14 @@ class AudioPipeline:
         return x[start:start + length]
 
     def __call__(self, samples, sr, train, generator=None):
-        x = self.resample(torch.as_tensor(samples, dtype=torch.float32), sr)
-        x = self.window_samples(x, train, generator).clamp(-1.0, 1.0)
+        x = self.resample(samples, sr)
+        return self.transform(self.window_samples(x, train, generator))
+
+    def transform(self, x):
+        """The window's samples -> the pipeline's spectrogram (clipped to [-1, 1] first)."""
+        x = x.clamp(-1.0, 1.0)
         if self.cfg.kind == "stft":
-            return torch.log(self.spec(x) + 1e-7)
+            return self.spec(x).add_(1e-7).log_()  # log(|S| + 1e-7), in place
         if self.cfg.kind == "scipy":  # scipy.signal.spectrogram defaults: detrend constant, one-sided PSD, no centring
             seg = x.double().unfold(0, self.cfg.n_fft, self.cfg.hop)
             seg = seg - seg.mean(dim=1, keepdim=True)

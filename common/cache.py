@@ -37,6 +37,8 @@ def cache_command(args, side):
         cmd += f" --audio-seconds {args.audio_seconds}"
     if args.n_frames:
         cmd += f" --n-frames {args.n_frames}"
+    if getattr(args, "legacy_loader", False):
+        cmd += " --legacy-loader"
     return cmd + f" --frame-side {side}"
 
 

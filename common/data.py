@@ -136,7 +136,8 @@ class AVDataset(torch.utils.data.Dataset):
         if self.frame_cache:  # (n_frames_on_disk, H, W, 3) uint8; mmap reads only the selected rows
             frames = np.load(os.path.join(self.frame_cache, f"{c.clip_id}.npy"), mmap_mode="r")
             idx = select_frames(len(frames), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
-            images = [Image.fromarray(np.array(frames[k])) for k in idx]
+            rows = [np.array(frames[k]) for k in idx]  # copied out of the memory map
+            images = [Image.fromarray(r) for r in rows]
         else:
             names = list_frames(c.frame_dir)
             idx = select_frames(len(names), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
@@ -199,6 +200,9 @@ def add_data_args(parser):
                    help="read spectrograms and frames written by `python -m preprocess.cache`")
     g.add_argument("--cache-frame-side", type=int, default=256,
                    help="short side of the cached frames to read (0 = original size)")
+    g.add_argument("--legacy-loader", action="store_true",
+                   help="the previous loader: torchaudio resampling, PIL frames normalised in the worker "
+                   "(docs/data.md)")
     g.add_argument(
         "--in-memory",
         action="store_true",
@@ -256,6 +260,8 @@ def audio_config(args):
     applied."""
     name = args.audio_pipeline or DATASETS[args.dataset]["audio"]
     cfg = AUDIO_PIPELINES[name]
+    if getattr(args, "legacy_loader", False):
+        cfg = replace(cfg, resampler="torchaudio")
     if args.audio_seconds:
         cfg = replace(cfg, clip_seconds=args.audio_seconds, tile_seconds=max(cfg.tile_seconds, args.audio_seconds))
     return name, cfg
@@ -281,6 +287,7 @@ def build_datasets(args):
         args.clip_consistent_aug,
         (0.25, 1.0) if args.tpami_frames else (0.08, 1.0),
         "center" if args.tpami_frames else "square",
+        getattr(args, "legacy_loader", False),
     )
     if getattr(args, "in_memory", False):
         return in_memory_datasets(args.dataset, audio_cfg, n_frames, size)
@@ -318,7 +325,8 @@ class InMemoryClips(torch.utils.data.Dataset):
 
     def __init__(self, n, spec_shape, frames_shape, class_names, seed):
         g = torch.Generator().manual_seed(seed)
-        self.spec, self.frames = torch.randn(8, *spec_shape, generator=g), torch.randn(8, *frames_shape, generator=g)
+        self.spec = torch.randn(8, *spec_shape, generator=g)
+        self.frames = torch.randint(0, 256, (8, *frames_shape), dtype=torch.uint8, generator=g)  # as the loader's
         self.labels = torch.randint(len(class_names), (n,), generator=g)
         self.clips = [Clip(str(i), "", "", int(y)) for i, y in enumerate(self.labels)]
         self.class_names, self.skipped = class_names, {}

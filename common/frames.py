@@ -1,4 +1,9 @@
-"""Frames: which frames of a clip are read, and their train/test transforms (docs/data.md, "Frames")."""
+"""Frames: which frames of a clip are read, and their train/test transforms (docs/data.md, "Frames").
+
+Frames stay uint8 from the decoder to the batch: decoded by PIL, cropped, resized and flipped by torchvision, handed
+over as uint8 tensors; the visual encoder normalises the batch on its device (common/models.py). The previous path
+(--legacy-loader: float frames normalised here, in the loader) is kept for comparison.
+"""
 
 import os
 from dataclasses import dataclass
@@ -8,7 +13,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from common.models import IMAGENET_MEAN, IMAGENET_STD
 
 
 def select_frames(n, t_f, train, mode="segment", generator=None):
@@ -39,10 +44,14 @@ class FrameConfig:
     clip_consistent: bool = False  # one crop/flip draw per clip instead of per frame
     crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop scale (T-PAMI preset: (0.25, 1.0))
     test_resize: str = "square"  # square: Resize((s, s)); center: Resize(s) + CenterCrop(s) (T-PAMI preset)
+    legacy: bool = False  # --legacy-loader: PIL images in, float32 ImageNet-normalised frames out
 
 
 class FrameTransform:
-    """Train: RandomResizedCrop + flip (per frame or per clip); test: deterministic resize. ImageNet-normalised."""
+    """Train: RandomResizedCrop + flip (per frame or per clip); test: deterministic resize (torchvision, on PIL
+    images: bilinear, antialiased). Returns uint8 (3, T_f, size, size), normalised later by the visual encoder on
+    its device; with `cfg.legacy`, float32 frames ImageNet-normalised here (the previous loader: the same values
+    after normalisation, bitwise)."""
 
     def __init__(self, cfg: FrameConfig):
         self.cfg = cfg
@@ -64,7 +73,8 @@ class FrameTransform:
             out = [TF.hflip(im) for im in out] if flip else out
         else:
             out = [self.train_tf(im) for im in images]
-        return torch.stack([self.norm(im) for im in out]).permute(1, 0, 2, 3)  # (3, T_f, H, W)
+        to_tensor = self.norm if self.cfg.legacy else TF.pil_to_tensor  # float32 normalised | uint8 as it is
+        return torch.stack([to_tensor(im) for im in out]).permute(1, 0, 2, 3)  # (3, T_f, H, W)
 
 
 def load_image(path):

@@ -10,6 +10,15 @@ import torch.nn.functional as F
 import torchvision
 
 FUSIONS = ("concat", "sum", "film", "gated")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def normalize_frames(x):
+    """uint8 frames (B, 3, T_f, H, W), as the loader gives them -> float32 x / 255, ImageNet-normalised per channel:
+    the same arithmetic as torchvision's ToTensor + Normalize, once per batch on the batch's device."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
+    return x.to(torch.float32).div(255).sub_(mean).div_(std)
 
 
 class ResNet18Trunk(nn.Module):
@@ -41,13 +50,15 @@ class AudioEncoder(nn.Module):
 
 class VisualEncoder(nn.Module):
     """(B, 3, T_f, H, W) frames -> (B, 512) feature `v`: frames folded into the batch, then pooled over time and
-    space."""
+    space. uint8 frames (the loader's) are normalised first; float frames are taken as already normalised."""
 
     def __init__(self):
         super().__init__()
         self.trunk = ResNet18Trunk(3)
 
     def forward(self, x):
+        if x.dtype == torch.uint8:
+            x = normalize_frames(x)
         b, c, t, h, w = x.shape  # batch size from the tensor, so a final partial batch works
         x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         m = self.trunk(x)

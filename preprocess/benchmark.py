@@ -4,9 +4,13 @@
     python -m preprocess.benchmark --sizes synthetic cremad         # a few minutes
     python -m preprocess.benchmark --sizes cremad --batch-size 64 --steps 20 --device cuda      # on a GPU
     python -m preprocess.benchmark --script-args="--amp --channels-last"                       # the speed flags
+    python -m preprocess.benchmark --sizes cremad vggsound --loading-only --rounds 3     # the loaders, side by side
 
 For the synthetic dataset and for synthetic data at the real CREMA-D (audio 257 x 188, one 224 x 224 frame) and
 VGGSound (129 x 626, three frames) input sizes, it prints:
+- the loaders side by side: CPU ms per clip on one core of the previous loader (--legacy-loader) and the current
+  one, reading the files and the cache, train and test transforms; the per-stage profile (read, resample, STFT,
+  decode, augment); the peak memory of a loader worker; and the model-only step per clip beside them;
 - data loading alone: the training DataLoader iterated without a model (clips/s), with 0 workers and the default,
   reading the files and then the cache of `python -m preprocess.cache` (--cache, frames at the default side 256);
 - model step alone: each method script run on in-memory tensors (`--in-memory`): the median wall time of a
@@ -66,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--e2e-all", action="store_true", help="end-to-end runs of every method, not only baseline.py")
     p.add_argument("--work-dir", default=None, help="keep data and runs here (default: a temporary folder, removed)")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
+    p.add_argument("--loading-only", action="store_true",
+                   help="only the loader measurements (CPU per clip, stages, worker memory): no script runs")
+    p.add_argument("--clips", type=int, default=64, help="clips per CPU-per-clip and stage measurement")
     return p.parse_args(argv)
 
 
@@ -85,12 +92,14 @@ def write_data(size, work, args):
     return root
 
 
-def write_cache(size, data_root):
-    """The --cache entries of the on-disk set (preprocess/cache.py, default frame side 256), its output silenced."""
+def write_cache(size, data_root, legacy=False):
+    """The --cache entries of the on-disk set (preprocess/cache.py, default frame side 256), its output silenced;
+    `legacy`: the previous loader's spectrograms (--legacy-loader)."""
     from preprocess import cache
 
     flags = SIZES[size][1]
     keep = [x for k, v in zip(flags[::2], flags[1::2]) if k in ("--audio-pipeline", "--n-frames") for x in (k, v)]
+    keep += ["--legacy-loader"] if legacy else []
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         cache.main(
             ["--dataset", "synthetic", "--data-root", data_root, *keep, "--workers", str(min(4, os.cpu_count()))]
@@ -121,6 +130,126 @@ def loading_throughput(size, data_root, args, num_workers, cached=False):
         elif k >= warm:
             n += batch[2].shape[0]
     return n / (time.perf_counter() - t0)
+
+
+def _datasets(size, data_root, legacy, cached):
+    import baseline
+    from common.data import build_datasets
+
+    a = baseline.parse_args(["--dataset", "synthetic", "--data-root", data_root, *SIZES[size][1],
+                             *(["--cache"] if cached else []), *(["--legacy-loader"] if legacy else [])])
+    with contextlib.redirect_stdout(io.StringIO()):
+        train_set, test_set, _ = build_datasets(a)
+    return train_set, test_set
+
+
+def loading_cpu(size, data_root, args, legacy, cached):
+    """{"train": ms, "test": ms}: CPU time per clip of one core loading alone (a DataLoader with 0 workers, one
+    intra-op thread, batches collated), the training set with its transforms and the test set with its own."""
+    from common.data import make_loaders
+
+    train_set, test_set = _datasets(size, data_root, legacy, cached)
+    train, test = make_loaders(train_set, test_set, args.batch_size, 0, torch.Generator().manual_seed(0))
+    out = {}
+    for split, loader in (("train", train), ("test", test)):
+        n, it = 0, iter(loader)
+        next(it)  # untimed: first-call set-up (resampler kernels, ...)
+        t0 = time.process_time()
+        while n < args.clips:
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                continue
+            n += batch[2].shape[0]
+        out[split] = 1000 * (time.process_time() - t0) / n
+    return out
+
+
+def stage_profile(size, data_root, args, legacy, cached):
+    """CPU ms per clip of each stage of loading one training clip (common/data.py AVDataset.load, step by step):
+    read (wav, or the cached spectrogram), resample, STFT (window + transform), decode (frames, or the cached rows),
+    augment (crop, flip, to tensor)."""
+    import numpy as np
+    from PIL import Image
+
+    from common.audio import read_wav
+    from common.frames import list_frames, load_image, select_frames
+
+    ds, _ = _datasets(size, data_root, legacy, cached)
+    t = dict.fromkeys(("read", "resample", "STFT", "decode", "augment"), 0.0)
+    clock = time.process_time
+    clips = [ds.clips[i % len(ds.clips)] for i in range(args.clips + 1)]
+    for k, c in enumerate(clips):
+        t0 = clock()
+        if ds.audio_cache:
+            np.load(os.path.join(ds.audio_cache, f"{c.clip_id}.npy"))
+            t1 = t2 = t3 = clock()
+        else:
+            samples, sr = read_wav(c.wav)
+            t1 = clock()
+            x = ds.audio.resample(samples, sr)
+            t2 = clock()
+            ds.audio.transform(ds.audio.window_samples(x, True))
+            t3 = clock()
+        if ds.frame_cache:
+            frames = np.load(os.path.join(ds.frame_cache, f"{c.clip_id}.npy"), mmap_mode="r")
+            idx = select_frames(len(frames), ds.frame_cfg.n_frames, True, ds.frame_cfg.select)
+            images = [Image.fromarray(np.array(frames[i])) for i in idx]
+        else:
+            names = list_frames(c.frame_dir)
+            idx = select_frames(len(names), ds.frame_cfg.n_frames, True, ds.frame_cfg.select)
+            images = [load_image(os.path.join(c.frame_dir, names[i])) for i in idx]
+        t4 = clock()
+        ds.frames_tf(images, True)
+        t5 = clock()
+        if k:  # the first clip is untimed (set-up)
+            for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                t[key] += 1000 * dt / args.clips
+    return t
+
+
+def worker_memory(size, data_root, args, legacy):
+    """Peak resident memory (MB, VmHWM) of one DataLoader worker after loading training batches."""
+    from common.data import make_loaders
+
+    train_set, test_set = _datasets(size, data_root, legacy, False)
+    loader, _ = make_loaders(train_set, test_set, args.batch_size, 1, torch.Generator().manual_seed(0))
+    it = iter(loader)
+    for _ in range(max(2, args.clips // args.batch_size)):
+        try:
+            next(it)
+        except StopIteration:
+            break
+    peaks = []
+    for w in it._workers:
+        with open(f"/proc/{w.pid}/status") as f:
+            peaks += [int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM")]
+    del it
+    return max(peaks) if peaks else float("nan")
+
+
+def loader_comparison(size, data_root, args):
+    """The previous loader (--legacy-loader) and the current one, measured side by side, interleaved (--rounds:
+    the fastest of the rounds counts): CPU ms per clip (files and cache, train and test), stages, worker memory."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {"cpu": {}, "stages": {}, "worker_mb": {}}
+        for _ in range(args.rounds):
+            for cached in (False, True):
+                for legacy in (True, False):
+                    key = f"{'previous' if legacy else 'current'}{' --cache' if cached else ''}"
+                    cpu = loading_cpu(size, data_root, args, legacy, cached)
+                    st = stage_profile(size, data_root, args, legacy, cached)
+                    old_cpu, old_st = out["cpu"].get(key), out["stages"].get(key)
+                    out["cpu"][key] = {k: min(v, old_cpu[k]) for k, v in cpu.items()} if old_cpu else cpu
+                    out["stages"][key] = {k: min(v, old_st[k]) for k, v in st.items()} if old_st else st
+        for legacy in (True, False):
+            out["worker_mb"]["previous" if legacy else "current"] = worker_memory(size, data_root, args, legacy)
+        return out
+    finally:
+        torch.set_num_threads(torch_threads)
 
 
 def run_script(method, flags, work, tag, args):
@@ -159,8 +288,14 @@ def main(argv=None):
             default_workers = 0 if size == "synthetic" else 4  # the scripts' default for the dataset
             e2e_workers = default_workers if args.num_workers is None else args.num_workers
             workers = sorted({0, e2e_workers})
-            load = {w: loading_throughput(size, data_root, args, w) for w in workers}
             write_cache(size, data_root)
+            write_cache(size, data_root, legacy=True)
+            loader = loader_comparison(size, data_root, args)
+            if args.loading_only:
+                results[size] = {"loader": loader}
+                report_loader(size, loader, None, args)
+                continue
+            load = {w: loading_throughput(size, data_root, args, w) for w in workers}
             load_cached = {w: loading_throughput(size, data_root, args, w, cached=True) for w in workers}
             model, e2e = {}, {}
             for _ in range(args.rounds):  # model-only and end-to-end runs interleaved; the fastest of the rounds counts
@@ -187,7 +322,9 @@ def main(argv=None):
                 "model": model,
                 "e2e": e2e,
                 "e2e_workers": e2e_workers,
+                "loader": loader,
             }
+            report_loader(size, loader, model.get("baseline"), args)
             report(size, results[size], args)
     finally:
         if not args.work_dir:
@@ -195,6 +332,30 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def report_loader(size, r, model, args):
+    """The loader table: CPU ms per clip per core, previous vs current, files and cache; the stages; worker memory;
+    and the model-only step per clip beside it (baseline.py, this device)."""
+    print(f"\n== {size}: loading alone, CPU ms per clip on one core (0 workers, 1 thread; fastest of "
+          f"{args.rounds} round(s), {args.clips} clips) ==")
+    print(f"{'loader':<22}{'train':>8}{'test':>8}{'x previous (train)':>20}")
+    for key, v in r["cpu"].items():
+        ref = r["cpu"]["previous --cache" if "--cache" in key else "previous"]["train"]
+        print(f"{key:<22}{v['train']:>8.2f}{v['test']:>8.2f}{ref / v['train']:>19.2f}x")
+    cur, cached = r["cpu"]["current"]["train"], r["cpu"]["current --cache"]["train"]
+    print(f"current --cache vs current: {cur / cached:.2f}x; current vs previous: "
+          f"{r['cpu']['previous']['train'] / cur:.2f}x")
+    stages = list(next(iter(r["stages"].values())))
+    print(f"{'stages, ms/clip':<22}" + "".join(f"{k:>10}" for k in stages) + f"{'sum':>8}")
+    for key, v in r["stages"].items():
+        print(f"{key:<22}" + "".join(f"{v[k]:>10.2f}" for k in stages) + f"{sum(v.values()):>8.2f}")
+    print("loader worker peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in r["worker_mb"].items()))
+    if model:
+        per_clip = 1000 * model["cpu" if args.device == "cpu" else "wall"] / args.batch_size
+        print(f"model-only step (baseline.py, {args.device}): {per_clip:.1f} ms per clip "
+              f"({'CPU' if args.device == 'cpu' else 'wall'}); loader/model = {cur / per_clip:.2f} on one core "
+              f"per {args.device} process")
 
 
 def report(size, r, args):

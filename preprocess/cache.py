@@ -27,6 +27,7 @@ import os
 from multiprocessing import Pool
 
 import numpy as np
+import soxr
 import torch
 import torchaudio
 import torchvision.transforms.functional as TF
@@ -111,6 +112,8 @@ def main(argv=None):
     p.add_argument("--n-frames", type=int, default=None, help="index the clips as training with this --n-frames does")
     p.add_argument("--frame-side", type=int, default=256,
                    help="short side of the cached frames (0 = original size, exact)")
+    p.add_argument("--legacy-loader", action="store_true",
+                   help="spectrograms of the previous loader (torchaudio resampling), for --cache --legacy-loader")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
     cli.check(a, "workers", lambda x: x > 0, "positive")
@@ -126,12 +129,14 @@ def main(argv=None):
         ("--n-frames", a.n_frames),
     ):
         flags += [flag, str(value)] if value else []
+    flags += ["--legacy-loader"] if a.legacy_loader else []
     args = add_data_args(argparse.ArgumentParser()).parse_args(flags)
     train_set, test_set, _ = build_datasets(args)  # the training index: same clips, same warnings
     clips = list({c.clip_id: c for c in train_set.clips + test_set.clips}.values())
     name, cfg = audio_config(args)
     extra = {
-        "audio": dict(torch=torch.__version__, torchaudio=torchaudio.__version__),  # recorded besides, not checked
+        # recorded besides, not checked
+        "audio": dict(torch=torch.__version__, torchaudio=torchaudio.__version__, soxr=soxr.__version__),
         "frames": dict(
             resize="torchvision Resize(side): PIL bilinear, antialiased; frames with a short side <= side "
             "kept; side 0 = as decoded"

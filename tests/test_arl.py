@@ -423,3 +423,90 @@ def test_current_timing_scales_the_gradients_of_the_same_batch(tiny_data, tmp_pa
     for n in cur:
         if n.startswith("head."):
             torch.testing.assert_close(cur[n], prev[n], rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# edges of the coefficients, the logged ratios and the evaluation's unimodal logits
+# ---------------------------------------------------------------------------------------------------------------
+def test_an_unset_coefficient_leaves_the_gradient_unscaled():
+    c = arl.Coefficient()
+    assert float(c) == 0.0
+    x = torch.randn(3, 5, requires_grad=True)
+    arl.GradScale.apply(x, c).sum().backward()
+    assert torch.equal(x.grad, torch.ones(3, 5))
+
+
+def with_sums(dep=None, ent=None):
+    """A `reduce` that replaces the batch's sums: per-class |logit| sums of audio (dep[0] in the first class) and
+    visual (dep[1]), the entropy sums (ent), one sample; so a test can put a statistic exactly on a guard's edge."""
+    def reduce(t):
+        t = t.clone()
+        if dep is not None:
+            t[:2 * C] = 0
+            t[0], t[C] = dep
+        if ent is not None:
+            t[2 * C], t[2 * C + 1] = ent
+        t[-1] = 1
+        return t
+    return reduce
+
+
+def test_the_guards_apply_strictly_below_1e_12():
+    """d_a falls back to 0.5 only when the dependence sum is below 1e-12 (at 1e-12 and at 1.5e-12 it is the share),
+    and the entropy shares fall back to equal weights only when the entropy sum is below 1e-12."""
+    z = torch.randn(4, C)
+    edge = torch.tensor(1e-12, dtype=torch.float32).item()  # the float32 value the comparison uses
+    for s in (edge, 1.5e-12):
+        r = arl.arl_coefficients(z, z, 8.0, reduce=with_sums(dep=(s, 0.0)))
+        assert r["d_a"].item() == 1.0, s
+    assert arl.arl_coefficients(z, z, 8.0, reduce=with_sums(dep=(0.5e-12, 0.0)))["d_a"].item() == 0.5
+    for s in (edge, 1.5e-12):  # entropy shares (1, 0) -> floored (1, 0.3) -> w_a = 1 / (1 + 1 / 0.3)
+        r = arl.arl_coefficients(z, z, 8.0, reduce=with_sums(dep=(1.0, 1.0), ent=(s, 0.0)))
+        assert r["w_a"].item() == pytest.approx(1 / (1 + 1 / 0.3), abs=1e-6), s
+    r = arl.arl_coefficients(z, z, 8.0, reduce=with_sums(dep=(1.0, 1.0), ent=(0.5e-12, 0.0)))
+    assert r["w_a"].item() == 0.5
+
+
+def test_entropy_is_minus_p_log_p_plus_1e_16():
+    """The entropy uses log(p + 1e-16): visible where a probability is ~1e-20 (a confident prediction)."""
+    z_conf = torch.tensor([[0.0, -46.0] + [-60.0] * (C - 2)])
+    z_flat = torch.zeros(1, C)
+    for z_a, z_v, key in ((z_conf, z_flat, "entropy_a"), (z_flat, z_conf, "entropy_v")):
+        p = torch.softmax(z_conf, 1).double()
+        want = -(p * torch.log(p + 1e-16)).sum().item()
+        got = arl.arl_coefficients(z_a, z_v, 8.0)[key].item()
+        assert got == pytest.approx(want, rel=1e-3) and want < 1e-17, key
+
+
+def test_logged_ratios_are_the_shares_ratios(tiny_data, tmp_path):
+    """One step, so the epoch's means are the step's values: train/ratio = d_a / d_v, train/target_ratio =
+    w_a / w_v."""
+    _, run = one_step_delta(tiny_data, tmp_path, "--warmup-epochs", "0")
+    m = read_metrics(run)[0]
+    d_a, w_a = m["train/dep_audio"], m["train/var_share_audio"]
+    assert m["train/ratio"] == pytest.approx(d_a / (1 - d_a), rel=1e-5)
+    assert m["train/target_ratio"] == pytest.approx(w_a / (1 - w_a), rel=1e-5)
+
+
+def test_evaluation_reads_zero_fill_full_bias_logits(tiny_data, tmp_path, monkeypatch):
+    """The evaluation's z_a, z_v are the zero-fill logits with the full bias (common/models.py unimodal_logits) of
+    the model being evaluated, on the evaluated batch."""
+    import common.evaluate
+    from common.models import unimodal_logits
+
+    real, seen = common.evaluate.evaluate, []
+
+    def spy(logits_fn, loader, *a, **k):
+        spec, frames, _ = next(iter(loader))
+        model = logits_fn.__globals__["model"]  # the script's model (run with runpy: a global of the run)
+        with torch.no_grad():
+            z, z_a, z_v = logits_fn(spec.unsqueeze(1), frames)
+            f_a, f_v, _ = model(spec.unsqueeze(1), frames)
+            seen.append((z_a, z_v, *unimodal_logits(model.head, f_a, f_v, bias="full")))
+        return real(logits_fn, loader, *a, **k)
+
+    monkeypatch.setattr(common.evaluate, "evaluate", spy)
+    run_inprocess(tmp_path, tiny_data, "--epochs", "1", "--max-steps", "2", "--eval-max-steps", "1")
+    assert seen
+    for z_a, z_v, want_a, want_v in seen:  # the same operations in the same order: bitwise
+        assert torch.equal(z_a, want_a) and torch.equal(z_v, want_v)
