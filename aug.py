@@ -244,7 +244,7 @@ if __name__ == "__main__":
         metrics = evaluate(eval_logits, test_loader, device, num_classes, args.eval_max_steps)
         return {**metrics, **unimodal_metrics(test_logits, test_labels, num_classes)}
 
-    def grow(modality, train=False):  # ALGO LOGIC: rank 0's draw in every process (their RNG streams differ)
+    def grow(modality, train):  # ALGO LOGIC: rank 0's draw in every process (their RNG streams differ)
         add_classifier(model, modality, optimizer if train else None, distributed.broadcast_module)
 
     added = list(ckpt["added"]) if ckpt else []  # ALGO LOGIC: rebuild the classifiers ACA added, in order
@@ -292,7 +292,7 @@ if __name__ == "__main__":
         metrics.update(run_eval())
         # ALGO LOGIC: ACA after the evaluation, at check epochs: add a classifier to the less confident modality
         s_sum_a, s_sum_v, n = distributed.all_reduce_sum(score)  # torchrun: over all processes
-        s_a, s_v = s_sum_a / max(1, n), s_sum_v / max(1, n)
+        s_a, s_v = s_sum_a / n, s_sum_v / n  # n >= 1: every epoch has a training step
         check = is_check_epoch(epoch, args.aca_check_every)
         action = aca_decision(s_a, s_v, args.aca_sigma, args.aca_tau, args.aca_rule) if check else 0
         weak = {1: "visual", -1: "audio"}.get(action)

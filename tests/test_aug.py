@@ -657,3 +657,59 @@ def test_imbalance_first_check_adds_to_visual(tmp_path):
     row = read_metrics(run)[0]
     assert row["train/score_audio"] > 1.01 * row["train/score_visual"]
     assert row["train/aca_action"] == 1 and load(os.path.join(run, "last.pt"))["added"] == ["visual"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the defaults and edges of the block's functions, and the best-epoch tie rule
+# ---------------------------------------------------------------------------------------------------------------
+def test_true_class_prob_defaults_to_the_ensemble():
+    g = torch.Generator().manual_seed(0)
+    logits, y = [torch.randn(5, 4, generator=g) for _ in range(3)], torch.tensor([0, 1, 2, 3, 0])
+    ens = torch.softmax(sum(logits), 1)[torch.arange(5), y]
+    torch.testing.assert_close(aug.true_class_prob(logits, y), ens)
+    assert not torch.allclose(aug.true_class_prob(logits, y, "sum-probs"), ens)
+
+
+def test_aca_decision_default_rule_is_the_ratio_and_the_rules_disagree():
+    """Scores 0.204 vs 0.2 (sigma 1, tau 0.01): a ratio of 1.02 adds to visual, a difference of 0.004 adds nothing."""
+    assert aug.aca_decision(0.204, 0.2, 1.0, 0.01) == aug.aca_decision(0.204, 0.2, 1.0, 0.01, "ratio") == 1
+    assert aug.aca_decision(0.196, 0.2, 1.0, 0.01) == -1
+    assert aug.aca_decision(0.204, 0.2, 1.0, 0.01, "difference") == 0
+    assert aug.aca_decision(0.196, 0.2, 1.0, 0.01, "difference") == 0
+
+
+def test_aca_decision_thresholds_are_strict():
+    """On the thresholds exactly (values exact in binary), nothing is added; just beyond them, one is."""
+    for rule in ("ratio", "difference"):
+        assert aug.aca_decision(1.5, 1.0, 1.0, 0.5, rule) == 0  # r = sigma + tau, d = tau
+        assert aug.aca_decision(0.5, 1.0, 1.0, 0.5, rule) == 0  # r = sigma - tau, d = -tau
+        assert aug.aca_decision(1.5000001, 1.0, 1.0, 0.5, rule) == 1
+        assert aug.aca_decision(0.4999999, 1.0, 1.0, 0.5, rule) == -1
+
+
+def test_aca_ratio_with_a_zero_visual_score_adds_to_visual():
+    assert aug.aca_decision(0.3, 0.0, 1.0, 0.01) == 1  # r = inf, no division by zero
+
+
+def test_best_epoch_ties_go_to_the_later_epoch(tiny_data, tmp_path):
+    """A learning rate of 1e-12: the test accuracy stays put, so epochs tie; best.pt is the last of the tied."""
+    run = run_inprocess(tmp_path, tiny_data, "--epochs", 3, "--max-steps", 1, "--lr", 1e-12)
+    rows = read_metrics(run)
+    accs = [r["test/acc"] for r in rows]
+    tied = [e for e, a in enumerate(accs) if a == max(accs)]
+    assert len(tied) >= 2, accs  # precondition: a tie
+    with open(os.path.join(run, "results.json")) as f:
+        assert json.load(f)["best"]["epoch"] == tied[-1]
+
+
+def test_logged_loss_is_the_two_steps_losses(tiny_data, tmp_path):
+    """One step per epoch: train/loss is the audio step's loss plus the visual step's; once a classifier has been
+    added to each side (epochs 1 and 2, forced), those residual losses differ from the ensembles' CE."""
+    for sigma, side in (("1e-6", "visual"), ("100", "audio")):  # sigma 1e-6: visual is weaker; 100: audio
+        rows = read_metrics(run_inprocess(tmp_path / side, tiny_data, "--epochs", 2, "--max-steps", 1,
+                                          "--aca-check-every", 1, "--aca-sigma", sigma, "--aca-tau", "0",
+                                          "--train-new-heads"))
+        for row in rows:
+            assert row["train/loss"] == pytest.approx(row["train/loss_audio"] + row["train/loss_visual"], rel=1e-6)
+        assert rows[1][f"train/coeff_{side}"] == 2  # precondition: an added classifier
+        assert rows[1][f"train/loss_{side}"] != pytest.approx(rows[1][f"train/ce_{side}"], rel=1e-3)
