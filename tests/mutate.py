@@ -470,7 +470,7 @@ def check(method, jobs, timeout, line_range, verbose, match=None):
         text = f.read()
     lines = method_lines(text, EXTRA.get(method, ()))
     if line_range:
-        lines &= set(range(line_range[0], line_range[1] + 1))
+        lines &= line_range
     todo = [m for m in mutants(text, lines) if not match or re.search(match, m[1])]
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix=f"mutate_{method}_") as tmp:
@@ -525,13 +525,18 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2, choices=[1, 2], help="processes running mutants (at most 2)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds per mutant run (default: 3x the unmutated run, at least 60)")
-    p.add_argument("--lines", default=None, help="only mutants on lines A-B (e.g. 40-60)")
+    p.add_argument("--lines", default=None, help="only mutants on these lines (e.g. 40-60, or 28,33,40-42)")
     p.add_argument("--match", default=None, help="only mutants whose description matches this regular expression")
     p.add_argument("-k", dest="k", default=None, help="pytest -k expression replacing the method's test selection")
     p.add_argument("--list", action="store_true", help="print the method lines' mutants and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="print every mutant's outcome")
     args = p.parse_args(argv)
-    rng = tuple(int(x) for x in args.lines.split("-")) if args.lines else None
+    rng = None
+    if args.lines:  # "40-60" or "28,33,40-42"
+        rng = set()
+        for part in args.lines.split(","):
+            lo, _, hi = part.partition("-")
+            rng |= set(range(int(lo), int(hi or lo) + 1))
     methods = sorted(TESTS) if args.method == "all" else [args.method]
     if args.list:
         for method in methods:
@@ -539,7 +544,7 @@ def main(argv=None):
                 text = f.read()
             lines = method_lines(text, EXTRA.get(method, ()))
             if rng:
-                lines &= set(range(rng[0], rng[1] + 1))
+                lines &= rng
             ms = [m for m in mutants(text, lines) if not args.match or re.search(args.match, m[1])]
             print(f"{method}: {len(ms)} mutants on lines {_ranges(lines)}")
             for line, what, *_ in ms:

@@ -575,6 +575,10 @@ def test_max_classifiers_caps_the_additions_in_the_loop(tiny_data, tmp_path):
     assert [r["train/aca_action"] for r in rows] == [1, 1, 0, 0]
     assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3, 3] and [r["train/coeff_audio"] for r in rows] == [1] * 4
     assert load(os.path.join(run, "last.pt"))["added"] == ["visual", "visual"]
+    # --max-classifiers 1: the first classifier is the cap, nothing is ever added
+    run = run_inprocess(tmp_path / "one", tiny_data, "--epochs", 2, "--max-steps", 1, "--aca-check-every", 1,
+                        "--aca-sigma", 1e-6, "--aca-tau", 0, "--max-classifiers", 1)
+    assert [r["train/aca_action"] for r in read_metrics(run)] == [0, 0]
 
 
 def test_aca_rule_difference_in_the_loop(tiny_data, tmp_path):
