@@ -284,3 +284,10 @@ def test_clipping_in_the_training_loop(tiny_data, tmp_path):
     assert steps["0"] == pytest.approx(total, rel=1e-3) and logs["0"]["train/clip_factor"] == 1.0
     assert steps["100000"] == pytest.approx(total, rel=1e-3) and logs["100000"]["train/clip_factor"] == 1.0
     assert logs["0"]["train/coeff_audio"] == logs["0"]["train/coeff_visual"] == 1.0  # DGL scales no gradient
+
+
+def test_logged_ratio_is_a_quotient_of_the_scores(tiny_data, tmp_path):
+    """At initialisation both zero-fill predictions are near uniform, so s_a ~ s_v ~ B / C: the logged ratio s_a / s_v
+    is near 1 (a product of the two scores would be near (B / C)^2 = 0.44)."""
+    row = read_metrics(run_inprocess(tmp_path, tiny_data, "--epochs", 1, "--max-steps", 1))[0]
+    assert 0.7 < row["train/ratio"] < 1.5  # measured 1.21
