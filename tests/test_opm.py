@@ -389,3 +389,23 @@ def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
     assert first["train/drop_exec_frac"] == 1.0 and max(first["train/coeff_audio"], first["train/coeff_visual"]) > 0
     assert second["train/drop_exec_frac"] == 0.0
     assert second["train/coeff_audio"] == second["train/coeff_visual"] == 0.0
+
+
+def test_rescale_factors_when_everything_is_dropped():
+    """theta = 1 (mean) or q_m = 1 (per-modality): a factor of 0 instead of a division by zero."""
+    assert opm.rescale_factors(1.0, 1.0, "mean") == (0.0, 0.0)
+    assert opm.rescale_factors(1.0, 0.0, "per-modality") == (0.0, 1.0)
+    assert opm.rescale_factors(0.0, 1.0, "per-modality") == (1.0, 0.0)
+
+
+def test_opm_drop_in_one_process_is_the_composition_of_its_parts():
+    """Default world_size 1: execute_drop, then feature_masks for this batch, then drop_features, from one generator."""
+    g = torch.Generator().manual_seed(0)
+    a, v, y = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g), torch.arange(16)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    got = opm.opm_drop(a, v, y, 0.5, 0.0, 1.0, g1)
+    assert opm.execute_drop(1.0, g2)
+    keep_a, keep_v = opm.feature_masks(0.5, 0.0, 16, g2)
+    want = opm.drop_features(a, v, y, keep_a, keep_v, 0.5, 0.0)
+    assert got[3] and all(torch.equal(x, w) for x, w in zip(got[:3], want))
+    assert got[4] == (1 - keep_a.mean().item(), 1 - keep_v.mean().item())
