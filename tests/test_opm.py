@@ -409,3 +409,14 @@ def test_opm_drop_in_one_process_is_the_composition_of_its_parts():
     want = opm.drop_features(a, v, y, keep_a, keep_v, 0.5, 0.0)
     assert got[3] and all(torch.equal(x, w) for x, w in zip(got[:3], want))
     assert got[4] == (1 - keep_a.mean().item(), 1 - keep_v.mean().item())
+
+
+def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
+    """One step, drop executed (--p-exe 1): train/rescale is that step's factor 1 / (1 - (q_a + q_v) / 2)."""
+    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "1", "--warmup-epochs", "0",
+                     "--p-exe", "1")
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())
+    assert row["train/drop_exec_frac"] == 1.0 and row["train/coeff_audio"] + row["train/coeff_visual"] > 0
+    theta = (row["train/coeff_audio"] + row["train/coeff_visual"]) / 2
+    assert row["train/rescale"] == pytest.approx(1 / (1 - theta), rel=1e-9)
