@@ -420,3 +420,13 @@ def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
     assert row["train/drop_exec_frac"] == 1.0 and row["train/coeff_audio"] + row["train/coeff_visual"] > 0
     theta = (row["train/coeff_audio"] + row["train/coeff_visual"]) / 2
     assert row["train/rescale"] == pytest.approx(1 / (1 - theta), rel=1e-9)
+    side = "audio" if row["train/coeff_audio"] > 0 else "visual"  # the dominant side: its q, its drops
+    other = "visual" if side == "audio" else "audio"
+    assert row[f"train/drop_frac_{side}"] > 0 and row[f"train/drop_frac_{other}"] == 0.0
+    # the warm-up: no q, no drop, factor 1
+    run = run_inproc("opm.py", tiny_data, tmp_path / "warm", "--epochs", "1", "--max-steps", "1", "--warmup-epochs",
+                     "1", "--p-exe", "1")
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())
+    assert (row["train/coeff_audio"], row["train/coeff_visual"], row["train/drop_exec_frac"]) == (0.0, 0.0, 0.0)
+    assert row["train/rescale"] == 1.0
