@@ -403,10 +403,10 @@ def test_opm_drop_in_one_process_is_the_composition_of_its_parts():
     g = torch.Generator().manual_seed(0)
     a, v, y = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g), torch.arange(16)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    got = opm.opm_drop(a, v, y, 0.5, 0.0, 1.0, g1)
+    got = opm.opm_drop(a, v, y, 0.5, 0.3, 1.0, g1)  # both q > 0: the visual masks follow the audio ones
     assert opm.execute_drop(1.0, g2)
-    keep_a, keep_v = opm.feature_masks(0.5, 0.0, 16, g2)
-    want = opm.drop_features(a, v, y, keep_a, keep_v, 0.5, 0.0)
+    keep_a, keep_v = opm.feature_masks(0.5, 0.3, 16, g2)
+    want = opm.drop_features(a, v, y, keep_a, keep_v, 0.5, 0.3)
     assert got[3] and all(torch.equal(x, w) for x, w in zip(got[:3], want))
     assert got[4] == (1 - keep_a.mean().item(), 1 - keep_v.mean().item())
 
