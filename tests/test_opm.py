@@ -429,4 +429,4 @@ def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
     assert (row["train/coeff_audio"], row["train/coeff_visual"], row["train/drop_exec_frac"]) == (0.0, 0.0, 0.0)
-    assert row["train/rescale"] == 1.0
+    assert row["train/rescale"] == 1.0 and row["train/drop_frac_audio"] == row["train/drop_frac_visual"] == 0.0
