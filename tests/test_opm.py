@@ -423,6 +423,13 @@ def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
     side = "audio" if row["train/coeff_audio"] > 0 else "visual"  # the dominant side: its q, its drops
     other = "visual" if side == "audio" else "audio"
     assert row[f"train/drop_frac_{side}"] > 0 and row[f"train/drop_frac_{other}"] == 0.0
+    # per-modality factors (1 / (1 - q_a), 1 / (1 - q_v)): the logged factor is the larger, the dominant side's
+    run = run_inproc("opm.py", tiny_data, tmp_path / "per", "--epochs", "1", "--max-steps", "1", "--warmup-epochs",
+                     "0", "--p-exe", "1", "--rescale", "per-modality")
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())
+    q = max(row["train/coeff_audio"], row["train/coeff_visual"])
+    assert q > 0 and row["train/rescale"] == pytest.approx(1 / (1 - q), rel=1e-9)
     # the warm-up: no q, no drop, factor 1
     run = run_inproc("opm.py", tiny_data, tmp_path / "warm", "--epochs", "1", "--max-steps", "1", "--warmup-epochs",
                      "1", "--p-exe", "1")
