@@ -136,8 +136,7 @@ class AVDataset(torch.utils.data.Dataset):
         if self.frame_cache:  # (n_frames_on_disk, H, W, 3) uint8; mmap reads only the selected rows
             frames = np.load(os.path.join(self.frame_cache, f"{c.clip_id}.npy"), mmap_mode="r")
             idx = select_frames(len(frames), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
-            rows = [np.array(frames[k]) for k in idx]  # copied out of the memory map
-            images = [Image.fromarray(r) for r in rows]
+            images = [Image.fromarray(np.array(frames[k])) for k in idx]
         else:
             names = list_frames(c.frame_dir)
             idx = select_frames(len(names), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)

@@ -109,13 +109,9 @@ def write_cache(size, data_root, legacy=False):
 def loading_throughput(size, data_root, args, num_workers, cached=False):
     """clips/s of the training loader alone, in the steady state: the first 2 x workers + 1 batches (worker start-up,
     and the batches the workers prefetched meanwhile, prefetch_factor 2) are not timed."""
-    import baseline
-    from common.data import build_datasets, make_loaders
+    from common.data import make_loaders
 
-    a = baseline.parse_args(
-        ["--dataset", "synthetic", "--data-root", data_root, *SIZES[size][1], *(["--cache"] if cached else [])]
-    )
-    train_set, test_set, _ = build_datasets(a)
+    train_set, test_set = _datasets(size, data_root, False, cached)
     loader, _ = make_loaders(train_set, test_set, args.batch_size, num_workers, torch.Generator().manual_seed(0))
     warm = 2 * num_workers + 1
     it, n, t0 = iter(loader), 0, None
