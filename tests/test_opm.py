@@ -437,3 +437,19 @@ def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
         row = json.loads(f.readline())
     assert (row["train/coeff_audio"], row["train/coeff_visual"], row["train/drop_exec_frac"]) == (0.0, 0.0, 0.0)
     assert row["train/rescale"] == 1.0 and row["train/drop_frac_audio"] == row["train/drop_frac_visual"] == 0.0
+
+
+def test_logged_rescale_is_the_mean_over_the_executed_drops(tiny_data, tmp_path, monkeypatch):
+    """Two steps, both executed: train/rescale is the mean of the two steps' factors 1 / (1 - (q_a + q_v) / 2), read
+    from the per-step trace (the steps' q differ, so a sum, a product or the last step's factor would not match)."""
+    monkeypatch.setenv("BML_TRACE_DIR", str(tmp_path / "trace"))
+    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0",
+                     "--p-exe", "1")
+    with open(tmp_path / "trace" / "rank0.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())
+    assert len(steps) == 2 and all(s["train/drop_exec_frac"] == 1.0 for s in steps)
+    factors = [1 / (1 - (s["train/coeff_audio"] + s["train/coeff_visual"]) / 2) for s in steps]
+    assert factors[0] != pytest.approx(factors[1], rel=1e-6) and min(factors) > 1
+    assert row["train/rescale"] == pytest.approx(sum(factors) / 2, rel=1e-9)
