@@ -213,8 +213,10 @@ def add_data_args(parser):
 _READ_LOCKS = {}  # root -> open lock file, held (shared) for the life of the process: "this set is being read"
 
 
-def ensure_synthetic(root):
+def ensure_synthetic(root, params=None):
     """Generate the default synthetic set on first use, or again if it was written with other generator defaults.
+    With `params` (all generator arguments, e.g. common.synthetic.regime_args): that set instead, regenerated
+    whenever the folder holds another one.
 
     Safe when several processes start together (torchrun, two run_all.sh jobs): one generates, the others wait for
     it (an exclusive lock on `<root>.lock`). Every process then holds a shared lock on `<root>.readers` for its
@@ -232,19 +234,23 @@ def ensure_synthetic(root):
         if os.path.isfile(meta_path):
             with open(meta_path) as f:
                 meta = json.load(f)
-        if meta is None or not (meta.get("custom") or meta == DEFAULTS):
+        if params is not None:
+            ok = meta is not None and {k: v for k, v in meta.items() if k != "custom"} == params
+        else:
+            ok = meta is not None and (meta.get("custom") or meta == DEFAULTS)
+        if not ok:
             if meta is not None:
                 try:  # replace the set only if no other process is reading it
                     fcntl.flock(readers, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     raise SystemExit(f"error: {root} was written with other generator settings and another run is "
                                      "reading it; wait for that run to end, or pass another --data-root") from None
-                print(f"{root} was written with other generator settings; regenerating with the current defaults")
+                print(f"{root} was written with other generator settings; regenerating it")
             else:
                 print(f"generating the synthetic dataset in {root} (first use)")
             tmp = f"{root}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            generate(tmp)
+            generate(tmp, **(params or {}))
             if os.path.isdir(root):
                 old = f"{root}.old{os.getpid()}"
                 os.rename(root, old)

@@ -14,6 +14,10 @@ Modality imbalance by construction:
   the cue) under strong pixel noise;
 - a share of clips (`--uninformative-audio`, default 0.3) has noise-only audio, so the best fused accuracy needs
   a visual encoder that actually learned.
+
+Regimes (docs/data.md, "Regimes"): `regime_params` turns the four knobs (which modality dominates, the share of
+clips whose weak / dominant modality carries no cue, the noise level) into the generator's arguments, and
+REGIMES names the settings the demo and the regime study use.
 """
 
 import json
@@ -44,9 +48,9 @@ def write_wav(path, x, sr):
         w.writeframes(pcm.tobytes())
 
 
-def make_audio(rng, label, informative, n_classes, sr, seconds, snr):
+def make_audio(rng, label, informative, n_classes, sr, seconds, snr, noise_level=1.0):
     t = np.arange(int(round(sr * seconds))) / sr
-    noise = rng.normal(0.0, 0.1, t.shape)
+    noise = rng.normal(0.0, 0.1 * noise_level, t.shape)
     if not informative:
         return noise
     nyq = min(sr, 8000) / 2  # keep tones below the loader's Nyquist (synthetic pipeline: 8 kHz)
@@ -56,23 +60,63 @@ def make_audio(rng, label, informative, n_classes, sr, seconds, snr):
     return noise + 0.1 * snr * tone / 1.5
 
 
-def make_frame(rng, label, colours, px, strength):
-    """A faint square in the class colour (random place and size, 40-70% of the side) under strong pixel noise."""
+def make_frame(rng, label, colours, px, strength, informative=True, noise_level=1.0):
+    """A faint square in the class colour (random place and size, 40-70% of the side) under strong pixel noise; an
+    uninformative frame draws the same square with no colour (so place and size say nothing either)."""
     img = np.full((px, px, 3), 128.0)
     side = int(px * rng.uniform(0.4, 0.7))
     y0, x0 = rng.randint(0, px - side + 1, size=2)
-    img[y0:y0 + side, x0:x0 + side] += 60 * strength * colours[label]
-    img = img + rng.normal(0, 50, (px, px, 3))
+    if informative:
+        img[y0:y0 + side, x0:x0 + side] += 60 * strength * colours[label]
+    img = img + rng.normal(0, 50 * noise_level, (px, px, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 DEFAULTS = dict(n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40, min_frames=2,
-                max_frames=3, audio_snr=1.0, visual_strength=0.2, uninformative_audio=0.3, seed=0)
+                max_frames=3, audio_snr=1.0, visual_strength=0.2, uninformative_audio=0.3, uninformative_visual=0.0,
+                noise=1.0, seed=0)
+
+# the cue strengths when audio / visual dominates: (audio_snr, visual_strength). Measured alone (4 epochs): the easy
+# tone and the easy square are learned in 1-2 epochs; the faint square and the faint tone take the whole run.
+CUES = {"audio": (1.0, 0.2), "visual": (0.3, 0.6)}
+KNOBS = ("dominant", "weak_absent", "dominant_absent", "noise")
+# named regimes: the four knobs of regime_params, and the set's size where it is not the default's 600/300.
+# docs/data.md, "Regimes"; the demo of run_all.sh uses audio-dominant, the regime study the last three.
+SIZE = dict(n_train=420, n_test=240)  # the demo's and the study's sets: 21 demo runs in 10 minutes on 2 cores
+REGIMES = {
+    "default": dict(dominant="audio", weak_absent=0.0, dominant_absent=0.3, noise=1.0),
+    "audio-dominant": dict(dominant="audio", weak_absent=0.0, dominant_absent=0.0, noise=1.0, **SIZE),
+    "weak-absent": dict(dominant="audio", weak_absent=0.6, dominant_absent=0.0, noise=1.0, **SIZE),
+    "visual-dominant": dict(dominant="visual", weak_absent=0.0, dominant_absent=0.0, noise=1.0, **SIZE),
+}
+
+
+def regime_params(dominant="audio", weak_absent=0.0, dominant_absent=0.0, noise=1.0):
+    """The generator arguments of the four knobs: which modality gets the easy cue (the other the faint one), the
+    share of clips whose weak / dominant modality is noise only, and the noise level (a factor on both noise
+    stds)."""
+    if dominant not in CUES:
+        raise ValueError(f"dominant must be one of {', '.join(CUES)}, got {dominant!r}")
+    audio_snr, visual_strength = CUES[dominant]
+    absent_audio, absent_visual = ((dominant_absent, weak_absent) if dominant == "audio"
+                                   else (weak_absent, dominant_absent))
+    return dict(audio_snr=audio_snr, visual_strength=visual_strength, uninformative_audio=absent_audio,
+                uninformative_visual=absent_visual, noise=noise)
+
+
+def regime_args(name):
+    """All generator arguments of the named regime (the defaults, its knobs, its size)."""
+    if name not in REGIMES:
+        raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {name!r}")
+    r = REGIMES[name]
+    return {**DEFAULTS, **regime_params(**{k: r[k] for k in KNOBS}), **{k: v for k, v in r.items() if k not in KNOBS}}
 
 
 def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40,
-             min_frames=2, max_frames=3, audio_snr=1.0, visual_strength=0.2, uninformative_audio=0.3, seed=0):
-    """Write the dataset to `out` (deterministic: the same arguments write byte-identical files)."""
+             min_frames=2, max_frames=3, audio_snr=1.0, visual_strength=0.2, uninformative_audio=0.3, seed=0,
+             uninformative_visual=0.0, noise=1.0):
+    """Write the dataset to `out` (deterministic: the same arguments write byte-identical files). A clip whose
+    visual side is uninformative has no cue in any of its frames."""
     if not 1 <= n_classes <= len(EMOTIONS):
         raise ValueError(f"--n-classes must be between 1 and {len(EMOTIONS)} (CREMA-D label names), got {n_classes}")
     rng = np.random.RandomState(seed)
@@ -89,12 +133,14 @@ def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio
         for i, label in enumerate(labels):
             clip_id = f"{(1001 if split == 'train' else 5001) + i:04d}_SYN_{EMOTIONS[label]}_XX"
             informative = rng.uniform() >= uninformative_audio
-            audio = make_audio(rng, label, informative, n_classes, sample_rate, audio_seconds, audio_snr)
+            # drawn only when used, so the sets written before this knob existed are unchanged
+            informative_v = rng.uniform() >= uninformative_visual if uninformative_visual > 0 else True
+            audio = make_audio(rng, label, informative, n_classes, sample_rate, audio_seconds, audio_snr, noise)
             write_wav(os.path.join(out, "AudioWAV", f"{clip_id}.wav"), audio, sample_rate)
             fdir = os.path.join(out, "Image-01-FPS", clip_id)
             os.makedirs(fdir, exist_ok=True)
             for k in range(rng.randint(min_frames, max_frames + 1)):
-                make_frame(rng, label, colours, frame_px, visual_strength).save(
+                make_frame(rng, label, colours, frame_px, visual_strength, informative_v, noise).save(
                     os.path.join(fdir, f"{30 * k:05d}.jpg"), quality=90
                 )
             rows.append(f"{clip_id},{EMOTIONS[label]}\r\n")
@@ -112,6 +158,8 @@ def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio
         audio_snr=audio_snr,
         visual_strength=visual_strength,
         uninformative_audio=uninformative_audio,
+        uninformative_visual=uninformative_visual,
+        noise=noise,
         seed=seed,
     )
     if meta != DEFAULTS:

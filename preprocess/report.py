@@ -2,10 +2,13 @@
 
     python -m preprocess.report runs/all  # -> runs/report/results.md, test_acc.png, modalities.png, modulation.png
     python -m preprocess.report runs/all --out somewhere/
+    python -m preprocess.report --study runs/study   # the regime study: one table per regime + weak_branch.png
 
 One row per method (baseline's --modality audio/visual runs get their own rows), mean ± std over seeds of the
 best-epoch and last-epoch fused, audio-only and visual-only accuracy and macro-F1, and seconds per epoch.
-Runs listed in <runs>/failed.txt (written by run_all.sh) appear as FAILED rows.
+Runs listed in <runs>/failed.txt (written by run_all.sh) appear as FAILED rows. `aug_trained` is aug.py run with
+`--train-new-heads` (its --exp-name). The plots: fused accuracy per epoch, each branch's accuracy per epoch, the
+last epoch's fused / audio / visual accuracy per method, and each method's modulation signal.
 """
 
 import argparse
@@ -17,15 +20,17 @@ import numpy as np
 
 from common import cli
 
-ORDER = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug"]
+ORDER = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug", "aug_trained"]
+STUDY_REGIMES = ["audio-dominant", "weak-absent", "visual-dominant"]  # run_all.sh --study regimes
 SIGNAL = {  # what train/coeff_* means for each script (logged metric keys)
     "ogm": "OGM coefficient k", "opm": "OPM drop probability q", "arl": "ARL weight 1+c", "dgl": "DGL (none: 1)",
-    "aug": "AUG number of classifiers", "baseline": "joint training (none: 1)",
+    "aug": "AUG number of classifiers", "aug_trained": "AUG number of classifiers",
+    "baseline": "joint training (none: 1)",
 }
 
 
 def method_name(results):
-    name = results.get("script", "?")
+    name = results.get("args", {}).get("exp_name") or results.get("script", "?")  # aug_trained: its --exp-name
     modality = results.get("args", {}).get("modality", "both")
     return f"{name}_{modality}" if modality in ("audio", "visual") else name
 
@@ -109,6 +114,19 @@ def plots(runs, out):
     fig.savefig(os.path.join(out, "test_acc.png"), dpi=120)
     plt.close(fig)
 
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, (key, label) in zip(axes, [("test/acc_audio", "audio"), ("test/acc_visual", "visual")]):
+        for name in names:
+            c = curve(runs[name], key)
+            if c is not None:
+                ax.plot(np.arange(len(c)), 100 * c, marker="o", ms=3, label=name)
+        ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{label} branch per epoch (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "branches.png"), dpi=120)
+    plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(names)), 4.5))
     width = 0.27
     for k, (key, label) in enumerate(
@@ -160,14 +178,70 @@ def write_report(runs_dir, out=None):
     if runs:
         plots(runs, out)
     print(text)
-    print(f"wrote {out}/results.md" + (", test_acc.png, modalities.png, modulation.png" if runs else ""))
+    print(f"wrote {out}/results.md" + (", test_acc.png, branches.png, modalities.png, modulation.png" if runs else ""))
+    return out
+
+
+def write_study(study_dir, out=None):
+    """The regime study: <out>/study.md with one table per regime (each regime's runs under <study_dir>/<regime>),
+    and weak_branch.png: each method's last-epoch fused and weak-branch accuracy per regime."""
+    out = out or os.path.join(study_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    regimes = [r for r in STUDY_REGIMES if os.path.isdir(os.path.join(study_dir, r))]
+    if not regimes:
+        raise SystemExit(f"no regime folders ({', '.join(STUDY_REGIMES)}) under {study_dir}: run "
+                         "`bash run_all.sh --study regimes` first")
+    parts, loaded = [f"Regime study from `{study_dir}` (accuracy and macro-F1 in %, mean ± std over seeds)", ""], {}
+    for regime in regimes:
+        runs, failed = load_runs(os.path.join(study_dir, regime)), load_failures(os.path.join(study_dir, regime))
+        loaded[regime] = runs
+        parts += [f"### {regime}", "", table(runs, failed), ""]
+    text = "\n".join(parts)
+    with open(os.path.join(out, "study.md"), "w") as f:
+        f.write(text)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4.5), squeeze=False, sharey=True)
+    for ax, regime in zip(axes[0], regimes):
+        runs = loaded[regime]
+        names = [n for n in sorted(runs, key=sort_key) if n != "baseline_audio" and n != "baseline_visual"]
+        weak = "test/acc_audio" if regime == "visual-dominant" else "test/acc_visual"
+        alone = runs.get("baseline_audio" if regime == "visual-dominant" else "baseline_visual", [])
+        for k, (key, label) in enumerate([("test/acc", "fused"), (weak, f"weak branch ({weak.split('_')[-1]})")]):
+            vals = [[r["last"].get(key) for r in runs[n] if r["last"].get(key) is not None] for n in names]
+            ax.bar(np.arange(len(names)) + (k - 0.5) * 0.4, [100 * np.mean(v) if v else 0 for v in vals], 0.4,
+                   yerr=[100 * np.std(v) if len(v) > 1 else 0 for v in vals], capsize=2, label=label)
+        if alone:
+            ax.axhline(100 * np.mean([r["last"]["test/acc"] for r in alone]), color="k", ls="--", lw=1,
+                       label="weak modality trained alone")
+        ax.set_xticks(np.arange(len(names)), names, rotation=25, ha="right")
+        ax.set(title=regime, ylabel="last-epoch test accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "weak_branch.png"), dpi=120)
+    plt.close(fig)
+    print(text)
+    print(f"wrote {out}/study.md, weak_branch.png")
     return out
 
 
 if __name__ == "__main__":
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
-    p.add_argument("runs_dir", help="folder searched recursively for results.json")
+    p.add_argument("runs_dir", nargs="?", default=None, help="folder searched recursively for results.json")
+    p.add_argument("--study", default=None, metavar="STUDY_DIR",
+                   help="the regime study's folder (run_all.sh --study regimes): one table per regime")
     p.add_argument("--out", default=None, help="output folder (default: runs/report next to runs_dir)")
     a = p.parse_args()
-    cli.require(a.runs_dir, "runs_dir", "pass the folder holding the run folders (e.g. runs/)")
-    write_report(a.runs_dir, a.out)
+    if a.study:
+        cli.require(a.study, "--study", "pass the study's folder (e.g. runs/study)")
+        write_study(a.study, a.out)
+    else:
+        if a.runs_dir is None:
+            raise SystemExit("pass the folder holding the run folders (e.g. runs/), or --study runs/study")
+        cli.require(a.runs_dir, "runs_dir", "pass the folder holding the run folders (e.g. runs/)")
+        write_report(a.runs_dir, a.out)
