@@ -100,13 +100,16 @@ def plots(runs, out):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = sorted(runs, key=sort_key)
+    colour = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per method in every plot
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for name in names:
         c = curve(runs[name], "test/acc")
         if c is not None:
-            ax.plot(np.arange(len(c)), 100 * c, marker="o", ms=3, label=name)
+            ax.plot(np.arange(len(c)), 100 * c, marker="o", ms=3, label=name, color=colour[name])
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Fused test accuracy per epoch (mean over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -116,10 +119,11 @@ def plots(runs, out):
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, (key, label) in zip(axes, [("test/acc_audio", "audio"), ("test/acc_visual", "visual")]):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for name in names:
             c = curve(runs[name], key)
             if c is not None:
-                ax.plot(np.arange(len(c)), 100 * c, marker="o", ms=3, label=name)
+                ax.plot(np.arange(len(c)), 100 * c, marker="o", ms=3, label=name, color=colour[name])
         ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{label} branch per epoch (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
