@@ -2,7 +2,7 @@
 # Run joint training (joint, audio-only, visual-only) and the five methods, then write the report.
 #
 #   bash run_all.sh                                   # the demo: synthetic audio-dominant regime, 3 seeds (< 10 min, 2 CPUs)
-#   bash run_all.sh --study regimes                   # the regime study: 3 regimes x 9 runs x 3 seeds (about 1 h)
+#   bash run_all.sh --study regimes                   # the regime study: 4 regimes x 9 runs x 3 seeds (about 1 h)
 #   bash run_all.sh --dataset cremad --seeds 0,1,2    # the real comparison, each script with its official settings
 #   bash run_all.sh --methods ogm,dgl --seeds 0       # a subset
 #   bash run_all.sh --dataset cremad -- --num-workers 8   # everything after -- goes to every script
@@ -59,7 +59,7 @@ fi
 
 # The demo: 4 epochs (LR x0.1 for the last), a 0.5 s audio window and 24-px frames, so that its 21 runs fit in 10
 # minutes on 2 cores. The study: the same inputs for 8 epochs (LR x0.1 for the last), so that OGM's modulation
-# window (epochs 0-5 of the synthetic preset) closes within the run; 81 runs in about an hour.
+# window (epochs 0-5 of the synthetic preset) closes within the run; 108 runs.
 # docs/results.md says what these numbers can and cannot show.
 if [ "$DATASET" = synthetic ] && [ ${#EXTRA[@]} -eq 0 ]; then
   if [ -n "$STUDY" ]; then EXTRA=(--epochs 8 --lr-milestones 7 --audio-seconds 0.5 --frame-size 24)
@@ -121,7 +121,7 @@ T0=$SECONDS
 echo "run_all: $DATASET${STUDY:+ (study: $STUDY)}, seeds $SEEDS, methods $METHODS, $JOBS in parallel," \
   "extra args: ${EXTRA[*]:-none}"
 if [ -n "$STUDY" ]; then
-  for regime in audio-dominant weak-absent visual-dominant; do
+  for regime in $(python -c "from preprocess.report import STUDY_REGIMES; print(' '.join(STUDY_REGIMES))"); do
     echo "regime $regime"
     root=$(prepare_regime "$regime") || exit 1
     run_set "$root" "$OUT/$regime" "$OUT/report/$regime"

@@ -71,7 +71,7 @@ def test_run_all_unprepared_dataset(tmp_path):
 
 
 def test_run_all_study_regimes_tiny(tmp_path):
-    """--study regimes: each of the three regimes written under --data-root/regimes/, its runs under --out/<regime>,
+    """--study regimes: each of the four regimes written under --data-root/regimes/, its runs under --out/<regime>,
     a report per regime and study.md with one table per regime (aug_trained = aug.py --train-new-heads)."""
     out = tmp_path / "study"
     proc = subprocess.run(["bash", "run_all.sh", "--study", "regimes", "--data-root", str(tmp_path / "data"), "--out",
@@ -79,7 +79,7 @@ def test_run_all_study_regimes_tiny(tmp_path):
                            "--max-steps", "1", "--eval-max-steps", "1", "--batch-size", "4"],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    regimes = ["audio-dominant", "weak-absent", "visual-dominant"]
+    regimes = ["audio-dominant", "dominant-absent", "weak-absent", "visual-dominant"]
     for regime in regimes:
         with open(tmp_path / "data" / "regimes" / regime / "synthetic" / "meta.json") as f:
             meta = json.load(f)
@@ -89,7 +89,7 @@ def test_run_all_study_regimes_tiny(tmp_path):
         assert (out / "report" / regime / "results.md").is_file()
     study = (out / "report" / "study.md").read_text()
     assert [line[4:] for line in study.splitlines() if line.startswith("### ")] == regimes
-    assert study.count("| aug_trained | 0 |") == 3 and study.count("| baseline_visual | 0 |") == 3
+    assert study.count("| aug_trained | 0 |") == 4 and study.count("| baseline_visual | 0 |") == 4
     assert "FAILED" not in study
     assert (out / "report" / "weak_branch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

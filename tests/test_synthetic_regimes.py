@@ -50,12 +50,13 @@ def test_dominant_picks_the_cues_and_the_absent_shares_follow_it():
 
 
 def test_the_study_regimes():
-    ad, wa, vd = (regime_args(n) for n in ("audio-dominant", "weak-absent", "visual-dominant"))
+    ad, da, wa, vd = (regime_args(n) for n in ("audio-dominant", "dominant-absent", "weak-absent", "visual-dominant"))
     assert (ad["uninformative_audio"], ad["uninformative_visual"]) == (0.0, 0.0)
+    assert (da["uninformative_audio"], da["uninformative_visual"]) == (0.3, 0.0)  # the default's knobs, smaller
     assert (wa["uninformative_audio"], wa["uninformative_visual"]) == (0.0, 0.6) and wa["audio_snr"] == 1.0
     assert (vd["audio_snr"], vd["visual_strength"]) == CUES["visual"]
-    assert all(r["n_train"] == 420 and r["n_test"] == 240 for r in (ad, wa, vd))
-    assert set(REGIMES) == {"default", "audio-dominant", "weak-absent", "visual-dominant"}
+    assert all(r["n_train"] == 420 and r["n_test"] == 240 for r in (ad, da, wa, vd))
+    assert set(REGIMES) == {"default", "audio-dominant", "dominant-absent", "weak-absent", "visual-dominant"}
 
 
 def test_uninformative_visual_clips_have_no_cue_in_any_frame(tmp_path):
