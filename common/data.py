@@ -23,7 +23,7 @@ from PIL import Image
 from common import distributed
 from common.audio import AUDIO_PIPELINES, AudioConfig, AudioPipeline, read_wav
 from common.cache import check_cache, check_entry
-from common.frames import FrameConfig, FrameTransform, list_frames, load_image, select_frames
+from common.frames import FrameConfig, FrameTransform, list_frames, load_frame, load_image, select_frames
 from common.splits import (
     CREMAD_LABELS,
     KS_CLASSES,
@@ -128,20 +128,26 @@ class AVDataset(torch.utils.data.Dataset):
     def load(self, i):
         """Clip i as (spec, frames, label); raises whatever reading its files raises."""
         c = self._clips[i]
+        spec = self.load_audio(c)  # first: the random draws (audio window, frames, crops) keep their order
+        return spec, self.frames_tf(self.load_frames(c), self.train), torch.tensor(c.label, dtype=torch.long)
+
+    def load_audio(self, c):
+        """The clip's spectrogram: from the cache, or its wav through the audio pipeline."""
         if self.audio_cache:
-            spec = torch.from_numpy(np.load(os.path.join(self.audio_cache, f"{c.clip_id}.npy")))
-        else:
-            samples, sr = read_wav(c.wav)
-            spec = self.audio(samples, sr, self.train)
+            return torch.from_numpy(np.load(os.path.join(self.audio_cache, f"{c.clip_id}.npy")))
+        samples, sr = read_wav(c.wav)
+        return self.audio(samples, sr, self.train)
+
+    def load_frames(self, c):
+        """The clip's selected frames, decoded: (H, W, 3) uint8 arrays (PIL images for the previous loader)."""
+        legacy = self.frame_cfg.legacy
         if self.frame_cache:  # (n_frames_on_disk, H, W, 3) uint8; mmap reads only the selected rows
-            frames = np.load(os.path.join(self.frame_cache, f"{c.clip_id}.npy"), mmap_mode="r")
-            idx = select_frames(len(frames), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
-            images = [Image.fromarray(np.array(frames[k])) for k in idx]
-        else:
-            names = list_frames(c.frame_dir)
-            idx = select_frames(len(names), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
-            images = [load_image(os.path.join(c.frame_dir, names[k])) for k in idx]
-        return spec, self.frames_tf(images, self.train), torch.tensor(c.label, dtype=torch.long)
+            rows = np.load(os.path.join(self.frame_cache, f"{c.clip_id}.npy"), mmap_mode="r")
+            idx = select_frames(len(rows), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
+            return [Image.fromarray(np.array(rows[k])) if legacy else np.array(rows[k]) for k in idx]
+        names = list_frames(c.frame_dir)
+        idx = select_frames(len(names), self.frame_cfg.n_frames, self.train, self.frame_cfg.select)
+        return [(load_image if legacy else load_frame)(os.path.join(c.frame_dir, names[k])) for k in idx]
 
 
 def load_failure_counts():

@@ -1,14 +1,19 @@
 """Frames: which frames of a clip are read, and their train/test transforms (docs/data.md, "Frames").
 
-Frames stay uint8 from the decoder to the batch: decoded by PIL, cropped, resized and flipped by torchvision, handed
-over as uint8 tensors; the visual encoder normalises the batch on its device (common/models.py). The previous path
-(--legacy-loader: float frames normalised here, in the loader) is kept for comparison.
+Frames stay uint8 from the decoder to the batch: decoded by PIL into an (H, W, 3) array, cropped by slicing, resized
+by torch's uint8 antialiased bilinear kernel (channels-last, the fast path) and flipped as uint8 tensors; the visual
+encoder normalises the batch on its device (common/models.py). The draws (crop box, flip) are torchvision's
+RandomResizedCrop / RandomHorizontalFlip draws, in the same order; the pixels are within 2 levels of torchvision's
+PIL resize (docs/data.md). The previous path (--legacy-loader: PIL crops and resizes, float frames normalised here,
+in the loader) is kept for comparison.
 """
 
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -47,11 +52,30 @@ class FrameConfig:
     legacy: bool = False  # --legacy-loader: PIL images in, float32 ImageNet-normalised frames out
 
 
+def resize_uint8(x, size):
+    """(3, h, w) uint8 -> (3, size[0], size[1]) uint8, bilinear and antialiased like torchvision's Resize on a PIL
+    image (within 2 levels; docs/data.md): torch's uint8 kernel, which is fast on channels-last input."""
+    x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, size=[int(size[0]), int(size[1])], mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def resize_short_side(x, size):
+    """torchvision's Resize(size) on a (3, h, w) uint8 tensor: the short side to `size`, the long side
+    int(size * long / short)."""
+    h, w = x.shape[-2:]
+    if h <= w:
+        return resize_uint8(x, (size, int(size * w / h)))
+    return resize_uint8(x, (int(size * h / w), size))
+
+
 class FrameTransform:
-    """Train: RandomResizedCrop + flip (per frame or per clip); test: deterministic resize (torchvision, on PIL
-    images: bilinear, antialiased). Returns uint8 (3, T_f, size, size), normalised later by the visual encoder on
-    its device; with `cfg.legacy`, float32 frames ImageNet-normalised here (the previous loader: the same values
-    after normalisation, bitwise)."""
+    """Train: RandomResizedCrop + flip (per frame or per clip); test: deterministic resize. Returns uint8
+    (3, T_f, size, size), normalised later by the visual encoder on its device.
+
+    `frames` are (H, W, 3) uint8 RGB arrays (load_frame, or the cache's rows). The crop box and flip come from
+    torchvision's own draws, in the order its Compose([RandomResizedCrop, RandomHorizontalFlip]) makes them; the
+    resize is resize_uint8. With `cfg.legacy` (the previous loader) `frames` are PIL images, cropped and resized by
+    torchvision on PIL, and the output is float32 ImageNet-normalised here."""
 
     def __init__(self, cfg: FrameConfig):
         self.cfg = cfg
@@ -63,7 +87,28 @@ class FrameTransform:
         else:
             self.test_tf = T.Compose([T.Resize(cfg.size), T.CenterCrop(cfg.size)])
 
-    def __call__(self, images, train):
+    def __call__(self, frames, train):
+        if self.cfg.legacy:
+            return self.legacy(frames, train)
+        s = self.cfg.size
+        xs = [torch.from_numpy(f).permute(2, 0, 1) for f in frames]  # (3, H, W) views of the (H, W, 3) arrays
+        if not train:
+            if self.cfg.test_resize == "square":
+                out = [resize_uint8(x, (s, s)) for x in xs]
+            else:
+                out = [TF.center_crop(resize_short_side(x, s), [s, s]) for x in xs]
+        else:
+            out = []
+            for k, x in enumerate(xs):
+                if k == 0 or not self.cfg.clip_consistent:  # one draw per frame, or one per clip
+                    i, j, h, w = T.RandomResizedCrop.get_params(x, self.rrc.scale, self.rrc.ratio)
+                    flip = bool(torch.rand(1) < 0.5)
+                y = resize_uint8(x[:, i:i + h, j:j + w], (s, s))
+                out.append(y.flip(-1) if flip else y)
+        return torch.stack(out, 1)  # (3, T_f, H, W)
+
+    def legacy(self, images, train):
+        """The previous loader: torchvision on PIL images, then ToTensor + Normalize."""
         if not train:
             out = [self.test_tf(im) for im in images]
         elif self.cfg.clip_consistent:
@@ -73,14 +118,26 @@ class FrameTransform:
             out = [TF.hflip(im) for im in out] if flip else out
         else:
             out = [self.train_tf(im) for im in images]
-        to_tensor = self.norm if self.cfg.legacy else TF.pil_to_tensor  # float32 normalised | uint8 as it is
-        return torch.stack([to_tensor(im) for im in out]).permute(1, 0, 2, 3)  # (3, T_f, H, W)
+        return torch.stack([self.norm(im) for im in out]).permute(1, 0, 2, 3)  # (3, T_f, H, W)
 
 
 def load_image(path):
+    """A frame file as a PIL RGB image (the previous loader, the cache writer)."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{path}: unreadable image ({e}); re-extract this clip's frames or remove it from the split"
+        ) from e
+
+
+def load_frame(path):
+    """A frame file as an (H, W, 3) uint8 RGB array, decoded by PIL (libjpeg-turbo for JPEG)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except (OSError, ValueError) as e:
         raise ValueError(
             f"{path}: unreadable image ({e}); re-extract this clip's frames or remove it from the split"

@@ -20,8 +20,12 @@ VGGSound (129 x 626, three frames) input sizes, it prints:
 - end to end: baseline.py (or every method, --e2e-all) reading the files with its default loader settings, and
   its throughput as a share of the model-only throughput.
 Step times come from the scripts themselves ($BML_TRACE_DIR, common/distributed.py), so they time the real loops.
-For the real sizes a small synthetic set is written in the CREMA-D layout (wav files and JPEG frames of
---frame-px pixels), so decoding, STFT, resizing and augmentation cost what they would on the real clips.
+For the real sizes a small synthetic set is written in the CREMA-D layout (wav files and JPEG frames), so decoding,
+STFT, resizing and augmentation cost what they would on the real clips. The frames (--frames natural, the default)
+are a real photograph of a face (the portrait matplotlib ships as sample data), cut to 480 x 360 like a CREMA-D
+video frame, moved and brightened a little per frame, with mild sensor noise, and saved at JPEG quality 95 as the
+preprocess steps save them: about 25 KB, like a video still. --frames noise writes the synthetic generator's
+frames instead (pixel noise of std 50, --frame-px square, about 100 KB): a worst case for the JPEG decoder.
 """
 
 import argparse
@@ -64,7 +68,9 @@ def parse_args(argv=None):
                    help="timed batches of the data-loading measurement (after the warm-up)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="loader workers of the end-to-end runs (default: the scripts')")
-    p.add_argument("--frame-px", type=int, default=360, help="side of the written JPEG frames (real clips: 360p video)")
+    p.add_argument("--frames", default="natural", choices=["natural", "noise"],
+                   help="natural: a 480x360 photograph (a video still); noise: the generator's noise frames")
+    p.add_argument("--frame-px", type=int, default=360, help="side of the noise frames (--frames noise)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the runs")
     p.add_argument("--script-args", default="", help="extra flags for every script run, e.g. \"--amp --channels-last\"")
     p.add_argument("--e2e-all", action="store_true", help="end-to-end runs of every method, not only baseline.py")
@@ -89,7 +95,29 @@ def write_data(size, work, args):
         n_train = max(32, args.batch_size * (max(args.steps, warm + args.data_batches) + 2))
         generate(os.path.join(root, "synthetic"), n_train=n_train, n_test=args.batch_size, frame_px=args.frame_px,
                  **SIZES[size][2])
+        if args.frames == "natural":
+            natural_frames(os.path.join(root, "synthetic", "Image-01-FPS"))
     return root
+
+
+def natural_frames(frame_root, seed=0):
+    """Overwrite every JPEG under `frame_root` with a natural 480 x 360 frame: matplotlib's sample portrait (512 x
+    600), a 4:3 window of it moved by up to 24 px and scaled to 480 x 360, brightness +-10 levels, Gaussian noise
+    of std 0.5 (a video codec keeps little sensor noise), JPEG quality 95 (preprocess/video.py's)."""
+    import numpy as np
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
+        portrait = im.convert("RGB")
+    rng = np.random.default_rng(seed)
+    for dirpath, _, files in sorted(os.walk(frame_root)):
+        for name in sorted(files):
+            if name.endswith(".jpg"):
+                x0, y0 = rng.integers(0, 25, 2)
+                frame = portrait.resize((480, 360), Image.BILINEAR, box=(x0, 60 + y0, x0 + 488, 60 + y0 + 366))
+                pixels = np.asarray(frame, np.float64) + rng.uniform(-10, 10) + rng.normal(0, 0.5, (360, 480, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(dirpath, name), quality=95)
 
 
 def write_cache(size, data_root, legacy=False):
@@ -163,14 +191,11 @@ def loading_cpu(size, data_root, args, legacy, cached):
 
 
 def stage_profile(size, data_root, args, legacy, cached):
-    """CPU ms per clip of each stage of loading one training clip (common/data.py AVDataset.load, step by step):
-    read (wav, or the cached spectrogram), resample, STFT (window + transform), decode (frames, or the cached rows),
-    augment (crop, flip, to tensor)."""
-    import numpy as np
-    from PIL import Image
-
+    """CPU ms per clip of each stage of loading one training clip, through the dataset's own steps
+    (common/data.py AVDataset.load_audio / load_frames, then its frame transform): read (the wav, or the cached
+    spectrogram), resample, STFT (window + transform), decode (the frames, or the cached rows), augment (crop, flip,
+    resize)."""
     from common.audio import read_wav
-    from common.frames import list_frames, load_image, select_frames
 
     ds, _ = _datasets(size, data_root, legacy, cached)
     t = dict.fromkeys(("read", "resample", "STFT", "decode", "augment"), 0.0)
@@ -179,25 +204,18 @@ def stage_profile(size, data_root, args, legacy, cached):
     for k, c in enumerate(clips):
         t0 = clock()
         if ds.audio_cache:
-            np.load(os.path.join(ds.audio_cache, f"{c.clip_id}.npy"))
+            ds.load_audio(c)
             t1 = t2 = t3 = clock()
-        else:
+        else:  # load_audio's steps, one at a time
             samples, sr = read_wav(c.wav)
             t1 = clock()
             x = ds.audio.resample(samples, sr)
             t2 = clock()
             ds.audio.transform(ds.audio.window_samples(x, True))
             t3 = clock()
-        if ds.frame_cache:
-            frames = np.load(os.path.join(ds.frame_cache, f"{c.clip_id}.npy"), mmap_mode="r")
-            idx = select_frames(len(frames), ds.frame_cfg.n_frames, True, ds.frame_cfg.select)
-            images = [Image.fromarray(np.array(frames[i])) for i in idx]
-        else:
-            names = list_frames(c.frame_dir)
-            idx = select_frames(len(names), ds.frame_cfg.n_frames, True, ds.frame_cfg.select)
-            images = [load_image(os.path.join(c.frame_dir, names[i])) for i in idx]
+        frames = ds.load_frames(c)
         t4 = clock()
-        ds.frames_tf(images, True)
+        ds.frames_tf(frames, True)
         t5 = clock()
         if k:  # the first clip is untimed (set-up)
             for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):

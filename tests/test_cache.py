@@ -62,8 +62,10 @@ def threads(n):
 
 @pytest.mark.parametrize("pipeline", ["synthetic", "cremad", "pkl1004", "fbank"])
 def test_cached_spectrogram_equals_the_live_one(cached, pipeline):
-    """Bitwise at the writer's thread count (one); within 1e-5 of the largest value at two threads, where the
-    resampler and STFT may round differently (on this project's CI machine they happen to agree bitwise too)."""
+    """Bitwise at the writer's thread count (one). At two threads the FFT may round differently (seen: STFT
+    magnitudes 2e-7 apart, which log(|S| + 1e-7) turns into 1e-4 in near-silent bins): there the STFT pipelines'
+    magnitudes |S| = exp(spec) agree to 1e-5 of the largest one, and the standardised pipelines (pkl1004, fbank)
+    to 1e-5 of their largest value."""
     flags = [] if pipeline == "synthetic" else ["--audio-pipeline", pipeline]
     write_cache(cached, "--frame-side", 24, *flags)
     kw = {} if pipeline == "synthetic" else {"audio_pipeline": pipeline}
@@ -78,6 +80,8 @@ def test_cached_spectrogram_equals_the_live_one(cached, pipeline):
             assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), (pipeline, ds.train, i)
             with threads(2):
                 a2 = ds[i][0]
+            if ds.audio.cfg.kind == "stft":  # compare |S|: the log magnifies rounding where |S| is near 0
+                a2, b = a2.exp(), b.exp()
             assert (a2 - b).abs().max() <= 1e-5 * b.abs().max(), (pipeline, ds.train, i)
 
 
