@@ -223,7 +223,7 @@ if __name__ == "__main__":
     loader_gen = torch.Generator()
     train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
                                              args.pin_memory, args.persistent_workers)
-    model = AUGClassifier(AudioEncoder(), VisualEncoder(), num_classes)  # ALGO LOGIC: no fusion head
+    model = AUGClassifier(AudioEncoder(train_set.frontend), VisualEncoder(), num_classes)  # ALGO LOGIC: no fusion head
     init_weights(model)
     model = model.to(device)
     optimizer = runs.make_optimizer(args, model.parameters())

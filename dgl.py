@@ -138,7 +138,7 @@ if __name__ == "__main__":
     loader_gen = torch.Generator()
     train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
                                              args.pin_memory, args.persistent_workers)
-    model = AVClassifier(num_classes, args.fusion).to(device)
+    model = AVClassifier(num_classes, args.fusion, train_set.frontend).to(device)
     optimizer = runs.make_optimizer(args, model.parameters())
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
     # DDP under torchrun (--dgl-impl two-pass: two backward passes, gradients averaged by sync_grads); --amp

@@ -109,6 +109,29 @@ def check_wav(path):
     return None
 
 
+class LogSpectrogram(torch.nn.Module):
+    """Waveform windows (..., N) -> log(|STFT| + 1e-7) (..., n_fft // 2 + 1, 1 + N // hop): the samples clipped to
+    [-1, 1], a centred, reflect-padded STFT with a periodic Hann window, the magnitude (power 1). Bitwise torchaudio's
+    Spectrogram(n_fft, hop, power=1.0) then log(+1e-7) (tests/test_loader_paths.py), on one clip or on a batch.
+
+    The STFT pipelines run it twice over: in the loader (AudioPipeline, the cache and --legacy-loader) and, for the
+    current loader, on the training device inside the audio encoder (common/models.py), once per batch. The window
+    is a non-persistent buffer, so it follows the model's device and stays out of checkpoints."""
+
+    def __init__(self, n_fft, hop):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+
+    @torch.compiler.disable  # --compile: complex tensors stay out of the compiled graph
+    def forward(self, x):
+        shape = x.shape
+        x = x.clamp(-1.0, 1.0).reshape(-1, shape[-1])
+        s = torch.stft(x, self.n_fft, self.hop, win_length=self.n_fft, window=self.window.to(x.dtype), center=True,
+                       pad_mode="reflect", normalized=False, onesided=True, return_complex=True)
+        return s.abs().add_(1e-7).log_().reshape(*shape[:-1], *s.shape[-2:])
+
+
 def _tukey(n, alpha=0.25):
     """scipy.signal.windows.tukey(n, alpha, sym=False), written out to avoid a scipy dependency."""
     m = n + 1  # periodic window: symmetric of n+1, drop the last point
@@ -128,10 +151,8 @@ class AudioPipeline:
     def __init__(self, cfg: AudioConfig):
         self.cfg = cfg
         self._resamplers = {}
-        if cfg.kind == "stft":  # centred, reflect-padded, periodic Hann; magnitude (power=1)
-            self.spec = torchaudio.transforms.Spectrogram(
-                n_fft=cfg.n_fft, hop_length=cfg.hop, win_length=cfg.n_fft, power=1.0, center=True, pad_mode="reflect"
-            )
+        if cfg.kind == "stft":  # centred, reflect-padded, periodic Hann; magnitude (power=1); log
+            self.frontend = LogSpectrogram(cfg.n_fft, cfg.hop)
         elif cfg.kind == "scipy":
             self.window = _tukey(cfg.n_fft)
 
@@ -161,14 +182,17 @@ class AudioPipeline:
         return x[start:start + length]
 
     def __call__(self, samples, sr, train, generator=None):
-        x = self.resample(samples, sr)
-        return self.transform(self.window_samples(x, train, generator))
+        return self.transform(self.waveform(samples, sr, train, generator))
+
+    def waveform(self, samples, sr, train, generator=None):
+        """The window's samples at the pipeline's rate (what the current loader hands over for an STFT pipeline)."""
+        return self.window_samples(self.resample(samples, sr), train, generator)
 
     def transform(self, x):
         """The window's samples -> the pipeline's spectrogram (clipped to [-1, 1] first)."""
-        x = x.clamp(-1.0, 1.0)
         if self.cfg.kind == "stft":
-            return self.spec(x).add_(1e-7).log_()  # log(|S| + 1e-7), in place
+            return self.frontend(x)
+        x = x.clamp(-1.0, 1.0)
         if self.cfg.kind == "scipy":  # scipy.signal.spectrogram defaults: detrend constant, one-sided PSD, no centring
             seg = x.double().unfold(0, self.cfg.n_fft, self.cfg.hop)
             seg = seg - seg.mean(dim=1, keepdim=True)

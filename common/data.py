@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from common import distributed
-from common.audio import AUDIO_PIPELINES, AudioConfig, AudioPipeline, read_wav
+from common.audio import AUDIO_PIPELINES, AudioConfig, AudioPipeline, LogSpectrogram, read_wav
 from common.cache import check_cache, check_entry
 from common.frames import FrameConfig, FrameTransform, list_frames, load_frame, load_image, select_frames
 from common.splits import (
@@ -70,6 +70,15 @@ class AVDataset(torch.utils.data.Dataset):
         self.audio_cache, self.frame_cache = audio_cache, frame_cache
         self.skipped = {}  # reason -> list of clip ids, filled by the index builders
         _LIVE.add(self)
+
+    @property
+    def frontend(self):
+        """A new audio front-end for the model to run on its device (common/models.py AudioEncoder), or None: the
+        current loader hands over an STFT pipeline's waveform window and the model computes its log spectrogram,
+        once per batch; the cache, --legacy-loader and the other pipelines hand over the spectrogram itself."""
+        if self.audio_cache or self.frame_cfg.legacy or self.audio.cfg.kind != "stft":
+            return None
+        return LogSpectrogram(self.audio.cfg.n_fft, self.audio.cfg.hop)
 
     @property
     def clips(self):
@@ -132,10 +141,13 @@ class AVDataset(torch.utils.data.Dataset):
         return spec, self.frames_tf(self.load_frames(c), self.train), torch.tensor(c.label, dtype=torch.long)
 
     def load_audio(self, c):
-        """The clip's spectrogram: from the cache, or its wav through the audio pipeline."""
+        """The clip's spectrogram from the cache or computed from its wav, or, with a `frontend`, the waveform window
+        the model turns into the spectrogram."""
         if self.audio_cache:
             return torch.from_numpy(np.load(os.path.join(self.audio_cache, f"{c.clip_id}.npy")))
         samples, sr = read_wav(c.wav)
+        if not (self.frame_cfg.legacy or self.audio.cfg.kind != "stft"):  # the model computes the spectrogram
+            return self.audio.waveform(samples, sr, self.train)
         return self.audio(samples, sr, self.train)
 
     def load_frames(self, c):
@@ -301,7 +313,7 @@ def build_datasets(args):
         getattr(args, "legacy_loader", False),
     )
     if getattr(args, "in_memory", False):
-        return in_memory_datasets(args.dataset, audio_cfg, n_frames, size)
+        return in_memory_datasets(args.dataset, audio_cfg, n_frames, size, getattr(args, "legacy_loader", False))
     root = os.path.join(args.data_root, facts["subdir"])
     sets = []
     try:  # a missing root, split file or clips, a malformed split row: one line naming the path (common/cli.py)
@@ -332,15 +344,17 @@ def build_datasets(args):
 
 class InMemoryClips(torch.utils.data.Dataset):
     """`n` clips of random tensors of the given shapes (a pool of 8, repeated) with random labels: the model step
-    without any data loading, at a dataset's real input sizes (preprocess/benchmark.py, --in-memory)."""
+    without any data loading, at a dataset's real input sizes (preprocess/benchmark.py, --in-memory). With a
+    `frontend` the audio is a waveform window, as the current loader gives it, so the model step includes the
+    spectrogram the model computes."""
 
-    def __init__(self, n, spec_shape, frames_shape, class_names, seed):
+    def __init__(self, n, audio_shape, frames_shape, class_names, seed, frontend=None):
         g = torch.Generator().manual_seed(seed)
-        self.spec = torch.randn(8, *spec_shape, generator=g)
+        self.spec = torch.randn(8, *audio_shape, generator=g) * (0.1 if frontend is not None else 1.0)
         self.frames = torch.randint(0, 256, (8, *frames_shape), dtype=torch.uint8, generator=g)  # as the loader's
         self.labels = torch.randint(len(class_names), (n,), generator=g)
         self.clips = [Clip(str(i), "", "", int(y)) for i, y in enumerate(self.labels)]
-        self.class_names, self.skipped = class_names, {}
+        self.class_names, self.skipped, self.frontend = class_names, {}, frontend
 
     def __len__(self):
         return len(self.labels)
@@ -356,12 +370,18 @@ def spectrogram_shape(cfg: AudioConfig):
     return cfg.n_fft // 2 + 1, 1 + int(round(cfg.clip_seconds * cfg.sample_rate)) // cfg.hop
 
 
-def in_memory_datasets(dataset, audio_cfg, n_frames, size):
+def in_memory_datasets(dataset, audio_cfg, n_frames, size, legacy=False):
+    """Random clips at the dataset's sizes: waveform windows and the front-end (the current loader), or
+    spectrograms (--legacy-loader)."""
     facts = DATASETS[dataset]
     names = CREMAD_LABELS if dataset in ("cremad", "synthetic") else KS_CLASSES if dataset == "ks" else [
         f"class{i}" for i in range(facts["num_classes"])]
-    shapes = (spectrogram_shape(audio_cfg), (3, n_frames, size, size))
-    return InMemoryClips(4096, *shapes, names, 0), InMemoryClips(256, *shapes, names, 1), names
+    spec = spectrogram_shape(audio_cfg)
+    frontend = None if legacy else LogSpectrogram(audio_cfg.n_fft, audio_cfg.hop)
+    audio = spec if legacy else (int(round(audio_cfg.clip_seconds * audio_cfg.sample_rate)),)
+    shapes = (audio, (3, n_frames, size, size))
+    return (InMemoryClips(4096, *shapes, names, 0, frontend), InMemoryClips(256, *shapes, names, 1, frontend),
+            names)
 
 
 def seed_worker(worker_id):

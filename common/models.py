@@ -38,13 +38,21 @@ class ResNet18Trunk(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """(B, 1, F, T) spectrogram -> (B, 512) feature `a`."""
+    """(B, 1, F, T) spectrogram -> (B, 512) feature `a`. A waveform batch (B, 1, N), which the current loader gives
+    for the STFT pipelines, goes through `frontend` first (the dataset's, common/audio.py LogSpectrogram: the
+    log spectrogram, computed here on the model's device once per batch); a spectrogram is taken as it is."""
 
-    def __init__(self):
+    def __init__(self, frontend=None):
         super().__init__()
         self.trunk = ResNet18Trunk(1)
+        self.frontend = frontend
 
     def forward(self, x):
+        if x.dim() == 3:
+            if self.frontend is None:
+                raise ValueError(f"AudioEncoder: a waveform batch {tuple(x.shape)} needs the dataset's front-end: "
+                                 "build the model with AVClassifier(..., audio_frontend=train_set.frontend)")
+            x = self.frontend(x)
         return torch.flatten(F.adaptive_avg_pool2d(self.trunk(x), 1), 1)
 
 
@@ -168,13 +176,14 @@ class AVClassifier(nn.Module):
     """Two ResNet18 encoders and a fusion head, with explicit roles `audio_net`, `visual_net`, `head`.
 
     forward(audio, visual) -> (f_a, f_v, z): the features the head exposes and the fused logits.
+    `audio_frontend`: the training set's `frontend` (the audio encoder's, for waveform batches), or None.
     """
 
-    def __init__(self, num_classes, fusion="concat"):
+    def __init__(self, num_classes, fusion="concat", audio_frontend=None):
         super().__init__()
         if fusion not in HEADS:
             raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-        self.audio_net = AudioEncoder()
+        self.audio_net = AudioEncoder(audio_frontend)
         self.visual_net = VisualEncoder()
         self.head = HEADS[fusion](num_classes)
         init_weights(self)

@@ -150,7 +150,8 @@ def test_arl_encoder_gradients_times_one_plus_c(monkeypatch, tiny_data, tmp_path
         assert (got["stats"]["train/coeff_audio"], got["stats"]["train/coeff_visual"]) == pytest.approx((1.8, 1.2))
         for role, want in (("audio_net", 1.8), ("visual_net", 1.2), ("head", 1.0)):
             r, cos = ratio(flat(got["grads"], role), flat(ref["grads"], role))
-            assert r == pytest.approx(want, rel=2e-3 if amp else 1e-5), (timing, role)
+            # bfloat16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3): with --amp the ratio holds to 6e-3
+            assert r == pytest.approx(want, rel=6e-3 if amp else 1e-5), (timing, role)
             assert cos > (0.999 if amp else 1 - 1e-9), (timing, role)
 
 

@@ -67,13 +67,21 @@ def vgg_root(tmp_path):
     return tmp_path
 
 
+def spectrogram(ds, i):
+    """Item i's spectrogram as the model sees it: the waveform window through the set's front-end (STFT pipelines,
+    the current loader), or the item's audio as it is."""
+    x = ds[i][0]
+    return x if ds.frontend is None else ds.frontend(x)
+
+
 def test_cremad_real_parameters(cremad_root):
     train, test, classes = build_datasets(data_args(dataset="cremad", data_root=str(cremad_root)))
     assert classes == ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
-    spec, frames, label = train[0]
-    assert spec.shape == (257, 188) and spec.dtype == torch.float32
+    wave, frames, label = train[0]
+    assert wave.shape == (66150,) and wave.dtype == torch.float32  # 3 s at 22,050 Hz: the model computes the STFT
+    assert spectrogram(train, 0).shape == (257, 188) and spectrogram(train, 0).dtype == torch.float32
     assert frames.shape == (3, 1, 224, 224) and label.dtype == torch.long
-    assert test[0][0].shape == (257, 188)
+    assert spectrogram(test, 0).shape == (257, 188)
     for ds in (train, test):  # label from the split row matches the emotion in the clip id
         for c in ds.clips:
             assert classes[c.label] == c.clip_id.split("_")[2]
@@ -81,20 +89,19 @@ def test_cremad_real_parameters(cremad_root):
 
 def test_cremad_aug_20s_audio(cremad_root):
     train, _, _ = build_datasets(data_args(dataset="cremad", data_root=str(cremad_root), audio_seconds=20.0))
-    assert train[0][0].shape == (257, 1250)
+    assert spectrogram(train, 0).shape == (257, 1250)
 
 
 def test_ks_flat_layout_with_official_split_rows(ks_root):
     train, test, classes = build_datasets(data_args(dataset="ks", data_root=str(ks_root)))
     assert len(classes) == 31 and [c.label for c in train.clips] == [0, 30] and test.clips[0].label == 7
-    spec, frames, _ = train[0]
-    assert spec.shape == (129, 626) and frames.shape == (3, 3, 224, 224)
+    assert spectrogram(train, 0).shape == (129, 626) and train[0][1].shape == (3, 3, 224, 224)
 
 
 @pytest.mark.parametrize("pipeline,shape", [("pkl1004", (257, 1004)), ("fbank", (1024, 128)), ("aug35k", (257, 1003))])
 def test_ks_audio_variants(ks_root, pipeline, shape):
     train, _, _ = build_datasets(data_args(dataset="ks", data_root=str(ks_root), audio_pipeline=pipeline))
-    assert train[0][0].shape == shape
+    assert spectrogram(train, 0).shape == shape and (train.frontend is None) == (pipeline != "aug35k")
 
 
 def test_tpami_frames(ks_root):
@@ -108,7 +115,7 @@ def test_vggsound_official_csv(vgg_root):
     assert classes == ["cat meowing", "dog barking"]  # alphabetical
     assert [(c.clip_id, c.label) for c in train.clips] == [("yt1_000030", 1), ("yt2_000005", 0)]
     assert test.clips[0].clip_id == "yt3_000120"
-    assert train[0][0].shape == (129, 626)
+    assert spectrogram(train, 0).shape == (129, 626)
 
 
 def test_test_time_sampling_is_deterministic(ks_root):

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import soxr
 import torch
+import torchaudio
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
+from common.audio import AUDIO_PIPELINES, AudioPipeline, LogSpectrogram, read_wav
 from common.data import add_data_args, build_datasets
 from common.frames import FrameConfig, FrameTransform, list_frames, load_frame, load_image, resize_uint8
-from common.models import VisualEncoder, normalize_frames
+from common.models import AudioEncoder, VisualEncoder, normalize_frames
 
 
 def speech_like(seconds=2.4, sr=16000, seed=0):
@@ -72,6 +73,52 @@ def test_current_spectrogram_against_the_previous_resampler(spectrograms):
     assert d[below].max() < 0.3 and np.median(d[below]) < 0.005
     above = hz >= 8000
     assert previous[above].mean() - current[above].mean() > 6.0
+
+
+def test_log_spectrogram_is_torchaudio_then_log_bitwise_on_a_clip_and_on_a_batch():
+    """LogSpectrogram (the loader's and the model's front-end) = torchaudio's Spectrogram(power=1) of the clipped
+    samples, then log(+1e-7): bitwise per clip, and a batch (B, 1, N) gives each clip's bitwise."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, 66150) * 0.4  # some samples beyond [-1, 1]: clipped first
+    ta = torchaudio.transforms.Spectrogram(n_fft=512, hop_length=353, win_length=512, power=1.0, center=True,
+                                           pad_mode="reflect")
+    want = torch.stack([ta(x[b, 0].clamp(-1, 1)).add(1e-7).log() for b in range(5)])[:, None]
+    got = LogSpectrogram(512, 353)(x)
+    assert got.shape == (5, 1, 257, 188) and torch.equal(got, want)
+    assert torch.equal(LogSpectrogram(512, 353)(x[2, 0]), want[2, 0])
+    assert not torch.equal(got, LogSpectrogram(512, 353)(x.clamp(-0.5, 0.5)))
+
+
+def test_the_audio_encoder_computes_the_spectrogram_of_a_waveform_batch():
+    """A (B, 1, N) batch goes through the front-end on the model's side: the features equal those of the
+    spectrogram the loader used to hand over, bitwise; a waveform without a front-end is a clear error; the
+    front-end has no state in the checkpoint."""
+    torch.manual_seed(0)
+    enc = AudioEncoder(LogSpectrogram(64, 250)).eval()
+    wave = torch.randn(3, 1, 8000) * 0.2
+    pipe = AudioPipeline(AUDIO_PIPELINES["synthetic"])
+    spec = torch.stack([pipe.transform(wave[b, 0]) for b in range(3)])[:, None]
+    with torch.no_grad():
+        assert torch.equal(enc(wave), enc(spec))
+    assert set(enc.state_dict()) == set(AudioEncoder().state_dict())
+    with pytest.raises(ValueError, match="needs the dataset's front-end"):
+        AudioEncoder()(wave)
+
+
+def test_the_frontend_is_only_for_uncached_stft_audio_of_the_current_loader(tmp_path):
+    from common.synthetic import generate
+    from preprocess import cache
+
+    generate(os.path.join(tmp_path, "synthetic"), n_train=6, n_test=3)
+    cache.main(["--dataset", "synthetic", "--data-root", str(tmp_path), "--workers", "1", "--frame-side", "24"])
+    train = datasets(str(tmp_path))[0]
+    assert isinstance(train.frontend, LogSpectrogram) and train.frontend is not train.frontend  # a new one each time
+    assert train[0][0].shape == (8000,)  # 1 s at 8 kHz
+    samples, sr = read_wav(train.clips[0].wav)
+    assert torch.equal(train.frontend(train[0][0]), train.audio(samples, sr, False))
+    assert datasets(str(tmp_path), "--legacy-loader")[0].frontend is None
+    assert datasets(str(tmp_path), "--cache", "--cache-frame-side", "24")[0].frontend is None
+    assert datasets(str(tmp_path), "--audio-pipeline", "pkl1004")[0].frontend is None
 
 
 def test_soxr_is_deterministic_and_float32():
@@ -233,9 +280,11 @@ def test_dataset_items_current_vs_previous(tiny_data, split):
     16 -> 8 kHz resampling: soxr vs torchaudio)."""
     cur, old = datasets(tiny_data)[split], datasets(tiny_data, "--legacy-loader")[split]
     assert [c.clip_id for c in cur.clips] == [c.clip_id for c in old.clips]
+    assert old.frontend is None and cur.frontend is not None
     for i in range(4):
         torch.manual_seed(i)
         s_a, f_a, y_a = cur[i]
+        s_a = cur.frontend(s_a)  # the waveform window; the model computes its spectrogram
         torch.manual_seed(i)
         s_b, f_b, y_b = old[i]
         assert y_a == y_b and f_a.dtype == torch.uint8
