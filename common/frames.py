@@ -1,16 +1,17 @@
 """Frames: which frames of a clip are read, and their train/test transforms (docs/data.md, "Frames").
 
-Frames stay uint8 from the decoder to the batch: decoded by PIL into an (H, W, 3) array, cropped by slicing, resized
-by torch's uint8 antialiased bilinear kernel (channels-last, the fast path) and flipped as uint8 tensors; the visual
-encoder normalises the batch on its device (common/models.py). The draws (crop box, flip) are torchvision's
-RandomResizedCrop / RandomHorizontalFlip draws, in the same order; the pixels are within 2 levels of torchvision's
-PIL resize (docs/data.md). The previous path (--legacy-loader: PIL crops and resizes, float frames normalised here,
-in the loader) is kept for comparison.
+Frames stay uint8 from the decoder to the batch: decoded by OpenCV into an (H, W, 3) array (PIL's pixels), cropped
+by slicing, resized by torch's uint8 antialiased bilinear kernel (channels-last, the fast path) and flipped as uint8
+tensors; the visual encoder normalises the batch on its device (common/models.py). The draws (crop box, flip) are
+torchvision's RandomResizedCrop / RandomHorizontalFlip draws, in the same order; the pixels are within 2 levels of
+torchvision's PIL resize (docs/data.md). The previous path (--legacy-loader: PIL crops and resizes, float frames
+normalised here, in the loader) is kept for comparison.
 """
 
 import os
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -91,21 +92,23 @@ class FrameTransform:
         if self.cfg.legacy:
             return self.legacy(frames, train)
         s = self.cfg.size
-        xs = [torch.from_numpy(f).permute(2, 0, 1) for f in frames]  # (3, H, W) views of the (H, W, 3) arrays
-        if not train:
-            if self.cfg.test_resize == "square":
-                out = [resize_uint8(x, (s, s)) for x in xs]
+        out = np.empty((3, len(frames), s, s), np.uint8)  # planar: the layout the model reads
+        flip, box = False, None
+        for k, f in enumerate(frames):
+            x = torch.from_numpy(f).permute(2, 0, 1)  # (3, H, W) view of the (H, W, 3) array
+            if not train and self.cfg.test_resize == "square":
+                y = resize_uint8(x, (s, s))
+            elif not train:  # Resize(s) + CenterCrop(s)
+                y = TF.center_crop(resize_short_side(x, s), [s, s])
             else:
-                out = [TF.center_crop(resize_short_side(x, s), [s, s]) for x in xs]
-        else:
-            out = []
-            for k, x in enumerate(xs):
                 if k == 0 or not self.cfg.clip_consistent:  # one draw per frame, or one per clip
-                    i, j, h, w = T.RandomResizedCrop.get_params(x, self.rrc.scale, self.rrc.ratio)
+                    box = T.RandomResizedCrop.get_params(x, self.rrc.scale, self.rrc.ratio)
                     flip = bool(torch.rand(1) < 0.5)
+                i, j, h, w = box
                 y = resize_uint8(x[:, i:i + h, j:j + w], (s, s))
-                out.append(y.flip(-1) if flip else y)
-        return torch.stack(out, 1)  # (3, T_f, H, W)
+            hwc = y.permute(1, 2, 0).numpy()  # the kernel's channels-last output, (s, s, 3)
+            out[:, k] = (hwc[:, ::-1] if flip else hwc).transpose(2, 0, 1)  # flip and de-interleave in one copy
+        return torch.from_numpy(out)  # (3, T_f, H, W)
 
     def legacy(self, images, train):
         """The previous loader: torchvision on PIL images, then ToTensor + Normalize."""
@@ -132,16 +135,24 @@ def load_image(path):
         ) from e
 
 
+# OpenCV's decoder (libjpeg-turbo, as PIL's): the same pixels as PIL's decode + convert("RGB"), about 1.7x faster
+# here (tests/test_loader_paths.py, docs/data.md). EXIF orientation is ignored, as PIL's open ignores it.
+_RGB = hasattr(cv2, "IMREAD_COLOR_RGB")  # OpenCV >= 4.10 decodes to RGB itself
+_IMREAD = (cv2.IMREAD_COLOR_RGB if _RGB else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+
+
 def load_frame(path):
-    """A frame file as an (H, W, 3) uint8 RGB array, decoded by PIL (libjpeg-turbo for JPEG)."""
+    """A frame file as an (H, W, 3) uint8 RGB array, decoded by OpenCV (pixels bitwise PIL's, load_image's)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return np.array(im if im.mode == "RGB" else im.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"{path}: unreadable image ({e}); re-extract this clip's frames or remove it from the split"
-        ) from e
+        data = np.fromfile(path, np.uint8)
+        img = cv2.imdecode(data, _IMREAD) if data.size else None
+    except (OSError, cv2.error) as e:
+        raise ValueError(f"{path}: unreadable image ({' '.join(str(e).split())}); re-extract this clip's frames or "
+                         "remove it from the split") from e
+    if img is None:
+        raise ValueError(f"{path}: unreadable image ({'empty file' if not data.size else 'not a decodable image'}); "
+                         "re-extract this clip's frames or remove it from the split")
+    return img if _RGB else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 # start and end markers of the frame files list_frames accepts; the end marker is looked for in the file's last

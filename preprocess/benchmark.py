@@ -21,7 +21,8 @@ VGGSound (129 x 626, three frames) input sizes, it prints:
   its throughput as a share of the model-only throughput.
 Step times come from the scripts themselves ($BML_TRACE_DIR, common/distributed.py), so they time the real loops.
 For the real sizes a small synthetic set is written in the CREMA-D layout (wav files and JPEG frames), so decoding,
-STFT, resizing and augmentation cost what they would on the real clips. The frames (--frames natural, the default)
+STFT, resizing and augmentation cost what they would on the real clips: 16 kHz wavs of 1-3.5 s (uniform) at the
+CREMA-D size, of 10 s at the VGGSound size. The frames (--frames natural, the default)
 are a real photograph of a face (the portrait matplotlib ships as sample data), cut to 480 x 360 like a CREMA-D
 video frame, moved and brightened a little per frame, with mild sensor noise, and saved at JPEG quality 95 as the
 preprocess steps save them: about 25 KB, like a video still. --frames noise writes the synthetic generator's
@@ -49,10 +50,13 @@ METHOD_ARGS = {"opm": ["--warmup-epochs", "0"], "arl": ["--warmup-epochs", "0"]}
 SIZES = {
     "synthetic": ("synthetic", [], None),
     "cremad": ("cremad", ["--audio-pipeline", "cremad", "--n-frames", "1", "--frame-size", "224"],
-               dict(sample_rate=16000, audio_seconds=3.0, min_frames=2, max_frames=3)),
+               dict(sample_rate=16000, audio_seconds=3.5, min_frames=2, max_frames=3)),  # cut to 1-3.5 s: DURATIONS
     "vggsound": ("vggsound", ["--audio-pipeline", "stft16k", "--n-frames", "3", "--frame-size", "224"],
                  dict(sample_rate=16000, audio_seconds=10.0, min_frames=3, max_frames=4)),
 }
+
+
+DURATIONS = {"cremad": (1.0, 3.5)}  # CREMA-D's clips last 1 to 3.5 s: each wav is cut to a uniform draw in this range
 
 
 def parse_args(argv=None):
@@ -97,7 +101,23 @@ def write_data(size, work, args):
                  **SIZES[size][2])
         if args.frames == "natural":
             natural_frames(os.path.join(root, "synthetic", "Image-01-FPS"))
+        if size in DURATIONS:
+            cut_wavs(os.path.join(root, "synthetic", "AudioWAV"), *DURATIONS[size])
     return root
+
+
+def cut_wavs(audio_dir, lo, hi, seed=0):
+    """Cut every wav under `audio_dir` to a duration drawn uniformly in [lo, hi] seconds (they are written longer)."""
+    import numpy as np
+
+    from common.audio import read_wav
+    from common.synthetic import write_wav
+
+    rng = np.random.default_rng(seed)
+    for name in sorted(os.listdir(audio_dir)):
+        path = os.path.join(audio_dir, name)
+        x, sr = read_wav(path)
+        write_wav(path, x[: int(rng.uniform(lo, hi) * sr)], sr)
 
 
 def natural_frames(frame_root, seed=0):
@@ -193,14 +213,16 @@ def loading_cpu(size, data_root, args, legacy, cached):
 def stage_profile(size, data_root, args, legacy, cached):
     """CPU ms per clip of each stage of loading one training clip, through the dataset's own steps
     (common/data.py AVDataset.load_audio / load_frames, then its frame transform): read (the wav, or the cached
-    spectrogram), resample, STFT (window + transform), decode (the frames, or the cached rows), augment (crop, flip,
-    resize)."""
+    spectrogram), resample, STFT (the window and, where the loader computes it, the spectrogram; the current loader
+    hands the window to the model, whose STFT is `model_stft`), decode (the frames, or the cached rows), augment
+    (crop, flip, resize)."""
     from common.audio import read_wav
 
     ds, _ = _datasets(size, data_root, legacy, cached)
     t = dict.fromkeys(("read", "resample", "STFT", "decode", "augment"), 0.0)
     clock = time.process_time
     clips = [ds.clips[i % len(ds.clips)] for i in range(args.clips + 1)]
+    in_model = ds.frontend is not None
     for k, c in enumerate(clips):
         t0 = clock()
         if ds.audio_cache:
@@ -211,7 +233,9 @@ def stage_profile(size, data_root, args, legacy, cached):
             t1 = clock()
             x = ds.audio.resample(samples, sr)
             t2 = clock()
-            ds.audio.transform(ds.audio.window_samples(x, True))
+            x = ds.audio.window_samples(x, True)
+            if not in_model:
+                ds.audio.transform(x)
             t3 = clock()
         frames = ds.load_frames(c)
         t4 = clock()
@@ -221,6 +245,21 @@ def stage_profile(size, data_root, args, legacy, cached):
             for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 t[key] += 1000 * dt / args.clips
     return t
+
+
+def model_stft(size, data_root, args):
+    """CPU ms per clip of the current loader's spectrogram on the model's side (the audio encoder's front-end, one
+    batch of --batch-size windows at a time, one thread): what moved from the loader to the model step."""
+    ds, _ = _datasets(size, data_root, False, False)
+    if ds.frontend is None:
+        return 0.0
+    batch = torch.stack([ds.load_audio(ds.clips[i % len(ds.clips)]) for i in range(args.batch_size)])[:, None]
+    frontend = ds.frontend
+    frontend(batch)
+    n, t0 = max(1, args.clips // args.batch_size), time.process_time()
+    for _ in range(n):
+        frontend(batch)
+    return 1000 * (time.process_time() - t0) / (n * args.batch_size)
 
 
 def worker_memory(size, data_root, args, legacy):
@@ -261,6 +300,7 @@ def loader_comparison(size, data_root, args):
                     out["stages"][key] = {k: min(v, old_st[k]) for k, v in st.items()} if old_st else st
         for legacy in (True, False):
             out["worker_mb"]["previous" if legacy else "current"] = worker_memory(size, data_root, args, legacy)
+        out["model_stft"] = min(model_stft(size, data_root, args) for _ in range(args.rounds))
         return out
     finally:
         torch.set_num_threads(torch_threads)
@@ -364,6 +404,8 @@ def report_loader(size, r, model, args):
     print(f"{'stages, ms/clip':<22}" + "".join(f"{k:>10}" for k in stages) + f"{'sum':>8}")
     for key, v in r["stages"].items():
         print(f"{key:<22}" + "".join(f"{v[k]:>10.2f}" for k in stages) + f"{sum(v.values()):>8.2f}")
+    print(f"the current loader's STFT, on the model's side (CPU, batches of {args.batch_size}): "
+          f"{r['model_stft']:.2f} ms per clip (in the model step below; free on a GPU)")
     print("loader worker peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in r["worker_mb"].items()))
     if model:
         per_clip = 1000 * model["cpu" if args.device == "cpu" else "wall"] / args.batch_size

@@ -215,12 +215,23 @@ def test_resize_uint8_against_pil_on_a_photograph():
 
 
 def test_load_frame_is_load_image_as_an_array(tmp_path):
-    path = tmp_path / "f.jpg"
-    photo(seed=5).save(path, quality=90)
-    Image.fromarray(np.array(photo(seed=6))[:, :, 0]).save(tmp_path / "g.png")  # a greyscale frame
-    for p in (path, tmp_path / "g.png"):
+    """OpenCV's decode (the current loader) gives PIL's pixels bitwise: JPEGs at several qualities and chroma
+    subsamplings, a pixel-noise JPEG, a greyscale JPEG, RGB, greyscale and RGBA PNGs."""
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (50, 70, 3)).astype(np.uint8))
+    files = []
+    for q, sub in ((95, 0), (75, 2), (50, 1)):
+        files.append(tmp_path / f"q{q}.jpg")
+        photo(seed=q).save(files[-1], quality=q, subsampling=sub)
+    for name, im in (("noise.jpg", noise), ("grey.jpg", noise.convert("L")), ("rgb.png", photo(seed=5)),
+                     ("grey.png", photo(seed=6).convert("L")), ("rgba.png", photo(seed=7).convert("RGBA"))):
+        files.append(tmp_path / name)
+        im.save(files[-1])
+    for p in files:
         a = load_frame(str(p))
-        assert a.dtype == np.uint8 and a.shape == (72, 96, 3) and np.array_equal(a, np.array(load_image(str(p))))
+        want = np.array(load_image(str(p)))
+        assert a.dtype == np.uint8 and a.shape == want.shape and a.shape[2] == 3, p
+        assert np.array_equal(a, want), p
 
 
 def test_normalize_frames_is_totensor_then_normalize():
