@@ -196,7 +196,7 @@ def test_gathered_test_metrics_count_every_clip_once(ddp, tiny_data):
     args = ogm.parse_args(["--dataset", "synthetic", "--data-root", tiny_data])
     _, test_set, classes = build_datasets(args)
     _, loader = make_loaders(test_set, test_set, 4, 0, torch.Generator())
-    model = AVClassifier(len(classes), "concat")
+    model = AVClassifier(len(classes), "concat", test_set.frontend)
     model.load_state_dict(torch.load(os.path.join(run, "last.pt"), weights_only=False)["model"])
     model.eval()
 

@@ -319,7 +319,7 @@ def test_evaluation_has_no_drop(tiny_data, opm_2ep):
     args.num_workers = 0
     _, test_set, classes = build_datasets(args)
     _, test_loader = make_loaders(test_set, test_set, 4, 0, torch.Generator())
-    model = AVClassifier(len(classes), "concat")
+    model = AVClassifier(len(classes), "concat", test_set.frontend)
     model.load_state_dict(ckpt(opm_2ep)["model"])
     model.eval()
 
