@@ -339,7 +339,8 @@ def main(argv=None):
         for size in args.sizes:
             dataset, loader_flags, _ = SIZES[size]
             data_root = write_data(size, work, args)
-            default_workers = 0 if size == "synthetic" else 4  # the scripts' default for the dataset
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            default_workers = 0 if size == "synthetic" else min(4, cpus)  # the scripts' default (common/data.py)
             e2e_workers = default_workers if args.num_workers is None else args.num_workers
             workers = sorted({0, e2e_workers})
             write_cache(size, data_root)
