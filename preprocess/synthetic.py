@@ -18,9 +18,10 @@ Modality imbalance by construction:
 - a share of clips (`--uninformative-audio`, default 0.3) has noise-only audio, so the best fused accuracy needs
   a visual encoder that actually learned.
 
-Regimes: `--regime NAME` (default, audio-dominant, weak-absent, visual-dominant) sets the four knobs `--dominant`,
-`--weak-absent`, `--dominant-absent`, `--noise`; each knob given on the command line overrides the regime's, and
-`--audio-snr`, `--visual-strength`, `--uninformative-audio`, `--uninformative-visual` override what the knobs set.
+Regimes: `--regime NAME` (default, audio-dominant, dominant-absent, weak-absent, visual-dominant) sets the four
+knobs `--dominant`, `--weak-absent`, `--dominant-absent`, `--noise`; each knob given on the command line overrides
+the regime's, and `--audio-snr`, `--visual-strength`, `--uninformative-audio`, `--uninformative-visual` override what
+the knobs set.
 Run the scripts on such a set with `--data-root` pointing at the folder that holds `synthetic/`.
 """
 
