@@ -114,7 +114,7 @@ class LogSpectrogram(torch.nn.Module):
     [-1, 1], a centred, reflect-padded STFT with a periodic Hann window, the magnitude (power 1). Bitwise torchaudio's
     Spectrogram(n_fft, hop, power=1.0) then log(+1e-7) (tests/test_loader_paths.py), on one clip or on a batch.
 
-    The STFT pipelines run it twice over: in the loader (AudioPipeline, the cache and --legacy-loader) and, for the
+    It runs in one of two places: in the loader (AudioPipeline: the cache writer, --legacy-loader) or, for the
     current loader, on the training device inside the audio encoder (common/models.py), once per batch. The window
     is a non-persistent buffer, so it follows the model's device and stays out of checkpoints."""
 

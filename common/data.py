@@ -72,11 +72,16 @@ class AVDataset(torch.utils.data.Dataset):
         _LIVE.add(self)
 
     @property
+    def stft_in_model(self):
+        """True when the model computes the spectrogram: the current loader with an STFT pipeline hands over the
+        waveform window (--legacy-loader and the other pipelines hand over the spectrogram)."""
+        return not self.frame_cfg.legacy and self.audio.cfg.kind == "stft"
+
+    @property
     def frontend(self):
-        """A new audio front-end for the model to run on its device (common/models.py AudioEncoder), or None: the
-        current loader hands over an STFT pipeline's waveform window and the model computes its log spectrogram,
-        once per batch; the cache, --legacy-loader and the other pipelines hand over the spectrogram itself."""
-        if self.audio_cache or self.frame_cfg.legacy or self.audio.cfg.kind != "stft":
+        """A new audio front-end for the model to run on its device (common/models.py AudioEncoder), or None: with
+        `stft_in_model` and no cached spectrograms the model computes the log spectrogram, once per batch."""
+        if self.audio_cache or not self.stft_in_model:
             return None
         return LogSpectrogram(self.audio.cfg.n_fft, self.audio.cfg.hop)
 
@@ -146,7 +151,7 @@ class AVDataset(torch.utils.data.Dataset):
         if self.audio_cache:
             return torch.from_numpy(np.load(os.path.join(self.audio_cache, f"{c.clip_id}.npy")))
         samples, sr = read_wav(c.wav)
-        if not (self.frame_cfg.legacy or self.audio.cfg.kind != "stft"):  # the model computes the spectrogram
+        if self.stft_in_model:
             return self.audio.waveform(samples, sr, self.train)
         return self.audio(samples, sr, self.train)
 
@@ -290,10 +295,15 @@ def audio_config(args):
     return name, cfg
 
 
+def usable_cpus():
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def build_datasets(args):
     """(train_set, test_set, class_names) for args.dataset, with the loader flags resolved to per-dataset defaults."""
     facts = DATASETS[args.dataset]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     if getattr(args, "num_workers", None) is None:  # the table's default, capped at the CPUs this process may use
         args.num_workers = min(facts["num_workers"], cpus)
     elif args.num_workers > cpus:  # kept as given, said once here instead of PyTorch's warnings at every loader

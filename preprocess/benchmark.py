@@ -22,11 +22,11 @@ VGGSound (129 x 626, three frames) input sizes, it prints:
 Step times come from the scripts themselves ($BML_TRACE_DIR, common/distributed.py), so they time the real loops.
 For the real sizes a small synthetic set is written in the CREMA-D layout (wav files and JPEG frames), so decoding,
 STFT, resizing and augmentation cost what they would on the real clips: 16 kHz wavs of 1-3.5 s (uniform) at the
-CREMA-D size, of 10 s at the VGGSound size. The frames (--frames natural, the default)
-are a real photograph of a face (the portrait matplotlib ships as sample data), cut to 480 x 360 like a CREMA-D
-video frame, moved and brightened a little per frame, with mild sensor noise, and saved at JPEG quality 95 as the
-preprocess steps save them: about 25 KB, like a video still. --frames noise writes the synthetic generator's
-frames instead (pixel noise of std 50, --frame-px square, about 100 KB): a worst case for the JPEG decoder.
+CREMA-D size, of 10 s at the VGGSound size. The frames (--frames natural, the default) are a real photograph of a
+face (the portrait matplotlib ships as sample data), cut to 480 x 360 like a CREMA-D video frame, moved and
+brightened a little per frame, and saved at JPEG quality 95 as the preprocess steps save them: about 68 KB, more
+detail than a typical video still. --frames noise writes the synthetic generator's frames instead (pixel noise of
+std 50, --frame-px square, about 100 KB).
 """
 
 import argparse
@@ -222,7 +222,7 @@ def stage_profile(size, data_root, args, legacy, cached):
     t = dict.fromkeys(("read", "resample", "STFT", "decode", "augment"), 0.0)
     clock = time.process_time
     clips = [ds.clips[i % len(ds.clips)] for i in range(args.clips + 1)]
-    in_model = ds.frontend is not None
+    in_model = ds.stft_in_model
     for k, c in enumerate(clips):
         t0 = clock()
         if ds.audio_cache:
@@ -339,8 +339,9 @@ def main(argv=None):
         for size in args.sizes:
             dataset, loader_flags, _ = SIZES[size]
             data_root = write_data(size, work, args)
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            default_workers = 0 if size == "synthetic" else min(4, cpus)  # the scripts' default (common/data.py)
+            from common.data import usable_cpus
+
+            default_workers = 0 if size == "synthetic" else min(4, usable_cpus())  # the scripts' default
             e2e_workers = default_workers if args.num_workers is None else args.num_workers
             workers = sorted({0, e2e_workers})
             write_cache(size, data_root)
