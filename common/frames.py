@@ -1,11 +1,11 @@
 """Frames: which frames of a clip are read, and their train/test transforms (docs/data.md, "Frames").
 
-Frames stay uint8 from the decoder to the batch: decoded by OpenCV into an (H, W, 3) array (PIL's pixels), cropped
-by slicing, resized by torch's uint8 antialiased bilinear kernel (channels-last, the fast path) and flipped as uint8
-tensors; the visual encoder normalises the batch on its device (common/models.py). The draws (crop box, flip) are
-torchvision's RandomResizedCrop / RandomHorizontalFlip draws, in the same order; the pixels are within 2 levels of
-torchvision's PIL resize (docs/data.md). The previous path (--legacy-loader: PIL crops and resizes, float frames
-normalised here, in the loader) is kept for comparison.
+Frames stay uint8 from the decoder to the batch: decoded by simplejpeg (JPEG) or OpenCV (PNG) into an (H, W, 3)
+array (PIL's pixels), cropped by slicing, resized by torch's uint8 antialiased bilinear kernel (channels-last, the
+fast path) and flipped as uint8 tensors; the visual encoder normalises the batch on its device (common/models.py).
+The draws (crop box, flip) are torchvision's RandomResizedCrop / RandomHorizontalFlip draws, in the same order; the
+pixels are within 2 levels of torchvision's PIL resize (docs/data.md). The previous path (--legacy-loader: PIL
+crops and resizes, float frames normalised here, in the loader) is kept for comparison.
 """
 
 import os
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -135,22 +136,27 @@ def load_image(path):
         ) from e
 
 
-# OpenCV's decoder (libjpeg-turbo, as PIL's): the same pixels as PIL's decode + convert("RGB"), about 1.7x faster
-# here (tests/test_loader_paths.py, docs/data.md). EXIF orientation is ignored, as PIL's open ignores it.
+# The decoders. JPEG: simplejpeg (libjpeg-turbo's TurboJPEG API, the library PIL and OpenCV also decode JPEGs with):
+# PIL's pixels bitwise, and the fastest of the three here (docs/data.md, "The current loader"). Other images (PNG):
+# OpenCV's imdecode, also PIL's pixels bitwise. EXIF orientation is ignored, as PIL's open ignores it.
 _RGB = hasattr(cv2, "IMREAD_COLOR_RGB")  # OpenCV >= 4.10 decodes to RGB itself
 _IMREAD = (cv2.IMREAD_COLOR_RGB if _RGB else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def load_frame(path):
-    """A frame file as an (H, W, 3) uint8 RGB array, decoded by OpenCV (pixels bitwise PIL's, load_image's)."""
+    """A frame file as an (H, W, 3) uint8 RGB array (pixels bitwise PIL's, load_image's): JPEGs decoded by
+    simplejpeg, other images by OpenCV."""
     try:
-        data = np.fromfile(path, np.uint8)
-        img = cv2.imdecode(data, _IMREAD) if data.size else None
-    except (OSError, cv2.error) as e:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:2] == b"\xff\xd8":  # JPEG; strict: a corrupt stream raises, as in PIL, rather than decoding grey
+            return simplejpeg.decode_jpeg(data, "RGB", strict=True)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD) if data else None
+    except (OSError, ValueError, cv2.error) as e:
         raise ValueError(f"{path}: unreadable image ({' '.join(str(e).split())}); re-extract this clip's frames or "
                          "remove it from the split") from e
     if img is None:
-        raise ValueError(f"{path}: unreadable image ({'empty file' if not data.size else 'not a decodable image'}); "
+        raise ValueError(f"{path}: unreadable image ({'empty file' if not data else 'not a decodable image'}); "
                          "re-extract this clip's frames or remove it from the split")
     return img if _RGB else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 

@@ -4,7 +4,7 @@
     python -m preprocess.benchmark --sizes synthetic cremad         # a few minutes
     python -m preprocess.benchmark --sizes cremad --batch-size 64 --steps 20 --device cuda      # on a GPU
     python -m preprocess.benchmark --script-args="--amp --channels-last"                       # the speed flags
-    python -m preprocess.benchmark --sizes cremad vggsound --loading-only --rounds 3     # the loaders, side by side
+    python -m preprocess.benchmark --sizes cremad vggsound --loading-only                # the loaders, side by side
 
 For the synthetic dataset and for synthetic data at the real CREMA-D (audio 257 x 188, one 224 x 224 frame) and
 VGGSound (129 x 626, three frames) input sizes, it prints:
@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed training steps per run (after one untimed step)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the model-only and end-to-end runs (interleaved); the fastest counts")
+    p.add_argument("--loader-rounds", type=int, default=5,
+                   help="repeat the loader measurements (CPU per clip, stages, decoders: seconds each); fastest counts")
     p.add_argument("--data-batches", type=int, default=12,
                    help="timed batches of the data-loading measurement (after the warm-up)")
     p.add_argument("--num-workers", type=int, default=None,
@@ -262,6 +264,29 @@ def model_stft(size, data_root, args):
     return 1000 * (time.process_time() - t0) / (n * args.batch_size)
 
 
+def decoders(size, data_root, args):
+    """CPU ms per frame of the three JPEG decoders on the training clips' frame files (one thread, decoding alone):
+    PIL's open + convert("RGB") (the previous loader), OpenCV's imdecode, and simplejpeg (the current loader). All
+    three give the same pixels (tests/test_loader_paths.py)."""
+    import cv2
+    import numpy as np
+
+    from common.frames import _IMREAD, list_frames, load_frame, load_image
+
+    ds, _ = _datasets(size, data_root, False, False)
+    paths = [os.path.join(c.frame_dir, n) for c in ds.clips for n in list_frames(c.frame_dir)][: args.clips]
+    ways = {"PIL": load_image, "OpenCV": lambda p: cv2.imdecode(np.fromfile(p, np.uint8), _IMREAD),
+            "simplejpeg": load_frame}
+    out = {}
+    for name, decode in ways.items():
+        decode(paths[0])  # untimed: first-call set-up
+        t0 = time.process_time()
+        for p in paths:
+            decode(p)
+        out[name] = 1000 * (time.process_time() - t0) / len(paths)
+    return out
+
+
 def worker_memory(size, data_root, args, legacy):
     """Peak resident memory (MB, VmHWM) of one DataLoader worker after loading training batches."""
     from common.data import make_loaders
@@ -283,13 +308,13 @@ def worker_memory(size, data_root, args, legacy):
 
 
 def loader_comparison(size, data_root, args):
-    """The previous loader (--legacy-loader) and the current one, measured side by side, interleaved (--rounds:
+    """The previous loader (--legacy-loader) and the current one, measured side by side, interleaved (--loader-rounds:
     the fastest of the rounds counts): CPU ms per clip (files and cache, train and test), stages, worker memory."""
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         out = {"cpu": {}, "stages": {}, "worker_mb": {}}
-        for _ in range(args.rounds):
+        for _ in range(args.loader_rounds):
             for cached in (False, True):
                 for legacy in (True, False):
                     key = f"{'previous' if legacy else 'current'}{' --cache' if cached else ''}"
@@ -298,9 +323,11 @@ def loader_comparison(size, data_root, args):
                     old_cpu, old_st = out["cpu"].get(key), out["stages"].get(key)
                     out["cpu"][key] = {k: min(v, old_cpu[k]) for k, v in cpu.items()} if old_cpu else cpu
                     out["stages"][key] = {k: min(v, old_st[k]) for k, v in st.items()} if old_st else st
+            dec, old = decoders(size, data_root, args), out.get("decoders")
+            out["decoders"] = {k: min(v, old[k]) for k, v in dec.items()} if old else dec
         for legacy in (True, False):
             out["worker_mb"]["previous" if legacy else "current"] = worker_memory(size, data_root, args, legacy)
-        out["model_stft"] = min(model_stft(size, data_root, args) for _ in range(args.rounds))
+        out["model_stft"] = min(model_stft(size, data_root, args) for _ in range(args.loader_rounds))
         return out
     finally:
         torch.set_num_threads(torch_threads)
@@ -394,7 +421,7 @@ def report_loader(size, r, model, args):
     """The loader table: CPU ms per clip per core, previous vs current, files and cache; the stages; worker memory;
     and the model-only step per clip beside it (baseline.py, this device)."""
     print(f"\n== {size}: loading alone, CPU ms per clip on one core (0 workers, 1 thread; fastest of "
-          f"{args.rounds} round(s), {args.clips} clips) ==")
+          f"{args.loader_rounds} round(s), {args.clips} clips) ==")
     print(f"{'loader':<22}{'train':>8}{'test':>8}{'x previous (train)':>20}")
     for key, v in r["cpu"].items():
         ref = r["cpu"]["previous --cache" if "--cache" in key else "previous"]["train"]
@@ -406,6 +433,8 @@ def report_loader(size, r, model, args):
     print(f"{'stages, ms/clip':<22}" + "".join(f"{k:>10}" for k in stages) + f"{'sum':>8}")
     for key, v in r["stages"].items():
         print(f"{key:<22}" + "".join(f"{v[k]:>10.2f}" for k in stages) + f"{sum(v.values()):>8.2f}")
+    print("JPEG decode alone, ms per frame: " + ", ".join(f"{k} {v:.2f}" for k, v in r["decoders"].items())
+          + " (the current loader: simplejpeg; the previous: PIL)")
     print(f"the current loader's STFT, on the model's side (CPU, batches of {args.batch_size}): "
           f"{r['model_stft']:.2f} ms per clip (in the model step below; free on a GPU)")
     print("loader worker peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in r["worker_mb"].items()))

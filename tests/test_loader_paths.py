@@ -7,6 +7,7 @@ import argparse
 import os
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import soxr
@@ -214,24 +215,32 @@ def test_resize_uint8_against_pil_on_a_photograph():
         assert d.max() <= 1 and d.float().mean() < 0.05
 
 
-def test_load_frame_is_load_image_as_an_array(tmp_path):
-    """OpenCV's decode (the current loader) gives PIL's pixels bitwise: JPEGs at several qualities and chroma
-    subsamplings, a pixel-noise JPEG, a greyscale JPEG, RGB, greyscale and RGBA PNGs."""
+def test_load_frame_is_load_image_as_an_array(tmp_path, monkeypatch):
+    """The current loader's decoders give PIL's pixels bitwise: simplejpeg for JPEGs (several qualities and chroma
+    subsamplings, progressive, an odd size, one written by OpenCV, pixel noise, greyscale), OpenCV for RGB, greyscale
+    and RGBA PNGs. JPEGs never reach OpenCV."""
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (50, 70, 3)).astype(np.uint8))
     files = []
-    for q, sub in ((95, 0), (75, 2), (50, 1)):
-        files.append(tmp_path / f"q{q}.jpg")
-        photo(seed=q).save(files[-1], quality=q, subsampling=sub)
+    for q, sub, prog in ((95, 0, False), (75, 2, False), (50, 1, False), (100, 2, False), (90, 2, True)):
+        files.append(tmp_path / f"q{q}_{sub}_{prog}.jpg")
+        photo(seed=q).save(files[-1], quality=q, subsampling=sub, progressive=prog)
+    files.append(tmp_path / "odd.jpg")
+    photo(333, 221, seed=4).save(files[-1], quality=90)
+    files.append(tmp_path / "opencv.jpg")
+    cv2.imwrite(str(files[-1]), np.array(photo(seed=8))[:, :, ::-1])
     for name, im in (("noise.jpg", noise), ("grey.jpg", noise.convert("L")), ("rgb.png", photo(seed=5)),
                      ("grey.png", photo(seed=6).convert("L")), ("rgba.png", photo(seed=7).convert("RGBA"))):
         files.append(tmp_path / name)
         im.save(files[-1])
+    imdecode, decoded = cv2.imdecode, []
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: decoded.append(1) or imdecode(*a))
     for p in files:
         a = load_frame(str(p))
         want = np.array(load_image(str(p)))
         assert a.dtype == np.uint8 and a.shape == want.shape and a.shape[2] == 3, p
         assert np.array_equal(a, want), p
+    assert len(decoded) == 3  # the PNGs only
 
 
 def test_normalize_frames_is_totensor_then_normalize():
