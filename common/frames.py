@@ -126,7 +126,7 @@ class FrameTransform:
 
 
 def load_image(path):
-    """A frame file as a PIL RGB image (the previous loader, the cache writer)."""
+    """A frame file as a PIL RGB image (the previous loader)."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")

@@ -31,13 +31,14 @@ import soxr
 import torch
 import torchaudio
 import torchvision.transforms.functional as TF
+from PIL import Image
 from tqdm import tqdm
 
 from common import cli
 from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
 from common.cache import cache_folders, check_entry
 from common.data import DATASETS, add_data_args, audio_config, build_datasets
-from common.frames import list_frames, load_image
+from common.frames import list_frames, load_frame
 
 _WORKER = {}  # per process: the audio pipeline, the output folders and the frame side
 
@@ -67,10 +68,10 @@ def clip_spectrogram(clip):
 
 
 def clip_frames(clip):
+    """Every frame of the clip, decoded as the loader decodes them (load_frame: a corrupt JPEG fails the entry)."""
     names = list_frames(clip.frame_dir)
-    return np.stack(
-        [np.asarray(resize_short_side(load_image(os.path.join(clip.frame_dir, n)), _WORKER["side"])) for n in names]
-    )
+    frames = [Image.fromarray(load_frame(os.path.join(clip.frame_dir, n))) for n in names]
+    return np.stack([np.asarray(resize_short_side(im, _WORKER["side"])) for im in frames])
 
 
 def _init(audio_cfg, audio_dir, frames_dir, side):

@@ -19,7 +19,15 @@ from PIL import Image
 
 from common.audio import AUDIO_PIPELINES, AudioPipeline, LogSpectrogram, read_wav
 from common.data import add_data_args, build_datasets
-from common.frames import FrameConfig, FrameTransform, list_frames, load_frame, load_image, resize_uint8
+from common.frames import (
+    FrameConfig,
+    FrameTransform,
+    check_image,
+    list_frames,
+    load_frame,
+    load_image,
+    resize_uint8,
+)
 from common.models import AudioEncoder, VisualEncoder, normalize_frames
 
 
@@ -241,6 +249,20 @@ def test_load_frame_is_load_image_as_an_array(tmp_path, monkeypatch):
         assert a.dtype == np.uint8 and a.shape == want.shape and a.shape[2] == 3, p
         assert np.array_equal(a, want), p
     assert len(decoded) == 3  # the PNGs only
+
+
+def test_a_corrupt_jpeg_fails_to_load_instead_of_decoding_grey(tmp_path):
+    """A JPEG cut in the middle but ending in its EOI marker passes the start-up check; PIL (the previous loader)
+    decodes it, the missing half grey; the current loader raises the one-line error, so the clip is replaced and
+    counted (test_bad_files.py)."""
+    p = tmp_path / "cut.jpg"
+    photo(96, 72, seed=1).save(p, quality=95)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2] + b"\xff\xd9")
+    assert check_image(str(p)) is None
+    assert load_image(str(p)).size == (96, 72)
+    with pytest.raises(ValueError, match=r"cut\.jpg: unreadable image \(Corrupt JPEG data"):
+        load_frame(str(p))
 
 
 def test_normalize_frames_is_totensor_then_normalize():
