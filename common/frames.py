@@ -149,7 +149,7 @@ def load_frame(path):
     try:
         with open(path, "rb") as f:
             data = f.read()
-        if data[:2] == b"\xff\xd8":  # JPEG; strict: a corrupt stream raises, as in PIL, rather than decoding grey
+        if data[:2] == b"\xff\xd8":  # JPEG; strict: corrupt data raises (PIL and OpenCV fill it in grey)
             return simplejpeg.decode_jpeg(data, "RGB", strict=True)
         img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD) if data else None
     except (OSError, ValueError, cv2.error) as e:
