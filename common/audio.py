@@ -25,6 +25,11 @@ class AudioConfig:
     hop: int = 353
     resampler: str = "soxr_hq"  # soxr_hq: soxr's HQ filter, librosa's default; torchaudio: the previous loader's sinc
 
+    @property
+    def window_length(self):
+        """Samples in the window fed to the transform (at sample_rate; 0 = the whole signal)."""
+        return int(round(self.clip_seconds * self.sample_rate))
+
 
 AUDIO_PIPELINES = {
     # CREMA-D, OGM/OPM/ARL/DGL: 22,050 Hz, first 3 s of the tiled signal, STFT 512/353 -> 257 x 188
@@ -174,7 +179,7 @@ class AudioPipeline:
                 x = x.repeat(math.ceil(need / len(x)))
         if cfg.clip_seconds <= 0:
             return x
-        length = int(round(cfg.clip_seconds * sr))
+        length = cfg.window_length
         if train and cfg.train_start_max > 0:
             start = int(torch.randint(0, int(round(cfg.train_start_max * sr)) + 1, (1,), generator=generator))
         else:

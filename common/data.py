@@ -377,7 +377,7 @@ def spectrogram_shape(cfg: AudioConfig):
     """(F, T) of an STFT pipeline: n_fft // 2 + 1 bins, 1 + samples // hop centred frames (CREMA-D 257 x 188)."""
     if cfg.kind != "stft":
         raise ValueError(f"--in-memory supports the STFT audio pipelines, not {cfg.kind}")
-    return cfg.n_fft // 2 + 1, 1 + int(round(cfg.clip_seconds * cfg.sample_rate)) // cfg.hop
+    return cfg.n_fft // 2 + 1, 1 + cfg.window_length // cfg.hop
 
 
 def in_memory_datasets(dataset, audio_cfg, n_frames, size, legacy=False):
@@ -388,7 +388,7 @@ def in_memory_datasets(dataset, audio_cfg, n_frames, size, legacy=False):
         f"class{i}" for i in range(facts["num_classes"])]
     spec = spectrogram_shape(audio_cfg)
     frontend = None if legacy else LogSpectrogram(audio_cfg.n_fft, audio_cfg.hop)
-    audio = spec if legacy else (int(round(audio_cfg.clip_seconds * audio_cfg.sample_rate)),)
+    audio = spec if legacy else (audio_cfg.window_length,)
     shapes = (audio, (3, n_frames, size, size))
     return (InMemoryClips(4096, *shapes, names, 0, frontend), InMemoryClips(256, *shapes, names, 1, frontend),
             names)
