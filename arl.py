@@ -1,26 +1,15 @@
-# docs and experiment results: docs/arl.md
-"""ARL, Asymmetric Representation Learning (Wei, Luo, Luo, ICCV 2025).
-
-Joint training plus (1) the unimodal cross-entropies of the zero-fill logits read out of the shared head,
-weighted by gamma after the warm-up, and (2) a GradScale on each encoder output that multiplies the gradient
-entering encoder m by 1 + c_m, where c = softmax(T * [d_v w_a, d_a w_v]) pushes the dependence share d_a
-(mean |logit|) toward the inverse-variance share w_a (inverse mean entropy). `diff baseline.py arl.py` shows it.
+"""ARL, Asymmetric Representation Learning (Wei, Luo, Luo, ICCV 2025): joint training plus (1) the unimodal
+cross-entropies of the zero-fill logits read out of the shared head, weighted by gamma after the warm-up, and (2) a
+GradScale on each encoder output that multiplies the gradient entering encoder m by 1 + c_m, where
+c = softmax(T * [d_v w_a, d_a w_v]) pushes the dependence share d_a (mean |logit|) toward the inverse-variance share
+w_a (inverse mean entropy). Docs: docs/arl.md.
 """
 
-import random
-
-import numpy as np
+# ALGO LOGIC BLOCK: ARL (ICCV 2025 paper): GradScale, the coefficients, the loss. It imports what it needs: copy it.
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from common import distributed, runs
-from common.data import build_datasets, make_loaders
-from common.evaluate import evaluate
-from common.models import AVClassifier, unimodal_logits
 
 
-# ALGO LOGIC BLOCK: ARL (ICCV 2025 paper): GradScale, the coefficients, the loss. Needs only torch: copy it as is.
 class GradScale(torch.autograd.Function):
     """Identity in the forward pass; multiplies the gradient by (1 + w) in the backward pass (w a constant, no
     gradient). `w` is read when the gradient arrives: a number, or a Coefficient set after the forward pass."""
@@ -90,73 +79,73 @@ def arl_loss(z, z_a, z_v, label, weight):
     return loss_f + weight * (loss_a + loss_v), loss_f, loss_a, loss_v
 # END ALGO LOGIC BLOCK
 
+# isort: split
+import random
 
-# optimisation settings per dataset (None in a flag = take it from here); milestones are the 0-based epochs at which
-# the LR is multiplied by --lr-gamma. ALGO LOGIC: ARL's launch scripts (docs/arl.md, Defaults): LR 1e-3 for epochs
-# 0-68, 1e-4 from 69; gamma, T, warm-up 0-5, clip 40. synthetic: baseline.py's optimisation with the CREMA-D method
-# values, warm-up scaled 6/100 -> 1 of 10 epochs.
+import numpy as np
+from tqdm import tqdm
+
+from common import distributed, flags, runs, speed
+from common.data import build_datasets, make_loaders, seed_epoch
+from common.evaluate import evaluate
+from common.models import AVClassifier, unimodal_logits
+
+# per dataset, the optimisation (a flag left out takes its value here; sources in the script's docs page); the LR is
+# multiplied by --lr-gamma at each 0-based epoch of lr_milestones
+# ALGO LOGIC: ARL's launch scripts: LR 1e-3 for epochs 0-68, 1e-4 from 69; synthetic: baseline.py's
 PRESETS = {
-    "cremad": dict(optimizer="sgd", lr=1e-3, lr_milestones=[69], batch_size=64, epochs=100, clip_grad=40.0,
-                   gamma=4.0, temperature=8.0, warmup_epochs=6),
-    "ks": dict(optimizer="sgd", lr=1e-3, lr_milestones=[69], batch_size=64, epochs=100, clip_grad=40.0,
-               gamma=3.0, temperature=4.0, warmup_epochs=6),
-    "vggsound": dict(optimizer="sgd", lr=1e-3, lr_milestones=[69], batch_size=64, epochs=100, clip_grad=40.0,
-                     gamma=4.0, temperature=4.0, warmup_epochs=6),
-    "synthetic": dict(optimizer="sgd", lr=1e-2, lr_milestones=[8], batch_size=32, epochs=10, clip_grad=40.0,
-                      gamma=4.0, temperature=8.0, warmup_epochs=1),
+    "cremad": dict(optimizer="sgd", lr=1e-3, lr_milestones=[69], batch_size=64, epochs=100),
+    "ks": dict(optimizer="sgd", lr=1e-3, lr_milestones=[69], batch_size=64, epochs=100),
+    "vggsound": dict(optimizer="sgd", lr=1e-3, lr_milestones=[69], batch_size=64, epochs=100),
+    "synthetic": dict(optimizer="sgd", lr=1e-2, lr_milestones=[8], batch_size=32, epochs=10),
+}
+# ALGO LOGIC: ARL's values per dataset (docs/arl.md, Defaults): gamma, T, warm-up 0-5, clip 40; synthetic: the CREMA-D
+# values, the warm-up scaled 6/100 -> 1 of 10 epochs
+ARL_PRESETS = {
+    "cremad": dict(gamma=4.0, temperature=8.0, warmup_epochs=6, clip_grad=40.0),
+    "ks": dict(gamma=3.0, temperature=4.0, warmup_epochs=6, clip_grad=40.0),
+    "vggsound": dict(gamma=4.0, temperature=4.0, warmup_epochs=6, clip_grad=40.0),
+    "synthetic": dict(gamma=4.0, temperature=8.0, warmup_epochs=1, clip_grad=40.0),
 }
 
 
 def parse_args(argv=None):
-    p = runs.make_parser(__doc__, __file__)
-    # Algorithm specific arguments
-    p.add_argument("--gamma", type=float, default=None,
-                   help="weight of the unimodal losses after the warm-up (default: preset)")
-    p.add_argument("--temperature", "--T", type=float, default=None,
-                   help="softmax temperature T of the coefficients (default: preset)")
-    p.add_argument("--warmup-epochs", type=int, default=None,
-                   help="epochs 0..N-1 train L_f + L_a + L_v unscaled (default: preset)")
-    p.add_argument("--entropy-floor", type=float, default=0.3, help="floor on the normalised entropy shares h_a, h_v")
+    p = flags.parser(__doc__, __file__)  # the shared flags: common/flags.py
+    p.add_argument("--fusion", default="concat", choices=["concat", "sum", "gated"], help="fusion head")
+    # ALGO LOGIC: ARL's flags (None: the value of ARL_PRESETS for the dataset)
+    p.add_argument("--gamma", type=flags.at_least(0), default=None, help="weight of the unimodal losses after the warm-up")
+    p.add_argument("--temperature", "--T", type=flags.at_least(0, why=" (0: c = (0.5, 0.5), as --arl-weights fixed)"),
+                   default=None, help="softmax temperature T of the coefficients")
+    p.add_argument("--warmup-epochs", type=flags.at_least(0, int), default=None,
+                   help="epochs 0..N-1 train L_f + L_a + L_v unscaled")
+    p.add_argument("--entropy-floor", type=flags.between(0, 0.5, why=" (the two shares sum to 1)"), default=0.3,
+                   help="floor on the normalised entropy shares h_a, h_v")
     p.add_argument("--arl-weights", default="computed", choices=["computed", "fixed"],
                    help="computed = the paper; fixed = the release (coefficients stay 0.5: both encoders x1.5)")
-    p.add_argument(
-        "--arl-coeff-timing",
-        default="previous",
-        choices=["previous", "current"],
-        help="multiplier of step t from the coefficients of step t-1 (previous) or of the same batch (current)",
-    )
-    p.add_argument("--select-after", type=int, default=-1,
+    p.add_argument("--arl-coeff-timing", default="previous", choices=["previous", "current"],
+                   help="multiplier of step t from the coefficients of step t-1 (previous) or of the same batch")
+    p.add_argument("--select-after", type=flags.at_least(-1, int, why=" (-1: every epoch)"), default=-1,
                    help="best-epoch selection only over epochs > N (the release: 30)")
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Valid ranges of ARL's flags and their impossible combinations (after the preset): one line naming the flag."""
-    runs.check(args, "gamma", lambda x: x >= 0, ">= 0")
-    runs.check(args, "temperature", lambda x: x >= 0, ">= 0 (0: c = (0.5, 0.5), as --arl-weights fixed)")
-    runs.check(args, "warmup_epochs", lambda x: x >= 0, ">= 0")
-    runs.check(args, "entropy_floor", lambda x: 0 <= x <= 0.5, "in [0, 0.5] (the two shares sum to 1)")
-    runs.check(args, "select_after", lambda x: x >= -1, ">= -1 (-1: every epoch)")
+    args = p.parse_args(argv)
+    flags.fill(args, {**PRESETS[args.dataset], **ARL_PRESETS[args.dataset]})
     if args.select_after >= args.epochs - 1:
-        raise SystemExit(f"--select-after {args.select_after} leaves no epoch to select among {args.epochs}")
-    if args.fusion == "film":
-        raise SystemExit("--fusion film: ARL needs unimodal logits, which FiLM does not have (docs/models.md)")
+        p.error(f"--select-after {args.select_after} leaves no epoch to select among {args.epochs}")
+    return args
 
 
 def forward(model, audio, visual, coeff):
-    """Encoders, GradScale by 1 + c_m on each encoder output (c = 0: unscaled), head, zero-fill unimodal logits.
-    coeff: (c_a, c_v), numbers or Coefficients (then read in the backward pass)."""
+    """ALGO LOGIC: encoders, GradScale by 1 + c_m on each encoder output (c = 0: unscaled), head, and the zero-fill
+    (full bias) unimodal logits. coeff: (c_a, c_v), numbers or Coefficients (then read in the backward pass)."""
     a, v = model.audio_net(audio), model.visual_net(visual)
-    a, v = GradScale.apply(a, coeff[0]), GradScale.apply(v, coeff[1])  # ALGO LOGIC
+    a, v = GradScale.apply(a, coeff[0]), GradScale.apply(v, coeff[1])
     f_a, f_v, z = model.head(a, v)
-    z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="full")  # ALGO LOGIC: zero-fill, full bias
-    return a, v, z, z_a, z_v
+    z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="full")
+    return f_a, f_v, z, z_a, z_v
 
 
 if __name__ == "__main__":
-    args, ckpt = runs.setup(parse_args(), PRESETS)  # --resume / --eval-only: the saved run's settings
-    check_args(args)  # ranges and combinations of the method flags
-    distributed.init(args)  # torchrun: join the process group (no-op in a single process)
+    args, ckpt = runs.saved_run(parse_args())  # --resume / --eval-only: the saved run's settings
+    distributed.init_process_group(args)  # torchrun: one process per device (no-op in a single process)
 
     # seeding
     random.seed(args.seed)
@@ -169,13 +158,14 @@ if __name__ == "__main__":
     # data, model, optimizer
     train_set, test_set, class_names = build_datasets(args)
     num_classes = len(class_names)
-    loader_gen = torch.Generator()
-    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
-                                             args.pin_memory, args.persistent_workers)
+    train_loader, test_loader = make_loaders(train_set, test_set, args, torch.Generator())
     model = AVClassifier(num_classes, args.fusion, train_set.frontend).to(device)
-    optimizer = runs.make_optimizer(args, model.parameters())
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
-    train_forward = distributed.wrap(model, args)  # DDP under torchrun; --amp
+    train_forward = distributed.ddp(speed.train_forward(model, args), args)  # --amp; torchrun: DDP
 
     def eval_logits(audio, visual):
         f_a, f_v, z = model(audio, visual)
@@ -185,16 +175,15 @@ if __name__ == "__main__":
     def run_eval():
         return evaluate(eval_logits, test_loader, device, num_classes, args.eval_max_steps)
 
-    if args.eval_only:
-        runs.evaluate_checkpoint(args, ckpt, model, run_eval)
-    run = runs.Run(args, ckpt, model, optimizer, scheduler, select_after=args.select_after)  # ALGO LOGIC: selection
+    if args.eval_only:  # print the checkpoint's test metrics, then exit
+        runs.print_evaluation(args.checkpoint, ckpt, model, run_eval)
+        raise SystemExit(0)
+    run = runs.Run(args, ckpt, model, optimizer, scheduler, (train_set, test_set), select_after=args.select_after)
     coeff = tuple(ckpt["arl_coeff"]) if args.resume else (0.5, 0.5)  # ALGO LOGIC: (c_a, c_v), carried across steps
-
     for epoch in range(run.start_epoch, args.epochs):
         run.begin_epoch()
         model.train()
-        loader_gen.manual_seed(args.seed * 100_003 + epoch)  # shuffling and augmentation depend only on (seed, epoch)
-        distributed.set_epoch(train_loader)  # torchrun: this process's shard and augmentation stream
+        seed_epoch(train_loader, args.seed * 100_003 + epoch)  # shuffle and augmentation: (seed, epoch) only
         arl_on = epoch >= args.warmup_epochs  # ALGO LOGIC: the warm-up trains L_f + L_a + L_v, unscaled
         bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=args.no_progress)
         for step, (spec, frames, label) in enumerate(bar):
@@ -202,11 +191,13 @@ if __name__ == "__main__":
                 break
             audio, visual, label = spec.unsqueeze(1).to(device), frames.to(device), label.to(device)
 
-            # ALGO LOGIC: GradScale (after the warm-up), gamma-weighted unimodal losses, coefficients for the next step
-            applied = coeff if arl_on and args.arl_coeff_timing == "previous" else (0.0, 0.0)  # c of the previous step
+            # ALGO LOGIC: GradScale by the coefficients of the previous step (after the warm-up), gamma-weighted
+            # unimodal losses, and the coefficients of this batch for the next step
+            applied = coeff if arl_on and args.arl_coeff_timing == "previous" else (0.0, 0.0)
             scale = (Coefficient(applied[0]), Coefficient(applied[1]))  # read by GradScale in the backward pass
-            _, _, z, z_a, z_v = train_forward(lambda m: forward(m, audio, visual, scale))
+            f_a, f_v, z, z_a, z_v = train_forward(lambda m: forward(m, audio, visual, scale))
             loss, loss_f, loss_a, loss_v = arl_loss(z, z_a, z_v, label, args.gamma if arl_on else 1.0)
+            logs = {"train/loss": loss.item(), **runs.branch_logs(z_a, z_v, label)}
             arl = arl_coefficients(z_a.detach(), z_v.detach(), args.temperature, args.entropy_floor,
                                    reduce=distributed.all_reduce_sum)  # over the global batch
             if arl_on and args.arl_weights == "computed":
@@ -220,31 +211,22 @@ if __name__ == "__main__":
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
-
-            run.log_step(
-                {
-                    "train/loss": loss.item(),
-                    "train/loss_audio": loss_a.item(),
-                    "train/loss_visual": loss_v.item(),
-                    "train/ratio": (arl["d_a"] / arl["d_v"]).item(),
-                    "train/coeff_audio": 1.0 + applied[0],
-                    "train/coeff_visual": 1.0 + applied[1],
-                    "train/loss_fused": loss_f.item(),
-                    "train/dep_audio": arl["d_a"].item(),  # ALGO LOGIC
-                    "train/var_share_audio": arl["w_a"].item(),
-                    "train/target_ratio": (arl["w_a"] / arl["w_v"]).item(),
-                    "train/entropy_audio": arl["entropy_a"].item(),
-                    "train/entropy_visual": arl["entropy_v"].item(),
-                },
-                label.shape[0],
-            )
+            logs.update({"train/ratio": (arl["d_a"] / arl["d_v"]).item(), "train/coeff_audio": 1.0 + applied[0],
+                         "train/coeff_visual": 1.0 + applied[1], "train/loss_fused": loss_f.item(),
+                         "train/dep_audio": arl["d_a"].item(), "train/var_share_audio": arl["w_a"].item(),
+                         "train/target_ratio": (arl["w_a"] / arl["w_v"]).item(),
+                         "train/entropy_audio": arl["entropy_a"].item(),
+                         "train/entropy_visual": arl["entropy_v"].item()})  # ALGO LOGIC
+            run.log_step(logs, label.shape[0])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = run.train_metrics(optimizer)
         scheduler.step()
+        distributed.broadcast_buffers(model)  # torchrun: rank 0's BatchNorm statistics in every process
 
         model.eval()
         metrics.update(run_eval())
-        run.end_epoch(epoch, metrics, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "class_names": class_names,
-                                       "arl_coeff": coeff})  # ALGO LOGIC: the coefficients of the last step
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        state["arl_coeff"] = coeff  # ALGO LOGIC: the coefficients of the last step
+        if run.end_epoch(epoch, metrics, {**state, "class_names": class_names}):  # --stop-after-epochs
+            break
     run.finish()

@@ -1,29 +1,18 @@
-# docs and experiment results: docs/aug.md
-"""AUG: sustained boosting with adaptive classifier assignment (Jiang, Huang, Yang, NeurIPS 2025).
-
-No fusion head and no fused loss. Each modality has a list of classifiers q_j = h(ReLU(L_j u)) that share one output
-layer h; its output is the sum of their logits. Every mini-batch makes two optimizer steps, audio then visual, each on
-that modality's sustained-boosting loss (the newest classifier fits the residual of the previous ones). After epoch 0
-and every E // 10 epochs, adaptive classifier assignment (ACA) appends a classifier to the less confident modality.
-Test-time fusion: z = 0.4 P_a + 0.6 P_v. `diff baseline.py aug.py` shows it.
+"""AUG: sustained boosting with adaptive classifier assignment (Jiang, Huang, Yang, NeurIPS 2025). No fusion head and
+no fused loss: each modality has a list of classifiers q_j = h(ReLU(L_j u)) that share one output layer h; its output
+is the sum of their logits. Every mini-batch makes two optimizer steps, audio then visual, each on that modality's
+sustained-boosting loss (the newest classifier fits the residual of the previous ones). After epoch 0 and every E // 10
+epochs, adaptive classifier assignment (ACA) appends a classifier to the less confident modality. Test-time fusion:
+z = 0.4 P_a + 0.6 P_v. Docs: docs/aug.md.
 """
 
-import random
-
-import numpy as np
+# ALGO LOGIC BLOCK: AUG (NeurIPS 2025 paper): the classifiers, the boosting loss, the step and ACA. It imports what it
+# needs: copy it as is.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from common import distributed, runs
-from common.data import build_datasets, make_loaders
-from common.evaluate import evaluate, macro_f1, mean_average_precision
-from common.models import AudioEncoder, VisualEncoder, init_weights
 
 
-# ALGO LOGIC BLOCK: AUG (NeurIPS 2025 paper): the classifiers, the boosting loss, the step and ACA.
-# Needs only torch: copy it as is.
 class AUGClassifier(nn.Module):
     """Roles: `audio_net`, `visual_net` (any encoders giving (B, dim) features), the per-modality lists of first
     layers `audio_classifiers` / `visual_classifiers` (L_j: dim -> hidden; [0] is the release's embedding_a /
@@ -90,15 +79,16 @@ def boosting_loss(logits, label, lam, source="ensemble"):
 
 
 def aug_step(model, optimizer, audio, visual, label, lam, source="ensemble", clip_grad=0.0, legacy_zero_grad=False,
-             run=None, sync_grads=None):
+             forward=None, sync_grads=None):
     """One mini-batch: both encoders, an optimizer step on L_a, then one on L_v. The visual classifiers run only after
-    the audio step, so they see the h it just updated. Returns {modality: (L_m, CE(P_m, y), sum_i score_i)} (floats).
-    run(fn) = fn(model) by default (e.g. under autocast); sync_grads(model), if given, follows each backward pass
-    (with several processes: average the gradients, as DDP would; two optimizer steps per batch rule DDP out)."""
-    out, run = {}, run or (lambda fn: fn(model))
-    u = run(lambda m: {"audio": m.audio_net(audio), "visual": m.visual_net(visual)})
+    the audio step, so they see the h it just updated. Returns {modality: {"loss": L_m, "ce": CE(P_m, y), "score":
+    sum_i score_i}} (floats). forward(fn) = fn(model) by default (e.g. under autocast); sync_grads(model), if given,
+    follows each backward pass (with several processes: average the gradients, as DDP would; two optimizer steps per
+    batch rule DDP out)."""
+    out, forward = {}, forward or (lambda fn: fn(model))
+    u = forward(lambda m: {"audio": m.audio_net(audio), "visual": m.visual_net(visual)})
     for modality in ("audio", "visual"):
-        logits = run(lambda m: m.classifier_logits(u[modality], modality))
+        logits = forward(lambda m: m.classifier_logits(u[modality], modality))
         loss = boosting_loss(logits, label, lam, source)
         loss.backward()
         if sync_grads is not None:
@@ -111,8 +101,8 @@ def aug_step(model, optimizer, audio, visual, label, lam, source="ensemble", cli
         # the batch, so the audio step never moves the visual side
         model.zero_grad(set_to_none=not (legacy_zero_grad and modality == "audio"))
         with torch.no_grad():
-            out[modality] = (loss.item(), F.cross_entropy(sum(logits), label).item(),
-                             true_class_prob(logits, label, source).sum().item())
+            out[modality] = {"loss": loss.item(), "ce": F.cross_entropy(sum(logits), label).item(),
+                             "score": true_class_prob(logits, label, source).sum().item()}
     return out
 
 
@@ -142,11 +132,21 @@ def aca_decision(s_a, s_v, sigma, tau, rule="ratio"):
     return 1 if d > tau else -1 if d < -tau else 0
 # END ALGO LOGIC BLOCK
 
+# isort: split
+import random
 
-# optimisation settings per dataset (None in a flag = take it from here); milestones are the 0-based epochs at which
-# the LR is multiplied by --lr-gamma. ALGO LOGIC: AUG's release (docs/aug.md, Defaults): LR 1e-2 (10x the other
-# methods), x0.1 from epoch 69 (and 139 on CREMA-D, 200 epochs); VGGSound batch 16 (paper). synthetic: baseline.py's
-# optimisation unchanged, LR included.
+import numpy as np
+from tqdm import tqdm
+
+from common import distributed, flags, runs, speed
+from common.data import build_datasets, make_loaders, seed_epoch
+from common.evaluate import evaluate, macro_f1, mean_average_precision
+from common.models import AudioEncoder, VisualEncoder, init_weights
+
+# per dataset, the optimisation (a flag left out takes its value here; sources in the script's docs page); the LR is
+# multiplied by --lr-gamma at each 0-based epoch of lr_milestones
+# ALGO LOGIC: AUG's release: LR 1e-2 (10x the other methods), x0.1 from epoch 69 (and 139 on CREMA-D, 200 epochs);
+# VGGSound batch 16 (paper); synthetic: baseline.py's, LR included
 PRESETS = {
     "cremad": dict(optimizer="sgd", lr=1e-2, lr_milestones=[69, 139], batch_size=64, epochs=200),
     "ks": dict(optimizer="sgd", lr=1e-2, lr_milestones=[69], batch_size=64, epochs=100),
@@ -156,12 +156,14 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = runs.make_parser(__doc__, __file__)
-    # Algorithm specific arguments
-    p.add_argument("--lam-res", type=float, default=0.5, help="lambda of the residual label (earlier KS release: 0.2)")
-    p.add_argument("--aca-sigma", type=float, default=1.0, help="ACA centre sigma")
-    p.add_argument("--aca-tau", type=float, default=0.01, help="ACA dead zone tau")
-    p.add_argument("--aca-check-every", type=int, default=None,
+    p = flags.parser(__doc__, __file__)  # the shared flags: common/flags.py (AUG has no fusion head: no --fusion)
+    # ALGO LOGIC: AUG's flags
+    p.add_argument("--lam-res", type=flags.between(0, 1), default=0.5,
+                   help="lambda of the residual label (earlier KS release: 0.2)")
+    p.add_argument("--aca-sigma", type=flags.at_least(0), default=1.0, help="ACA centre sigma")
+    p.add_argument("--aca-tau", type=flags.at_least(0, why=" (the width of the dead zone)"), default=0.01,
+                   help="ACA dead zone tau")
+    p.add_argument("--aca-check-every", type=flags.positive(int), default=None,
                    help="ACA after epoch 0 and every N epochs (default: epochs // 10, at least 1)")
     p.add_argument("--aca-rule", default="ratio", choices=["ratio", "difference"],
                    help="ratio = release: s_a / s_v vs sigma +- tau; difference = paper: s_a - sigma s_v vs +- tau")
@@ -169,27 +171,17 @@ def parse_args(argv=None):
                    help="p_prev and the confidence: softmax of the summed logits (release) or sum of softmaxes (paper)")
     p.add_argument("--train-new-heads", action="store_true",
                    help="train the added classifiers (paper figure); the release never gives them to the optimizer")
-    p.add_argument("--max-classifiers", type=int, default=0, help="cap on classifiers per modality (0 = unlimited)")
-    p.add_argument("--merge-alpha", type=float, default=0.4, help="audio weight of the test fusion a P_a + (1 - a) P_v")
-    p.add_argument(
-        "--legacy-zero-grad",
-        action="store_true",
-        help="the release on PyTorch 1.11: the audio gradients are zeroed, not deleted, before the visual step, so the "
-        "audio side also gets a momentum/weight-decay update in the visual step",
-    )
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Valid ranges of AUG's flags and their impossible combinations (after the preset): one line naming the flag."""
-    for name in ("lam_res", "merge_alpha"):
-        runs.check(args, name, lambda x: 0 <= x <= 1, "in [0, 1]")
-    runs.check(args, "aca_sigma", lambda x: x >= 0, ">= 0")
-    runs.check(args, "aca_tau", lambda x: x >= 0, ">= 0 (the width of the dead zone)")
-    runs.check(args, "aca_check_every", lambda x: x > 0, "positive (leave it out for epochs // 10)")
-    runs.check(args, "max_classifiers", lambda x: x >= 0, ">= 0 (0 = no cap)")
-    if args.fusion != "concat":
-        raise SystemExit(f"--fusion {args.fusion}: AUG has no fusion head (test-time fusion: --merge-alpha)")
+    p.add_argument("--max-classifiers", type=flags.at_least(0, int, why=" (0 = no cap)"), default=0,
+                   help="cap on classifiers per modality (0 = unlimited)")
+    p.add_argument("--merge-alpha", type=flags.between(0, 1), default=0.4,
+                   help="audio weight of the test fusion a P_a + (1 - a) P_v")
+    p.add_argument("--legacy-zero-grad", action="store_true",
+                   help="the release on PyTorch 1.11: the audio gradients are zeroed, not deleted, before the visual "
+                   "step, so the audio side also gets a momentum/weight-decay update in the visual step")
+    args = p.parse_args(argv)
+    flags.fill(args, PRESETS[args.dataset])
+    args.aca_check_every = args.aca_check_every or aca_check_period(args.epochs)  # ALGO LOGIC: E // 10
+    return args
 
 
 def unimodal_metrics(test_logits, labels, num_classes):
@@ -204,10 +196,8 @@ def unimodal_metrics(test_logits, labels, num_classes):
 
 
 if __name__ == "__main__":
-    args, ckpt = runs.setup(parse_args(), PRESETS)  # --resume / --eval-only: the saved run's settings
-    check_args(args)  # ranges and combinations of the method flags
-    args.aca_check_every = args.aca_check_every or aca_check_period(args.epochs)  # ALGO LOGIC: E // 10
-    distributed.init(args)  # torchrun: join the process group (no-op in a single process)
+    args, ckpt = runs.saved_run(parse_args())  # --resume / --eval-only: the saved run's settings
+    distributed.init_process_group(args)  # torchrun: one process per device (no-op in a single process)
 
     # seeding
     random.seed(args.seed)
@@ -220,15 +210,17 @@ if __name__ == "__main__":
     # data, model, optimizer
     train_set, test_set, class_names = build_datasets(args)
     num_classes = len(class_names)
-    loader_gen = torch.Generator()
-    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
-                                             args.pin_memory, args.persistent_workers)
+    train_loader, test_loader = make_loaders(train_set, test_set, args, torch.Generator())
     model = AUGClassifier(AudioEncoder(train_set.frontend), VisualEncoder(), num_classes)  # ALGO LOGIC: no fusion head
     init_weights(model)
     model = model.to(device)
-    optimizer = runs.make_optimizer(args, model.parameters())
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
-    train_forward = distributed.wrap(model, args, ddp=False)  # --amp; torchrun: no DDP, aug_step averages gradients
+    # ALGO LOGIC: two optimizer steps per batch, which DDP cannot follow: aug_step averages the gradients (sync_grads)
+    train_forward = distributed.ddp(speed.train_forward(model, args), args, enabled=False)
     test_labels = np.array([clip.label for clip in test_set.clips])  # the test loader is not shuffled
     test_logits = []  # ALGO LOGIC: (P_a, P_v) of each test batch, for the unimodal F1 and mAP
 
@@ -250,15 +242,14 @@ if __name__ == "__main__":
     added = list(ckpt["added"]) if ckpt else []  # ALGO LOGIC: rebuild the classifiers ACA added, in order
     for modality in added:
         grow(modality, args.train_new_heads and not args.eval_only)
-    if args.eval_only:
-        runs.evaluate_checkpoint(args, ckpt, model, run_eval)
-    run = runs.Run(args, ckpt, model, optimizer, scheduler, ties_to_later=True)  # ALGO LOGIC: ties -> later epoch
-
+    if args.eval_only:  # print the checkpoint's test metrics, then exit
+        runs.print_evaluation(args.checkpoint, ckpt, model, run_eval)
+        raise SystemExit(0)
+    run = runs.Run(args, ckpt, model, optimizer, scheduler, (train_set, test_set), ties_to_later=True)  # ALGO LOGIC
     for epoch in range(run.start_epoch, args.epochs):
         run.begin_epoch()
         model.train()
-        loader_gen.manual_seed(args.seed * 100_003 + epoch)  # shuffling and augmentation depend only on (seed, epoch)
-        distributed.set_epoch(train_loader)  # torchrun: this process's shard and augmentation stream
+        seed_epoch(train_loader, args.seed * 100_003 + epoch)  # shuffle and augmentation: (seed, epoch) only
         score = [0.0, 0.0, 0]  # ALGO LOGIC: S_a, S_v (the epoch's sums of true-class scores), samples
         bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=args.no_progress)
         for step, (spec, frames, label) in enumerate(bar):
@@ -269,24 +260,19 @@ if __name__ == "__main__":
             # ALGO LOGIC: an audio step on L_a, then a visual step on L_v (no fused loss); accumulate S_a and S_v
             out = aug_step(model, optimizer, audio, visual, label, args.lam_res, args.residual_source, args.clip_grad,
                            args.legacy_zero_grad, train_forward, distributed.sync_grads)
-            score = [score[0] + out["audio"][2], score[1] + out["visual"][2], score[2] + label.shape[0]]
-            loss = out["audio"][0] + out["visual"][0]
-
-            run.log_step(
-                {
-                    "train/loss": loss,
-                    "train/loss_audio": out["audio"][0],
-                    "train/loss_visual": out["visual"][0],
-                    "train/ce_audio": out["audio"][1],
-                    "train/ce_visual": out["visual"][1],
-                    "train/coeff_audio": float(len(model.audio_classifiers)),
-                    "train/coeff_visual": float(len(model.visual_classifiers)),
-                },
-                label.shape[0],
-            )
+            audio_out, visual_out = out["audio"], out["visual"]
+            score = [score[0] + audio_out["score"], score[1] + visual_out["score"], score[2] + label.shape[0]]
+            loss = audio_out["loss"] + visual_out["loss"]
+            # the shared key train/coeff_<modality> holds each method's per-modality quantity: AUG's classifier count
+            n_audio, n_visual = len(model.audio_classifiers), len(model.visual_classifiers)
+            logs = {"train/loss": loss, "train/loss_audio": audio_out["loss"], "train/loss_visual": visual_out["loss"],
+                    "train/ce_audio": audio_out["ce"], "train/ce_visual": visual_out["ce"],
+                    "train/coeff_audio": float(n_audio), "train/coeff_visual": float(n_visual)}
+            run.log_step(logs, label.shape[0])
             bar.set_postfix(loss=f"{loss:.3f}")
         metrics = run.train_metrics(optimizer)
         scheduler.step()
+        distributed.broadcast_buffers(model)  # torchrun: rank 0's BatchNorm statistics in every process
 
         model.eval()
         metrics.update(run_eval())
@@ -302,11 +288,11 @@ if __name__ == "__main__":
                         "train/aca_action": float(action)})
         # ALGO LOGIC: best.pt holds the model as evaluated, before ACA adds to it; last.pt (for --resume) has the new
         # classifier, which trains only with --train-new-heads
-        best_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "class_names": class_names, "added": list(added)}
+        evaluated = {"model": model.state_dict(), "class_names": class_names, "added": list(added)}
         if weak:
             grow(weak, args.train_new_heads)
             added.append(weak)
-        run.end_epoch(epoch, metrics, {**best_state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "added": list(added)}, best_state)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if run.end_epoch(epoch, metrics, {**state, "class_names": class_names, "added": list(added)}, evaluated):
+            break
     run.finish()

@@ -1,27 +1,16 @@
-# docs and experiment results: docs/opm.md
-"""OPM, On-the-fly Prediction Modulation (Wei, Hu, Du, Wen, T-PAMI 2024).
-
-Joint training, plus: after the warm-up, the dominant modality (higher summed true-class probability of the
-half-bias unimodal logits) gets a drop probability q = q_base (1 + lam tanh(rho - 1)); on a random p_exe share of
-steps its pooled feature vector is zeroed per sample with probability q, both modalities' features are rescaled by
-1 / (1 - mean(q)), and samples that lost every modality are removed. Nothing is dropped at evaluation.
+"""OPM, On-the-fly Prediction Modulation (Wei, Hu, Du, Wen, T-PAMI 2024): joint training, plus after the warm-up the
+dominant modality (higher summed true-class probability of the half-bias unimodal logits) gets a drop probability
+q = q_base (1 + lam tanh(rho - 1)); on a random p_exe share of steps its pooled feature vector is zeroed per sample
+with probability q, both modalities' features are rescaled by 1 / (1 - mean(q)), and samples that lost every modality
+are removed. Nothing is dropped at evaluation. Docs: docs/opm.md.
 """
 
+# ALGO LOGIC BLOCK: OPM (T-PAMI 2024 paper, Sec. 4). It imports what it needs: copy it as is.
 import math
-import random
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from common import distributed, runs
-from common.data import build_datasets, make_loaders
-from common.evaluate import evaluate
-from common.models import AVClassifier, unimodal_logits
 
 
-# ALGO LOGIC BLOCK: OPM (T-PAMI 2024 paper, Sec. 4). Needs only `math` and `torch`: copy it as is.
 @torch.no_grad()
 def opm_scores(z_a, z_v, label):
     """s_m = sum over the batch of softmax(z_m)[y], no gradient. Returns the tensor [s_a, s_v]; when the batch is
@@ -34,6 +23,7 @@ def opm_scores(z_a, z_v, label):
 def opm_active(epoch, warmup_epochs, window=None):
     """OPM acts after the warm-up, to the last epoch, or only inside the inclusive window (start, end)."""
     return epoch >= warmup_epochs and (window is None or window[0] <= epoch <= window[1])
+
 
 def drop_probabilities(s_a, s_v, q_base, lam):
     """(q_a, q_v): q_base (1 + lam tanh(relu(rho - 1))) for the dominant modality, 0 for the other (both 0 on a tie)."""
@@ -93,82 +83,64 @@ def opm_drop(a, v, label, q_a, q_v, p_exe, generator, rescale="mean", world_size
     return a, v, label, True, (1 - keep_a.mean().item(), 1 - keep_v.mean().item())
 # END ALGO LOGIC BLOCK
 
+# isort: split
+import random
 
-# optimisation settings per dataset (None in a flag = take it from here); milestones are the 0-based epochs at which
-# the LR is multiplied by --lr-gamma. ALGO LOGIC: sources in docs/opm.md (Defaults). KS: the release, AdamW 5e-5,
-# x0.1 after epochs 39 and 79. CREMA-D: the authors' journal CREMA-D optimizer (x0.1 every 20 epochs). VGGSound: as
-# KS. synthetic: baseline.py's optimisation with the CREMA-D method values, warm-up scaled 6/100 -> 1 of 10 epochs.
+import numpy as np
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import distributed, flags, runs, speed
+from common.data import build_datasets, make_loaders, seed_epoch
+from common.evaluate import evaluate
+from common.models import AVClassifier, unimodal_logits
+
+# per dataset, the optimisation (a flag left out takes its value here; sources in the script's docs page); the LR is
+# multiplied by --lr-gamma at each 0-based epoch of lr_milestones
+# ALGO LOGIC: KS the release's; CREMA-D the authors' journal CREMA-D optimizer; VGGSound as KS; synthetic baseline.py's
 PRESETS = {
-    "cremad": dict(optimizer="adamw", lr=1e-3, lr_milestones=[20, 40, 60, 80], batch_size=32, epochs=100,
-                   q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=6),
-    "ks": dict(optimizer="adamw", lr=5e-5, lr_milestones=[40, 80], batch_size=32, epochs=100,
-               q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=6),
-    "vggsound": dict(optimizer="adamw", lr=5e-5, lr_milestones=[40, 80], batch_size=32, epochs=100,
-                     q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=6),
-    "synthetic": dict(optimizer="sgd", lr=1e-2, lr_milestones=[8], batch_size=32, epochs=10,
-                      q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=1),
+    "cremad": dict(optimizer="adamw", lr=1e-3, lr_milestones=[20, 40, 60, 80], batch_size=32, epochs=100),
+    "ks": dict(optimizer="adamw", lr=5e-5, lr_milestones=[40, 80], batch_size=32, epochs=100),
+    "vggsound": dict(optimizer="adamw", lr=5e-5, lr_milestones=[40, 80], batch_size=32, epochs=100),
+    "synthetic": dict(optimizer="sgd", lr=1e-2, lr_milestones=[8], batch_size=32, epochs=10),
+}
+# ALGO LOGIC: OPM's values per dataset (docs/opm.md, Defaults); synthetic: the warm-up scaled 6/100 -> 1 of 10 epochs
+OPM_PRESETS = {
+    "cremad": dict(q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=6),
+    "ks": dict(q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=6),
+    "vggsound": dict(q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=6),
+    "synthetic": dict(q_base=0.5, lam=0.5, p_exe=0.7, warmup_epochs=1),
 }
 
 
 def parse_args(argv=None):
-    p = runs.make_parser(__doc__, __file__)
-    # Algorithm specific arguments
-    p.add_argument("--q-base", type=float, default=None,
-                   help="base drop probability of the dominant modality (default: preset, 0.5)")
-    p.add_argument("--lam", type=float, default=None,
-                   help="extra drop strength lambda: q = q_base (1 + lam tanh(rho - 1)) (default: preset)")
-    p.add_argument("--p-exe", type=float, default=None,
-                   help="probability that a step drops at all (default: preset, 0.7)")
-    p.add_argument("--warmup-epochs", type=int, default=None,
-                   help="epochs 0..N-1 are plain joint training (default: preset)")
-    p.add_argument(
-        "--opm-window",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("START", "END"),
-        help="drop only in epochs START..END inclusive (default: from the end of the warm-up to the last epoch)",
-    )
+    p = flags.parser(__doc__, __file__)  # the shared flags: common/flags.py
+    p.add_argument("--fusion", default="concat", choices=["concat", "sum", "gated"], help="fusion head")
+    # ALGO LOGIC: OPM's flags (None: the value of OPM_PRESETS for the dataset)
+    p.add_argument("--q-base", type=flags.between(0, 1), default=None,
+                   help="base drop probability of the dominant modality")
+    p.add_argument("--lam", type=flags.at_least(0, why=" (below 0 the dominant modality would be dropped less)"),
+                   default=None, help="extra drop strength lambda: q = q_base (1 + lam tanh(rho - 1))")
+    p.add_argument("--p-exe", type=flags.between(0, 1), default=None, help="probability that a step drops at all")
+    p.add_argument("--warmup-epochs", type=flags.at_least(0, int), default=None,
+                   help="epochs 0..N-1 are plain joint training")
+    p.add_argument("--opm-window", type=flags.at_least(0, int), nargs=2, default=None, metavar=("START", "END"),
+                   help="drop only in epochs START..END inclusive (default: from the end of the warm-up to the end)")
     p.add_argument("--rescale", default="mean", choices=["mean", "per-modality", "none"],
-                   help="mean = both modalities / (1 - mean(q)) (release); per-modality = each / (1 - q_m) (extension)")
-    p.add_argument(
-        "--unimodal-logits",
-        default="split",
-        choices=["split", "self-gate"],
-        help="split = slice the head (concat, sum); self-gate = gated head, each modality gates itself (extension)",
-    )
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Valid ranges of OPM's flags and their impossible combinations (after the preset): one line naming the flag."""
-    for name in ("q_base", "p_exe"):
-        runs.check(args, name, lambda x: 0 <= x <= 1, "a probability in [0, 1]")
-    runs.check(args, "lam", lambda x: x >= 0, ">= 0 (below 0 the dominant modality would be dropped less)")
-    runs.check(args, "warmup_epochs", lambda x: x >= 0, ">= 0")
-    runs.check(args, "opm_window", lambda x: x >= 0, "two 0-based epochs >= 0")
+                   help="mean = both modalities / (1 - mean(q)) (release); per-modality = each / (1 - q_m)")
+    args = p.parse_args(argv)
+    flags.fill(args, {**PRESETS[args.dataset], **OPM_PRESETS[args.dataset]})
     if args.opm_window and args.opm_window[0] > args.opm_window[1]:
-        raise SystemExit(f"--opm-window {args.opm_window[0]} {args.opm_window[1]}: START is after END")
+        p.error(f"--opm-window {args.opm_window[0]} {args.opm_window[1]}: START is after END")
     if args.opm_window and args.opm_window[1] < args.warmup_epochs:
-        raise SystemExit(f"--opm-window ends at epoch {args.opm_window[1]}, before --warmup-epochs "
-                         f"{args.warmup_epochs} ends: OPM would never act; lower --warmup-epochs")
-    if args.unimodal_logits == "self-gate" and args.fusion != "gated":
-        raise SystemExit(f"--unimodal-logits self-gate reads the gated head, not --fusion {args.fusion}: add "
-                         "--fusion gated or drop it")
-
-
-def check_fusion(fusion, unimodal):
-    """OPM's scores need per-modality logits: concat and sum split exactly; gated only with self-gate."""
-    if fusion == "film" or (fusion == "gated" and unimodal != "self-gate"):
-        raise SystemExit(f"--fusion {fusion}: the head cannot be split into unimodal logits for OPM's scores "
-                         "(docs/models.md). Use --fusion concat or sum, or --fusion gated --unimodal-logits self-gate.")
+        p.error(f"--opm-window ends at epoch {args.opm_window[1]}, before --warmup-epochs {args.warmup_epochs} "
+                "ends: OPM would never act; lower --warmup-epochs")
+    return args
 
 
 if __name__ == "__main__":
-    args, ckpt = runs.setup(parse_args(), PRESETS)  # --resume / --eval-only: the saved run's settings
-    check_fusion(args.fusion, args.unimodal_logits)  # ALGO LOGIC: film/gated have no unimodal split
-    check_args(args)  # ranges and combinations of the method flags
-    distributed.init(args)  # torchrun: join the process group (no-op in a single process)
+    args, ckpt = runs.saved_run(parse_args())  # --resume / --eval-only: the saved run's settings
+    distributed.init_process_group(args)  # torchrun: one process per device (no-op in a single process)
 
     # seeding
     random.seed(args.seed)
@@ -181,35 +153,37 @@ if __name__ == "__main__":
     # data, model, optimizer
     train_set, test_set, class_names = build_datasets(args)
     num_classes = len(class_names)
-    loader_gen = torch.Generator()
-    train_loader, test_loader = make_loaders(train_set, test_set, args.batch_size, args.num_workers, loader_gen,
-                                             args.pin_memory, args.persistent_workers)
+    train_loader, test_loader = make_loaders(train_set, test_set, args, torch.Generator())
     model = AVClassifier(num_classes, args.fusion, train_set.frontend).to(device)
-    optimizer = runs.make_optimizer(args, model.parameters())
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
-    train_forward = distributed.wrap(model, args)  # DDP under torchrun; --amp
-    opm_gen = torch.Generator()  # ALGO LOGIC: OPM's draws have a stream of their own (CPU, so any device draws
-    opm_gen.manual_seed(args.seed + 1_000_000)  # the same masks); data order and augmentation are unchanged by it
+    train_forward = distributed.ddp(speed.train_forward(model, args), args)  # --amp; torchrun: DDP
+    # ALGO LOGIC: OPM's draws have a stream of their own (CPU, so any device draws the same masks); data order and
+    # augmentation are unchanged by it
+    opm_gen = torch.Generator().manual_seed(args.seed + 1_000_000)
 
+    # ALGO LOGIC: no drop at evaluation
     def eval_logits(audio, visual):
-        f_a, f_v, z = model(audio, visual)  # ALGO LOGIC: no drop at evaluation
+        f_a, f_v, z = model(audio, visual)
         z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
         return z, z_a, z_v
 
     def run_eval():
         return evaluate(eval_logits, test_loader, device, num_classes, args.eval_max_steps)
 
-    if args.eval_only:
-        runs.evaluate_checkpoint(args, ckpt, model, run_eval)
-    run = runs.Run(args, ckpt, model, optimizer, scheduler)  # run folder, logs; --resume: restores the state
+    if args.eval_only:  # print the checkpoint's test metrics, then exit
+        runs.print_evaluation(args.checkpoint, ckpt, model, run_eval)
+        raise SystemExit(0)
+    run = runs.Run(args, ckpt, model, optimizer, scheduler, (train_set, test_set))  # run folder; --resume
     if args.resume:
         opm_gen.set_state(ckpt["opm_rng"])  # ALGO LOGIC
-
     for epoch in range(run.start_epoch, args.epochs):
         run.begin_epoch()
         model.train()
-        loader_gen.manual_seed(args.seed * 100_003 + epoch)  # shuffling and augmentation depend only on (seed, epoch)
-        distributed.set_epoch(train_loader)  # torchrun: this process's shard and augmentation stream
+        seed_epoch(train_loader, args.seed * 100_003 + epoch)  # shuffle and augmentation: (seed, epoch) only
         opm_on = opm_active(epoch, args.warmup_epochs, args.opm_window)  # ALGO LOGIC
         rescale_sum, n_exec = 0.0, 0  # ALGO LOGIC: the mean rescale factor of the executed drops
         bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=args.no_progress)
@@ -218,12 +192,11 @@ if __name__ == "__main__":
                 break
             audio, visual, label = spec.unsqueeze(1).to(device), frames.to(device), label.to(device)
 
-            a, v = train_forward(lambda m: (m.audio_net(audio), m.visual_net(visual)))  # the head follows the drop
-            with torch.no_grad():  # ALGO LOGIC: scores from the full batch before any drop (losses: monitoring only)
+            a, v = train_forward(lambda m: (m.audio_net(audio), m.visual_net(visual)))  # ALGO LOGIC: the head later
+            with torch.no_grad():  # ALGO LOGIC: the scores come from the full batch, before any drop
                 z_a, z_v = unimodal_logits(model.head, *model.head(a, v)[:2], bias="half")
-                loss_a, loss_v = F.cross_entropy(z_a, label), F.cross_entropy(z_v, label)
             s = distributed.all_reduce_sum(opm_scores(z_a, z_v, label))  # ALGO LOGIC: over the global batch
-            # ALGO LOGIC: drop probabilities; the drop with probability p_exe (mask, rescale, remove empty samples)
+            # ALGO LOGIC: drop probabilities; with probability p_exe the drop (mask, rescale, remove empty samples)
             q_a, q_v, executed, y, dropped = 0.0, 0.0, False, label, (0.0, 0.0)
             if opm_on:
                 q_a, q_v = drop_probabilities(s[0].item(), s[1].item(), args.q_base, args.lam)
@@ -234,27 +207,28 @@ if __name__ == "__main__":
                 if y.shape[0] == 0:  # every sample lost both modalities: skip the step (never with two modalities)
                     continue
             f_a, f_v, z = train_forward(lambda m: m.head(a, v))
-            loss = F.cross_entropy(z, y)  # mean over the kept samples; only the fused loss is back-propagated
+            loss = F.cross_entropy(z, y)  # ALGO LOGIC: the mean over the kept samples
+            logs = {"train/loss": loss.item(), **runs.branch_logs(z_a, z_v, label)}
 
             optimizer.zero_grad()
             loss.backward()
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
-
-            run.log_step({"train/loss": loss.item(), "train/loss_audio": loss_a.item(),
-                          "train/loss_visual": loss_v.item(), "train/ratio": (s[0] / s[1]).item(),
-                          "train/coeff_audio": q_a, "train/coeff_visual": q_v,  # ALGO LOGIC: OPM's q and the drops
-                          "train/drop_exec_frac": float(executed), "train/drop_frac_audio": dropped[0],
-                          "train/drop_frac_visual": dropped[1]}, label.shape[0])
+            logs.update({"train/ratio": (s[0] / s[1]).item(), "train/coeff_audio": q_a, "train/coeff_visual": q_v,
+                         "train/drop_exec_frac": float(executed), "train/drop_frac_audio": dropped[0],
+                         "train/drop_frac_visual": dropped[1]})  # ALGO LOGIC: q and the drops
+            run.log_step(logs, label.shape[0])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = run.train_metrics(optimizer)
         metrics["train/rescale"] = rescale_sum / n_exec if n_exec else 1.0  # ALGO LOGIC
         scheduler.step()
+        distributed.broadcast_buffers(model)  # torchrun: rank 0's BatchNorm statistics in every process
 
         model.eval()
         metrics.update(run_eval())
-        run.end_epoch(epoch, metrics, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "class_names": class_names,
-                                       "opm_rng": opm_gen.get_state()})  # ALGO LOGIC: OPM's draw stream
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        state["opm_rng"] = opm_gen.get_state()  # ALGO LOGIC: OPM's draw stream
+        if run.end_epoch(epoch, metrics, {**state, "class_names": class_names}):  # --stop-after-epochs
+            break
     run.finish()

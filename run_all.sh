@@ -114,19 +114,19 @@ run_set() {  # data_root out report_dir: every method x seed, JOBS at a time, th
     done
   done
   wait
-  python -m preprocess.report "$out" --out "$report"
+  python -m tools.report "$out" --out "$report"
 }
 
 T0=$SECONDS
 echo "run_all: $DATASET${STUDY:+ (study: $STUDY)}, seeds $SEEDS, methods $METHODS, $JOBS in parallel," \
   "extra args: ${EXTRA[*]:-none}"
 if [ -n "$STUDY" ]; then
-  for regime in $(python -c "from preprocess.report import STUDY_REGIMES; print(' '.join(STUDY_REGIMES))"); do
+  for regime in $(python -c "from tools.report import STUDY_REGIMES; print(' '.join(STUDY_REGIMES))"); do
     echo "regime $regime"
     root=$(prepare_regime "$regime") || exit 1
     run_set "$root" "$OUT/$regime" "$OUT/report/$regime"
   done
-  python -m preprocess.report --study "$OUT" --out "$OUT/report"
+  python -m tools.report --study "$OUT" --out "$OUT/report"
 else
   if [ "$DATASET" = synthetic ]; then  # generate once before runs start in parallel
     if [ "$REGIME" = none ]; then

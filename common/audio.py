@@ -128,7 +128,6 @@ class LogSpectrogram(torch.nn.Module):
         self.n_fft, self.hop = n_fft, hop
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
 
-    @torch.compiler.disable  # --compile: complex tensors stay out of the compiled graph
     def forward(self, x):
         shape = x.shape
         x = x.clamp(-1.0, 1.0).reshape(-1, shape[-1])

@@ -6,14 +6,10 @@ Audio and frames are paired by clip id, never by position; frames come from a *s
 window is deterministic.
 """
 
-import fcntl
-import json
 import os
 import random
-import shutil
 import sys
 import warnings
-import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -24,14 +20,9 @@ from common import distributed
 from common.audio import AUDIO_PIPELINES, AudioConfig, AudioPipeline, LogSpectrogram, read_wav
 from common.cache import check_cache, check_entry
 from common.frames import FrameConfig, FrameTransform, list_frames, load_frame, load_image, select_frames
-from common.splits import (
-    CREMAD_LABELS,
-    KS_CLASSES,
-    Clip,
-    SkippedClipsWarning,
-    cremad_clips,
-    flat_clips,
-)
+from common.in_memory import in_memory_datasets
+from common.splits import CREMAD_LABELS, KS_CLASSES, SkippedClipsWarning, cremad_clips, flat_clips
+from common.synthetic import ensure_synthetic
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,9 +42,6 @@ class AllClipsFailedError(SystemExit, Exception):
         super().__init__(msg)
 
 
-_LIVE = weakref.WeakSet()  # every AVDataset of this process: runs.Run counts their failed loads per epoch
-
-
 class AVDataset(torch.utils.data.Dataset):
     """Clips already paired by id; returns (spec (F, T), frames (3, T_f, H, W), label).
 
@@ -69,7 +57,6 @@ class AVDataset(torch.utils.data.Dataset):
         self.audio, self.frame_cfg, self.frames_tf = AudioPipeline(audio_cfg), frame_cfg, FrameTransform(frame_cfg)
         self.audio_cache, self.frame_cache = audio_cache, frame_cache
         self.skipped = {}  # reason -> list of clip ids, filled by the index builders
-        _LIVE.add(self)
 
     @property
     def stft_in_model(self):
@@ -167,22 +154,6 @@ class AVDataset(torch.utils.data.Dataset):
         return [(load_image if legacy else load_frame)(os.path.join(c.frame_dir, names[k])) for k in idx]
 
 
-def load_failure_counts():
-    """{dataset: its per-clip failed-load counts so far} for every AVDataset of this process (runs.Run, per epoch)."""
-    return {ds: ds.load_failures.clone() for ds in list(_LIVE)}
-
-
-def load_failures_since(before):
-    """(failed loads since the `load_failure_counts()` snapshot `before`, ids of the clips that failed)."""
-    n, ids = 0, []
-    for ds in list(_LIVE):
-        now, old = ds.load_failures, before.get(ds)
-        delta = now - old if old is not None and old.shape == now.shape else now
-        n += int(delta.sum())
-        ids += [ds.clips[k].clip_id for k in delta.nonzero().flatten().tolist()]
-    return n, ids
-
-
 # dataset name -> facts and default loader parameters (docs/data.md)
 DATASETS = {
     "cremad": dict(num_classes=6, n_frames=1, frame_size=224, audio="cremad", subdir="cremad", num_workers=4,
@@ -194,93 +165,6 @@ DATASETS = {
     "synthetic": dict(num_classes=6, n_frames=1, frame_size=32, audio="synthetic", subdir="synthetic", num_workers=0,
                       layout="cremad", classes=CREMAD_LABELS, prepare=None),  # written on first use
 }
-
-
-def add_data_args(parser):
-    """The data flags every script shares (defaults: the official per-dataset values of data.md)."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS), help="which dataset to train on")
-    g.add_argument("--data-root", default="data",
-                   help="folder holding <dataset>/ (synthetic is generated here on first use)")
-    g.add_argument("--n-frames", type=int, default=None,
-                   help="frames per clip (default: 1 CREMA-D/synthetic, 3 KS/VGGSound)")
-    g.add_argument("--frame-size", type=int, default=None, help="frame side in pixels (default 224; synthetic 32)")
-    g.add_argument("--frame-select", default="segment", choices=["segment", "first"],
-                   help="frame sampling rule (docs/data.md)")
-    g.add_argument("--clip-consistent-aug", action="store_true", help="one crop/flip per clip instead of per frame")
-    g.add_argument("--tpami-frames", action="store_true",
-                   help="T-PAMI frame transforms: crop scale (0.25, 1), test resize+center crop")
-    g.add_argument("--audio-pipeline", default=None, choices=sorted(AUDIO_PIPELINES),
-                   help="audio recipe (default: cremad for CREMA-D, stft16k for KS/VGGSound); also --ks-audio")
-    g.add_argument("--ks-audio", dest="audio_pipeline", choices=["stft16k", "pkl1004", "fbank", "aug35k"],
-                   help="alias of --audio-pipeline")
-    g.add_argument("--audio-seconds", type=float, default=None,
-                   help="audio window in seconds (e.g. 20 for AUG's CREMA-D setup)")
-    g.add_argument("--num-workers", type=int, default=None,
-                   help="DataLoader worker processes (default: 0 synthetic, else 4 capped at the CPU count)")
-    g.add_argument("--cache", action="store_true",
-                   help="read spectrograms and frames written by `python -m preprocess.cache`")
-    g.add_argument("--cache-frame-side", type=int, default=256,
-                   help="short side of the cached frames to read (0 = original size)")
-    g.add_argument("--legacy-loader", action="store_true",
-                   help="the previous loader: torchaudio resampling, PIL frames normalised in the worker "
-                   "(docs/data.md)")
-    g.add_argument(
-        "--in-memory",
-        action="store_true",
-        help="benchmarks: random in-memory tensors at the dataset's input sizes instead of its files (no data loading)",
-    )
-    return parser
-
-
-_READ_LOCKS = {}  # root -> open lock file, held (shared) for the life of the process: "this set is being read"
-
-
-def ensure_synthetic(root, params=None):
-    """Generate the default synthetic set on first use, or again if it was written with other generator defaults.
-    With `params` (all generator arguments, e.g. common.synthetic.regime_args): that set instead, regenerated
-    whenever the folder holds another one.
-
-    Safe when several processes start together (torchrun, two run_all.sh jobs): one generates, the others wait for
-    it (an exclusive lock on `<root>.lock`). Every process then holds a shared lock on `<root>.readers` for its
-    lifetime, and a set is only replaced when nobody holds it: a set another run is reading is never deleted.
-    The new set is written to a temporary folder and renamed into place, so nobody reads a half-written set.
-    """
-    from common.synthetic import DEFAULTS, generate
-
-    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-    with open(f"{root}.lock", "a") as gen_lock:
-        fcntl.flock(gen_lock, fcntl.LOCK_EX)  # waits while another process generates; released when the block ends
-        readers = _READ_LOCKS.get(root) or open(f"{root}.readers", "a")
-        meta_path = os.path.join(root, "meta.json")
-        meta = None
-        if os.path.isfile(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
-        if params is not None:
-            ok = meta is not None and {k: v for k, v in meta.items() if k != "custom"} == params
-        else:
-            ok = meta is not None and (meta.get("custom") or meta == DEFAULTS)
-        if not ok:
-            if meta is not None:
-                try:  # replace the set only if no other process is reading it
-                    fcntl.flock(readers, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise SystemExit(f"error: {root} was written with other generator settings and another run is "
-                                     "reading it; wait for that run to end, or pass another --data-root") from None
-                print(f"{root} was written with other generator settings; regenerating it")
-            else:
-                print(f"generating the synthetic dataset in {root} (first use)")
-            tmp = f"{root}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            generate(tmp, **(params or {}))
-            if os.path.isdir(root):
-                old = f"{root}.old{os.getpid()}"
-                os.rename(root, old)
-                shutil.rmtree(old)
-            os.rename(tmp, root)
-        fcntl.flock(readers, fcntl.LOCK_SH)  # this process reads the set from now on
-        _READ_LOCKS[root] = readers
 
 
 def audio_config(args):
@@ -308,8 +192,9 @@ def build_datasets(args):
         args.num_workers = min(facts["num_workers"], cpus)
     elif args.num_workers > cpus:  # kept as given, said once here instead of PyTorch's warnings at every loader
         warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
-        print(f"note: --num-workers {args.num_workers} is more than the {cpus} CPUs this process may use; "
-              "loading may be slower", file=sys.stderr)
+        if distributed.is_main():
+            print(f"note: --num-workers {args.num_workers} is more than the {cpus} CPUs this process may use; "
+                  "loading may be slower", file=sys.stderr)
     n_frames = args.n_frames or facts["n_frames"]
     size = args.frame_size or facts["frame_size"]
     audio_name, audio_cfg = audio_config(args)
@@ -323,7 +208,8 @@ def build_datasets(args):
         getattr(args, "legacy_loader", False),
     )
     if getattr(args, "in_memory", False):
-        return in_memory_datasets(args.dataset, audio_cfg, n_frames, size, getattr(args, "legacy_loader", False))
+        names = facts["classes"] or [f"class{i}" for i in range(facts["num_classes"])]
+        return in_memory_datasets(names, audio_cfg, n_frames, size, getattr(args, "legacy_loader", False))
     root = os.path.join(args.data_root, facts["subdir"])
     sets = []
     try:  # a missing root, split file or clips, a malformed split row: one line naming the path (common/cli.py)
@@ -352,48 +238,6 @@ def build_datasets(args):
     return sets[0], sets[1], sets[0].class_names
 
 
-class InMemoryClips(torch.utils.data.Dataset):
-    """`n` clips of random tensors of the given shapes (a pool of 8, repeated) with random labels: the model step
-    without any data loading, at a dataset's real input sizes (preprocess/benchmark.py, --in-memory). With a
-    `frontend` the audio is a waveform window, as the current loader gives it, so the model step includes the
-    spectrogram the model computes."""
-
-    def __init__(self, n, audio_shape, frames_shape, class_names, seed, frontend=None):
-        g = torch.Generator().manual_seed(seed)
-        self.spec = torch.randn(8, *audio_shape, generator=g) * (0.1 if frontend is not None else 1.0)
-        self.frames = torch.randint(0, 256, (8, *frames_shape), dtype=torch.uint8, generator=g)  # as the loader's
-        self.labels = torch.randint(len(class_names), (n,), generator=g)
-        self.clips = [Clip(str(i), "", "", int(y)) for i, y in enumerate(self.labels)]
-        self.class_names, self.skipped, self.frontend = class_names, {}, frontend
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.spec[i % 8], self.frames[i % 8], self.labels[i]
-
-
-def spectrogram_shape(cfg: AudioConfig):
-    """(F, T) of an STFT pipeline: n_fft // 2 + 1 bins, 1 + samples // hop centred frames (CREMA-D 257 x 188)."""
-    if cfg.kind != "stft":
-        raise ValueError(f"--in-memory supports the STFT audio pipelines, not {cfg.kind}")
-    return cfg.n_fft // 2 + 1, 1 + cfg.window_length // cfg.hop
-
-
-def in_memory_datasets(dataset, audio_cfg, n_frames, size, legacy=False):
-    """Random clips at the dataset's sizes: waveform windows and the front-end (the current loader), or
-    spectrograms (--legacy-loader)."""
-    facts = DATASETS[dataset]
-    names = CREMAD_LABELS if dataset in ("cremad", "synthetic") else KS_CLASSES if dataset == "ks" else [
-        f"class{i}" for i in range(facts["num_classes"])]
-    spec = spectrogram_shape(audio_cfg)
-    frontend = None if legacy else LogSpectrogram(audio_cfg.n_fft, audio_cfg.hop)
-    audio = spec if legacy else (audio_cfg.window_length,)
-    shapes = (audio, (3, n_frames, size, size))
-    return (InMemoryClips(4096, *shapes, names, 0, frontend), InMemoryClips(256, *shapes, names, 1, frontend),
-            names)
-
-
 def seed_worker(worker_id):
     """DataLoader workers: derive python/numpy seeds from the torch seed the loader's generator gave this worker."""
     s = torch.initial_seed() % 2**32
@@ -401,24 +245,42 @@ def seed_worker(worker_id):
     np.random.seed(s)
 
 
-def make_loaders(train_set, test_set, batch_size, num_workers, generator, pin_memory="auto", persistent_workers=False):
-    """Training loader shuffled by `generator` (reseed it each epoch for exact resume), drop_last; full test loader.
+def make_loaders(train_set, test_set, args, generator):
+    """Training loader shuffled by `generator` (reseed it each epoch with `seed_epoch` for an exact resume), drop_last;
+    the full test loader. Reads --batch-size, --num-workers, --pin-memory and --persistent-workers.
 
-    Under torchrun `batch_size` is the global batch: each process loads batch_size / world of its shard
+    Under torchrun --batch-size is the global batch: each process loads batch_size / world of its shard
     (common/distributed.py). pin_memory "auto" pins with CUDA; the test loader keeps its workers between epochs
-    (deterministic transforms), the training loader only with persistent_workers (worker seeds are then drawn once).
+    (deterministic transforms), the training loader only with --persistent-workers (worker seeds are then drawn once).
     """
-    world = distributed.world_size()
+    world, batch_size, num_workers = distributed.world_size(), args.batch_size, args.num_workers
     if batch_size % world:
         raise SystemExit(f"--batch-size {batch_size} (the global batch) must be divisible by the {world} processes")
     batch_size //= world
     train_sampler, test_sampler = distributed.samplers(train_set, test_set)
-    pin = torch.cuda.is_available() if pin_memory == "auto" else pin_memory in ("on", True)
+    pin = torch.cuda.is_available() if args.pin_memory == "auto" else args.pin_memory in ("on", True)
     kw = dict(num_workers=num_workers, worker_init_fn=seed_worker, pin_memory=pin)
     n_train = len(train_sampler) if train_sampler is not None else len(train_set)
     train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=train_sampler is None, sampler=train_sampler,
                                         drop_last=n_train > batch_size, generator=generator,
-                                        persistent_workers=persistent_workers and num_workers > 0, **kw)
+                                        persistent_workers=args.persistent_workers and num_workers > 0, **kw)
     test = torch.utils.data.DataLoader(test_set, batch_size, shuffle=False, sampler=test_sampler, drop_last=False,
                                        persistent_workers=num_workers > 0, **kw)
     return train, test
+
+
+def seed_epoch(loader, seed):
+    """Seed the training loader for one epoch: its shuffle and the augmentation streams of its workers come from
+    `seed` alone, so an epoch depends only on (seed, epoch) and --resume is exact. Under torchrun every process gets
+    the same shuffle (the sampler's epoch) and its own shard, and its own augmentation stream (seed, rank): the
+    loader's generator and the process's global torch, random and numpy generators (the augmentation of 0 workers)
+    are reseeded with it."""
+    loader.generator.manual_seed(seed)
+    if not distributed.active():
+        return
+    loader.sampler.set_epoch(seed)
+    own = seed * 1_000_003 + distributed.rank()
+    loader.generator.manual_seed(own)
+    torch.manual_seed(own)
+    random.seed(own)
+    np.random.seed(own % 2**32)

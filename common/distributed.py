@@ -1,4 +1,4 @@
-"""Several processes with torchrun, and the speed flags: the plumbing every script shares (docs/distributed.md).
+"""Several processes with torchrun: the plumbing every script shares (docs/distributed.md).
 
     python ogm.py ...                                      one process: every function here is a no-op
     torchrun --nproc_per_node=4 ogm.py ...                 4 processes (GPUs) on one machine
@@ -11,43 +11,11 @@ batch statistics (DDP's default). Only rank 0 writes logs, checkpoints and resul
 """
 
 import atexit
-import builtins
-import hashlib
-import json
 import os
-import random
-import resource
-import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-
-
-def add_speed_args(parser):
-    """Flags for speed only: what is trained stays the same (up to bfloat16 rounding with --amp)."""
-    g = parser.add_argument_group("speed")
-    g.add_argument(
-        "--amp",
-        action="store_true",
-        help="bfloat16 autocast in the training forward passes (evaluation stays float32); for GPUs or CPUs with bf16",
-    )
-    g.add_argument("--channels-last", action="store_true",
-                   help="channels-last memory format for the encoders (faster convs on GPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the two encoders (slow first steps)")
-    g.add_argument("--cudnn-benchmark", action="store_true",
-                   help="let cuDNN pick the fastest (non-deterministic) kernels")
-    g.add_argument("--pin-memory", default="auto", choices=["auto", "on", "off"],
-                   help="pinned host memory for batches (auto: on with CUDA)")
-    g.add_argument(
-        "--persistent-workers",
-        action="store_true",
-        help="keep the training loader's workers between epochs (the test loader always does); --resume is then "
-        "no longer bitwise exact, because worker seeds are drawn once instead of per epoch",
-    )
-    return parser
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,10 +37,11 @@ def is_main():
     return rank() == 0
 
 
-def init(args):
+def init_process_group(args):
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); no-op without it.
 
-    GPU: one device per process (cuda:LOCAL_RANK), NCCL. CPU: gloo. Other ranks print nothing and show no progress bar.
+    GPU: one device per process (args.device becomes cuda:LOCAL_RANK), NCCL. CPU: gloo. Only rank 0 shows a progress
+    bar (args.no_progress is set on the others); common/runs.py prints on rank 0 only.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():
         return
@@ -83,7 +52,6 @@ def init(args):
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     if not is_main():
         args.no_progress = True
-        builtins.print = lambda *a, **k: None
     atexit.register(lambda: dist.destroy_process_group() if active() else None)
 
 
@@ -106,10 +74,7 @@ def all_reduce_sum(x):
         return x
     is_list = isinstance(x, (list, tuple))
     t = torch.tensor(x, dtype=torch.float64, device=_comm_device()) if is_list else x.detach().clone()
-    local = t.tolist() if os.environ.get("BML_TRACE_DIR") else None
     dist.all_reduce(t)
-    if local is not None:
-        _trace({"reduce": local, "sum": t.tolist()})
     return t.tolist() if is_list else t
 
 
@@ -129,11 +94,6 @@ def broadcast_module(module):
             dist.broadcast(t.data, 0)
 
 
-def local_rows(t):
-    """This process's share of a tensor drawn for the global batch: rank r holds rows r*B .. (r+1)*B - 1."""
-    return t.chunk(world_size())[rank()] if active() else t
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,21 +109,6 @@ def samplers(train_set, test_set):
     train = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=0, drop_last=True)
     test = torch.utils.data.DistributedSampler(test_set, shuffle=False, drop_last=False)
     return train, test
-
-
-def set_epoch(loader):
-    """Call right after reseeding the loader's generator for the epoch. Under torchrun: the same shuffle on every
-    process (from that seed), this process's shard of it, and an augmentation stream of its own (seed, rank), so
-    the epoch still depends only on (seed, epoch) and --resume stays exact. No-op in one process."""
-    if not active():
-        return
-    seed = loader.generator.initial_seed()
-    loader.sampler.set_epoch(seed)
-    own = seed * 1_000_003 + rank()  # workers' base seed, and the main process's RNGs (augmentation with 0 workers)
-    loader.generator.manual_seed(own)
-    torch.manual_seed(own)
-    random.seed(own)
-    np.random.seed(own % 2**32)
 
 
 def gather_in_order(t, n_total):
@@ -183,55 +128,17 @@ def gather_in_order(t, n_total):
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------
-class TrainForward(nn.Module):
-    """`train_forward(fn)` runs `fn(model)`, the script's training forward pass, under bfloat16 autocast with --amp,
-    returning float32 outputs, so the losses and every statistic stay float32. It is the module DDP wraps, so DDP
-    sees each training forward and averages the gradients of the backward pass that follows.
-    With --amp the returned float32 tensors are new tensors (casts of the bfloat16 ones `fn` computed): gradient
-    surgery belongs inside `fn` (e.g. arl.py's GradScale), since a hook on a returned copy misses the gradient that
-    reaches the original through the rest of `fn`'s graph."""
-
-    def __init__(self, model, amp=False):
-        super().__init__()
-        self.model, self.amp = model, amp
-
-    def forward(self, fn):
-        if not self.amp:
-            return fn(self.model)
-        device_type = next(self.model.parameters()).device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            return _float32(fn(self.model))
-
-
-def _float32(out):
-    if isinstance(out, torch.Tensor):
-        return out.float() if out.is_floating_point() else out
-    if isinstance(out, (list, tuple)):
-        return type(out)(_float32(o) for o in out)
-    if isinstance(out, dict):
-        return {k: _float32(v) for k, v in out.items()}
-    return out
-
-
-def wrap(model, args, ddp=True, find_unused=False):
-    """Apply the speed flags to `model` (in place) and return `train_forward`: `train_forward(fn)` = `fn(model)`.
-
-    ddp=True: under torchrun, DistributedDataParallel around TrainForward(model): one forward, one backward per step.
-    ddp=False: the script averages gradients itself with `sync_grads` (several backward passes per forward).
+def ddp(forward, args, find_unused=False, enabled=True):
+    """Under torchrun: DistributedDataParallel around `forward` (common/speed.py's TrainForward), which averages the
+    gradients of the backward pass that follows each forward. enabled=False, for steps DDP cannot follow (aug.py's two
+    optimizer steps per batch, dgl.py --dgl-impl two-pass; the script averages with `sync_grads`): rank 0's weights
+    are copied to every process instead, as DDP does when it starts. One process: `forward` itself.
     find_unused: parameters that get no gradient in some steps (DDP must then search the graph every step).
     """
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
-    if args.compile:
-        model.audio_net.compile()
-        model.visual_net.compile()
-    forward = TrainForward(model, args.amp)
     if not active():
         return forward
-    if not ddp:
-        broadcast_module(model)
+    if not enabled:
+        broadcast_module(forward)
         return forward
     device_ids = [torch.cuda.current_device()] if args.device.startswith("cuda") else None
     return DistributedDataParallel(forward, device_ids=device_ids, find_unused_parameters=find_unused)
@@ -251,46 +158,10 @@ def sync_grads(model):
             g.copy_(new.view_as(g))
 
 
-def finish_epoch(model, sums, n_samples):
-    """After the training loop: rank 0's BatchNorm running statistics in every process (what evaluation and the
-    checkpoint use; DDP broadcasts them only before each forward, and aug.py runs without DDP), the logged per-step
-    values averaged over processes, and the sample count summed (charts/samples_per_sec is the global rate).
-    Returns (sums, n_samples)."""
-    if not active():
-        return sums, n_samples
-    for b in model.buffers():
-        dist.broadcast(b, 0)
-    keys = sorted(sums)
-    total = all_reduce_sum([sums[k] for k in keys] + [float(n_samples)])
-    return {k: v / world_size() for k, v in zip(keys, total)}, int(total[-1])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Trace (tests/test_distributed.py, preprocess/benchmark.py)
-# ---------------------------------------------------------------------------------------------------------------
-def _trace(record):
-    trace_dir = os.environ["BML_TRACE_DIR"]
-    os.makedirs(trace_dir, exist_ok=True)
-    with open(os.path.join(trace_dir, f"rank{rank()}.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def trace_step(model, stats):
-    """With $BML_TRACE_DIR set: append this step's logged values, the wall and CPU times, the peak memory (and with
-    $BML_TRACE_PARAMS=1 a digest of the parameters) to $BML_TRACE_DIR/rank<r>.jsonl. No-op otherwise."""
-    if not os.environ.get("BML_TRACE_DIR"):
-        return
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    record = {"step": {k: float(v) for k, v in stats.items()}, "time": time.perf_counter(), "cpu": time.process_time(),
-              "peak_mb": peak_mb}
-    if os.environ.get("BML_TRACE_PARAMS") == "1":
-        h = hashlib.sha1()
-        for p in model.parameters():
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-        record["params"] = h.hexdigest()
-    _trace(record)
+def broadcast_buffers(model):
+    """Rank 0's buffers (BatchNorm running statistics) in every process, after the training loop: what evaluation and
+    the checkpoint use (DDP broadcasts them only before each forward, and aug.py runs without DDP). No-op in one
+    process."""
+    if active():
+        for b in model.buffers():
+            dist.broadcast(b, 0)

@@ -20,7 +20,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from common.models import IMAGENET_MEAN, IMAGENET_STD
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def select_frames(n, t_f, train, mode="segment", generator=None):
@@ -151,14 +151,20 @@ def load_frame(path):
             data = f.read()
         if data[:2] == b"\xff\xd8":  # JPEG; strict: corrupt data raises (PIL and OpenCV fill it in grey)
             return simplejpeg.decode_jpeg(data, "RGB", strict=True)
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD) if data else None
+        img = decode_opencv(data) if data else None
     except (OSError, ValueError, cv2.error) as e:
         raise ValueError(f"{path}: unreadable image ({' '.join(str(e).split())}); re-extract this clip's frames or "
                          "remove it from the split") from e
     if img is None:
         raise ValueError(f"{path}: unreadable image ({'empty file' if not data else 'not a decodable image'}); "
                          "re-extract this clip's frames or remove it from the split")
-    return img if _RGB else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def decode_opencv(data):
+    """Encoded image bytes -> (H, W, 3) uint8 RGB with OpenCV's imdecode (None if undecodable)."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD)
+    return img if img is None or _RGB else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 # start and end markers of the frame files list_frames accepts; the end marker is looked for in the file's last
@@ -194,3 +200,11 @@ def list_frames(frame_dir):
     if not os.path.isdir(frame_dir):
         return []
     return sorted(f for f in os.listdir(frame_dir) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+
+
+def normalize_frames(x):
+    """uint8 frames (B, 3, T_f, H, W), as the loader gives them -> float32 x / 255, ImageNet-normalised per channel:
+    the same arithmetic as torchvision's ToTensor + Normalize, once per batch on the batch's device."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
+    return x.to(torch.float32).div(255).sub_(mean).div_(std)

@@ -9,16 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from common.frames import normalize_frames
+
 FUSIONS = ("concat", "sum", "film", "gated")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def normalize_frames(x):
-    """uint8 frames (B, 3, T_f, H, W), as the loader gives them -> float32 x / 255, ImageNet-normalised per channel:
-    the same arithmetic as torchvision's ToTensor + Normalize, once per batch on the batch's device."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
-    return x.to(torch.float32).div(255).sub_(mean).div_(std)
 
 
 class ResNet18Trunk(nn.Module):
@@ -138,10 +131,16 @@ def unimodal_logits(head, f_a, f_v, bias):
     bias="full": concat gives the full bias to both, z_a = W[a;0] + b (ARL, DGL).
     The sum head uses each branch's own full bias under both conventions (then z_a + z_v == z).
     The gated head has the self-gate form of docs/models.md (each modality gates itself), taking the
-    projected features the head exposes. FiLM has no definition: a clear error.
+    projected features the head exposes. FiLM has no unimodal logits, nor has a modality whose feature is None (a
+    unimodal model's missing one): None for it.
     """
     if bias not in ("half", "full"):
         raise ValueError(f"unimodal_logits: bias must be 'half' or 'full', got {bias!r}")
+    if isinstance(head, FiLMHead):
+        return None, None
+    if f_a is None or f_v is None:
+        z_a, z_v = unimodal_logits(head, *(torch.zeros_like(f_a if f_v is None else f_v),) * 2, bias)
+        return (z_a if f_a is not None else None), (z_v if f_v is not None else None)
     if isinstance(head, ConcatHead):
         w, b = head.fc_out.weight, head.fc_out.bias
         d = f_a.shape[1]
@@ -151,10 +150,7 @@ def unimodal_logits(head, f_a, f_v, bias):
         return head.fc_x(f_a), head.fc_y(f_v)
     if isinstance(head, GatedHead):
         return head.fc_out(torch.sigmoid(f_a) * f_a), head.fc_out(torch.sigmoid(f_v) * f_v)
-    raise ValueError(
-        f"--fusion {type(head).__name__}: FiLM has no unimodal logits (docs/models.md); "
-        "use --fusion concat, sum or gated"
-    )
+    raise ValueError(f"unimodal_logits: no unimodal logits for a {type(head).__name__}")
 
 
 def init_weights(module):
@@ -177,9 +173,11 @@ class AVClassifier(nn.Module):
 
     forward(audio, visual) -> (f_a, f_v, z): the features the head exposes and the fused logits.
     `audio_frontend`: the training set's `frontend` (the audio encoder's, for waveform batches), or None.
+    `modality` "audio" or "visual": a unimodal model (baseline.py's unimodal baselines). The other encoder is frozen
+    and never run, the head gets zeros for its feature, and forward returns None for it.
     """
 
-    def __init__(self, num_classes, fusion="concat", audio_frontend=None):
+    def __init__(self, num_classes, fusion="concat", audio_frontend=None, modality="both"):
         super().__init__()
         if fusion not in HEADS:
             raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
@@ -187,6 +185,13 @@ class AVClassifier(nn.Module):
         self.visual_net = VisualEncoder()
         self.head = HEADS[fusion](num_classes)
         init_weights(self)
+        self.modality = modality
+        if modality != "both":  # no gradient ever reaches it: frozen, so DDP and the optimizer leave it alone
+            (self.visual_net if modality == "audio" else self.audio_net).requires_grad_(False)
 
     def forward(self, audio, visual):
-        return self.head(self.audio_net(audio), self.visual_net(visual))
+        if self.modality == "both":
+            return self.head(self.audio_net(audio), self.visual_net(visual))
+        f = self.audio_net(audio) if self.modality == "audio" else self.visual_net(visual)
+        f_a, f_v, z = self.head(*((f, torch.zeros_like(f)) if self.modality == "audio" else (torch.zeros_like(f), f)))
+        return (f_a, None, z) if self.modality == "audio" else (None, f_v, z)

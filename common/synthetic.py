@@ -1,6 +1,6 @@
 """The synthetic dataset: a small seeded audio-visual set in the CREMA-D on-disk layout (docs/data.md).
 
-The scripts write it on first use (common/data.py); `python -m preprocess.synthetic` writes one by hand.
+The scripts write it on first use (`ensure_synthetic`); `python -m preprocess.synthetic` writes one by hand.
 
 Layout (the real CREMA-D loader reads it unchanged):
     <out>/AudioWAV/<clip_id>.wav              16-bit PCM mono
@@ -20,6 +20,7 @@ clips whose weak / dominant modality carries no cue, the noise level) into the g
 REGIMES names the settings the demo and the regime study use.
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -168,3 +169,51 @@ def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
     return meta
+
+
+_READ_LOCKS = {}  # root -> open lock file, held (shared) for the life of the process: "this set is being read"
+
+
+def ensure_synthetic(root, params=None):
+    """Generate the default synthetic set on first use, or again if it was written with other generator defaults.
+    With `params` (all generator arguments, e.g. common.synthetic.regime_args): that set instead, regenerated
+    whenever the folder holds another one.
+
+    Safe when several processes start together (torchrun, two run_all.sh jobs): one generates, the others wait for
+    it (an exclusive lock on `<root>.lock`). Every process then holds a shared lock on `<root>.readers` for its
+    lifetime, and a set is only replaced when nobody holds it: a set another run is reading is never deleted.
+    The new set is written to a temporary folder and renamed into place, so nobody reads a half-written set.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    with open(f"{root}.lock", "a") as gen_lock:
+        fcntl.flock(gen_lock, fcntl.LOCK_EX)  # waits while another process generates; released when the block ends
+        readers = _READ_LOCKS.get(root) or open(f"{root}.readers", "a")
+        meta_path = os.path.join(root, "meta.json")
+        meta = None
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+        if params is not None:
+            ok = meta is not None and {k: v for k, v in meta.items() if k != "custom"} == params
+        else:
+            ok = meta is not None and (meta.get("custom") or meta == DEFAULTS)
+        if not ok:
+            if meta is not None:
+                try:  # replace the set only if no other process is reading it
+                    fcntl.flock(readers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise SystemExit(f"error: {root} was written with other generator settings and another run is "
+                                     "reading it; wait for that run to end, or pass another --data-root") from None
+                print(f"{root} was written with other generator settings; regenerating it")
+            else:
+                print(f"generating the synthetic dataset in {root} (first use)")
+            tmp = f"{root}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            generate(tmp, **(params or {}))
+            if os.path.isdir(root):
+                old = f"{root}.old{os.getpid()}"
+                os.rename(root, old)
+                shutil.rmtree(old)
+            os.rename(tmp, root)
+        fcntl.flock(readers, fcntl.LOCK_SH)  # this process reads the set from now on
+        _READ_LOCKS[root] = readers

@@ -37,7 +37,8 @@ from tqdm import tqdm
 from common import cli
 from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
 from common.cache import cache_folders, check_entry
-from common.data import DATASETS, add_data_args, audio_config, build_datasets
+from common.data import DATASETS, audio_config, build_datasets
+from common.flags import add_data_args
 from common.frames import list_frames, load_frame
 
 _WORKER = {}  # per process: the audio pipeline, the output folders and the frame side

@@ -3,11 +3,8 @@ this process, and `load_block`, which lifts a script's ALGO LOGIC BLOCK out on i
 
 import ast
 import builtins
-import contextlib
-import copy
 import glob
 import json
-import math
 import os
 import runpy
 import shutil
@@ -21,13 +18,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from preprocess.synthetic import generate  # noqa: E402
+from common.synthetic import generate  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +79,29 @@ def run_inproc(script, data_root, runs_dir, *extra):
     return sorted(glob.glob(os.path.join(str(runs_dir), "*")), key=os.path.getmtime)[-1]
 
 
+def make_optimizer(args, params):
+    """The optimizer the scripts build from their flags: SGD with momentum 0.9 or AdamW, with --weight-decay."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, args.lr, weight_decay=args.weight_decay)
+
+
+def ckpt(run_dir, name="last.pt"):
+    """A checkpoint of a run folder, loaded on the CPU."""
+    return torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=False)
+
+
+def history(run_dir):
+    """The rows of a run's metrics.jsonl, one per epoch."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def same_state(sd1, sd2):
+    """Two state dicts hold the same keys and bitwise equal tensors."""
+    return sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
 def read_results(run_dir):
     with open(os.path.join(run_dir, "results.json")) as f:
         return json.load(f)
@@ -93,8 +111,12 @@ def read_results(run_dir):
 # the ALGO LOGIC BLOCK of a method script, executed on its own
 # ----------------------------------------------------------------------------------------------------------------
 BLOCK_START, BLOCK_END = "# ALGO LOGIC BLOCK", "# END ALGO LOGIC BLOCK"
-# everything a block may use besides builtins: torch and three standard-library modules
-BLOCK_NAMES = {"math": math, "copy": copy, "contextlib": contextlib, "torch": torch, "nn": nn, "F": F}
+
+
+def _allowed_import(module):
+    """A block may import torch and the standard library: what any PyTorch project has."""
+    root = module.split(".")[0]
+    return root == "torch" or root in sys.stdlib_module_names
 
 
 def block_source(text, name="<block>"):
@@ -126,30 +148,33 @@ def _bound_names(tree):
 
 
 def exec_block(source, name="<block>"):
-    """Execute block source in a namespace holding only `math`, `torch`, `nn`, `F` and the builtins; return the
-    namespace as an object (`blk.ogm_coefficients(...)`). Fails on an import statement, on `__import__`/`importlib`,
-    and on any name the block reads but neither binds nor finds in that namespace (so a block that leans on the
-    rest of its script fails here, not only when the offending line happens to run)."""
+    """Execute block source in a namespace holding nothing but the builtins, as a user's file that pastes it would;
+    return the namespace as an object (`blk.ogm_coefficients(...)`). The block brings its own imports, of torch and
+    the standard library only. Fails on any other import, on `__import__`/`importlib`/exec/eval, and on any name the
+    block reads but neither binds nor imports (so a block that leans on the rest of its script fails here, not only
+    when the offending line happens to run)."""
     try:
         tree = ast.parse(source, filename=name)
     except SyntaxError as e:
         pytest.fail(f"{name}: the ALGO LOGIC BLOCK does not parse on its own: {e}", pytrace=False)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            what = ", ".join(a.name for a in node.names)
-            if isinstance(node, ast.ImportFrom):
-                what = f"from {node.module} import {what}"
-            pytest.fail(f"{name}, line {node.lineno}: the ALGO LOGIC BLOCK imports ({what}); it may use only "
-                        f"{sorted(BLOCK_NAMES)} and the builtins", pytrace=False)
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            bad = [m for m in modules if not _allowed_import(m)]
+            if bad:
+                pytest.fail(f"{name}, line {node.lineno}: the ALGO LOGIC BLOCK imports {', '.join(bad)}; it may "
+                            "import only torch and the standard library", pytrace=False)
     loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     for forbidden in ("__import__", "importlib", "exec", "eval"):
         if forbidden in loads:
             pytest.fail(f"{name}: the ALGO LOGIC BLOCK uses {forbidden}", pytrace=False)
-    free = loads - _bound_names(tree) - set(BLOCK_NAMES) - set(dir(builtins))
+    imported = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names}
+    free = loads - _bound_names(tree) - imported - set(dir(builtins))
     if free:
-        pytest.fail(f"{name}: the ALGO LOGIC BLOCK reads names it does not define: {sorted(free)} (only "
-                    f"{sorted(BLOCK_NAMES)} and the builtins are available)", pytrace=False)
-    namespace = {"__builtins__": builtins, "__name__": f"algo_block[{name}]", **BLOCK_NAMES}
+        pytest.fail(f"{name}: the ALGO LOGIC BLOCK reads names it neither defines nor imports: {sorted(free)}",
+                    pytrace=False)
+    namespace = {"__builtins__": builtins, "__name__": f"algo_block[{name}]"}
     exec(compile(tree, name, "exec"), namespace)
     return types.SimpleNamespace(**{k: v for k, v in namespace.items() if not k.startswith("__")})
 

@@ -2,7 +2,8 @@
 
 In one 2-process gloo group (one start-up for everything): first the shared statistics functions on this process's
 half of a fixed global batch (results to <out>/functions_rank<r>.json, compared with one process by the test), then
-each job: a script run end to end with runpy, exactly as `python <script> <argv>`, tracing every step to its folder.
+each job: a script run end to end with runpy, exactly as `python <script> <argv>`, tracing every step to its folder
+(tools/trace.py, with parameter digests).
 """
 
 import gc
@@ -22,6 +23,7 @@ import arl  # noqa: E402
 import ogm  # noqa: E402
 import opm  # noqa: E402
 from common import distributed  # noqa: E402
+from tools import trace  # noqa: E402
 
 
 def resolve(arg, out):
@@ -30,6 +32,11 @@ def resolve(arg, out):
         return arg
     (run_dir,) = glob.glob(os.path.join(out, "runs", arg[len("{RUN:"):-1], "*"))
     return run_dir
+
+
+def local_rows(t):
+    """This process's share of a tensor drawn for the global batch: rank r holds rows r*B .. (r+1)*B - 1."""
+    return t.chunk(distributed.world_size())[distributed.rank()]
 
 
 def global_batch():
@@ -50,7 +57,7 @@ def function_checks(out):
            "arl": {k: v.item() for k, v in arl_c.items()}}
     gen = torch.Generator().manual_seed(3)
     keep_a, keep_v = opm.feature_masks(0.5, 0.0, 6 * w, gen)  # as opm.py: drawn for the global batch, local rows kept
-    res["opm_masks"] = [distributed.local_rows(keep_a).tolist(), distributed.local_rows(keep_v).tolist()]
+    res["opm_masks"] = [local_rows(keep_a).tolist(), local_rows(keep_v).tolist()]
     test_set = list(range(13))  # a test split that does not divide evenly: the sampler pads, the gather removes it
     _, sampler = distributed.samplers(test_set, test_set)
     res["gathered"] = distributed.gather_in_order(torch.tensor(list(sampler)), len(test_set)).tolist()
@@ -66,10 +73,10 @@ def function_checks(out):
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         jobs = json.load(f)
-    distributed.init(SimpleNamespace(device="cpu", no_progress=False))
+    distributed.init_process_group(SimpleNamespace(device="cpu", no_progress=False))
     function_checks(jobs["out"])
     for job in jobs["runs"]:
-        os.environ["BML_TRACE_DIR"] = job["trace"]
+        trace.install(job["trace"], params=True)
         sys.argv = [job["script"], *(resolve(a, jobs["out"]) for a in job["argv"])]
         try:
             runpy.run_path(os.path.join(ROOT, job["script"]), run_name="__main__")

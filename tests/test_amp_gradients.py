@@ -6,8 +6,8 @@ the head, and the values the step logged. With `freeze=True` the optimizer does 
 of two runs with the same seed sees the same parameters and the same batch, and their gradients can be compared:
 a run with a method's gradient surgery against a run without it.
 
-On CPU, --amp is bfloat16 autocast (`distributed.TrainForward` autocasts on the parameters' device type), so these
-tests run the same code path as a GPU run with --amp.
+On CPU, --amp is bfloat16 autocast (`speed.TrainForward` autocasts on the parameters' device type), so these tests
+run the same code path as a GPU run with --amp.
 """
 
 import math
@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import run_inproc
 
-from common import distributed, runs
+from common import distributed, runs, speed
 
 
 class Stop(Exception):
@@ -30,34 +30,27 @@ def train_steps(script, data_root, runs_dir, n_steps, *flags, freeze=True, reduc
     optimizer step moves nothing (parameters stay at their init). reduce: replaces distributed.all_reduce_sum (the
     sums a method's statistics are built from)."""
     records, models, logged = [], [], []
-    real_wrap, real_make_optimizer, real_log_step = distributed.wrap, runs.make_optimizer, runs.Run.log_step
+    real_train_forward, real_log_step = speed.train_forward, runs.Run.log_step
 
-    def wrap(model, args, **kw):
+    def train_forward(model, args):
         models.append(model)
-        return real_wrap(model, args, **kw)
+        return real_train_forward(model, args)
 
     def params():
         return {n: p.detach().float().clone() for n, p in models[0].named_parameters()}
 
-    def make_optimizer(args, parameters):
-        optimizer = real_make_optimizer(args, parameters)
+    def before(opt, *_):
+        grads = {n: None if p.grad is None else p.grad.detach().float().clone()
+                 for n, p in models[0].named_parameters()}
+        records.append({"grads": grads} if freeze else {"grads": grads, "before": params()})
+        if freeze:  # SGD and AdamW leave a parameter without a gradient untouched
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
-        def before(opt, *_):
-            grads = {n: None if p.grad is None else p.grad.detach().float().clone()
-                     for n, p in models[0].named_parameters()}
-            records.append({"grads": grads} if freeze else {"grads": grads, "before": params()})
-            if freeze:  # SGD and AdamW leave a parameter without a gradient untouched
-                for group in opt.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
-
-        def after(opt, *_):
-            if not freeze:
-                records[-1]["after"] = params()
-
-        optimizer.register_step_pre_hook(before)
-        optimizer.register_step_post_hook(after)
-        return optimizer
+    def after(opt, *_):
+        if not freeze:
+            records[-1]["after"] = params()
 
     def log_step(self, stats, n_samples):
         real_log_step(self, stats, n_samples)
@@ -66,13 +59,18 @@ def train_steps(script, data_root, runs_dir, n_steps, *flags, freeze=True, reduc
             self.logger.writer.close()
             raise Stop
 
-    with pytest.MonkeyPatch.context() as m, pytest.raises(Stop):
-        m.setattr(distributed, "wrap", wrap)
-        m.setattr(runs, "make_optimizer", make_optimizer)
-        m.setattr(runs.Run, "log_step", log_step)
-        if reduce is not None:
-            m.setattr(distributed, "all_reduce_sum", reduce)
-        run_inproc(script, data_root, runs_dir, "--max-steps", n_steps, *flags)
+    hooks = [torch.optim.optimizer.register_optimizer_step_pre_hook(before),
+             torch.optim.optimizer.register_optimizer_step_post_hook(after)]  # every optimizer's steps
+    try:
+        with pytest.MonkeyPatch.context() as m, pytest.raises(Stop):
+            m.setattr(speed, "train_forward", train_forward)
+            m.setattr(runs.Run, "log_step", log_step)
+            if reduce is not None:
+                m.setattr(distributed, "all_reduce_sum", reduce)
+            run_inproc(script, data_root, runs_dir, "--max-steps", n_steps, *flags)
+    finally:
+        for h in hooks:
+            h.remove()
     per_step = len(records) // n_steps
     for i, r in enumerate(records):
         r["stats"] = logged[i // per_step]

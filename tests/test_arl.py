@@ -1,18 +1,16 @@
 """ARL (arl.py): the properties listed in docs/arl.md (Tests), on CPU with tiny tensors and tiny synthetic data."""
 
 import copy
-import json
 import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_results, run_inproc, run_script
+from conftest import history, read_results, run_inproc, run_script
 
 import arl
 from common.models import AVClassifier
-from common.runs import apply_preset
 
 B, C = 4, 6
 
@@ -38,11 +36,6 @@ def grads_of(module):
 
 def run_inprocess(runs_dir, data_root, *extra):
     return run_inproc("arl.py", data_root, runs_dir, *extra)
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def final_weights(run_dir):
@@ -296,7 +289,7 @@ def test_zero_fill_logits_and_audio_loss_reaches_only_audio_columns(model0, batc
 
 def test_clipping_at_40_by_default(model0, batch):
     for dataset in arl.PRESETS:
-        args = apply_preset(arl.parse_args(["--dataset", dataset]), arl.PRESETS)
+        args = arl.parse_args(["--dataset", dataset])
         assert args.clip_grad == 40.0
     model, _ = step_grads(model0, batch, (0.9, 0.1), 4.0)
     total = torch.nn.utils.clip_grad_norm_(model.parameters(), 40.0)
@@ -332,7 +325,7 @@ def three_epoch_run(tiny_data, tmp_path_factory):
 
 
 def test_warmup_and_previous_step_timing_in_the_logs(three_epoch_run):
-    m = read_metrics(three_epoch_run)
+    m = history(three_epoch_run)
     T, gamma = 8.0, 4.0
     assert m[0]["train/coeff_audio"] == 1.0 and m[0]["train/coeff_visual"] == 1.0  # warm-up: no scaling
     assert m[0]["train/loss"] == pytest.approx(
@@ -348,7 +341,7 @@ def test_warmup_and_previous_step_timing_in_the_logs(three_epoch_run):
 
 
 def test_current_timing_uses_the_same_batch(tiny_data, tmp_path):
-    m = read_metrics(run_inprocess(tmp_path, tiny_data, "--epochs", "2", "--max-steps", "1", "--warmup-epochs", "1",
+    m = history(run_inprocess(tmp_path, tiny_data, "--epochs", "2", "--max-steps", "1", "--warmup-epochs", "1",
                                    "--arl-coeff-timing", "current"))
     c_a = 1 / (1 + math.exp(-8.0 * (m[1]["train/var_share_audio"] - m[1]["train/dep_audio"])))
     assert m[1]["train/coeff_audio"] == pytest.approx(1 + c_a, abs=1e-5) and m[1]["train/coeff_audio"] != 1.5
@@ -367,11 +360,11 @@ def test_resume_continues_exactly(three_epoch_run, tiny_data, tmp_path):
     run."""
     args = ["--epochs", "3", "--max-steps", "1", "--warmup-epochs", "1"]
     run = run_inprocess(tmp_path, tiny_data, *args, "--stop-after-epochs", "2")
-    assert len(read_metrics(run)) == 2
+    assert len(history(run)) == 2
     ckpt = torch.load(os.path.join(run, "last.pt"), map_location="cpu", weights_only=False)
     assert ckpt["arl_coeff"] != (0.5, 0.5)
     run_inprocess(tmp_path, tiny_data, "--resume", run)
-    full, resumed = read_metrics(three_epoch_run), read_metrics(run)
+    full, resumed = history(three_epoch_run), history(run)
     assert [m["train/coeff_audio"] for m in resumed] == [m["train/coeff_audio"] for m in full]
     assert [m["test/acc"] for m in resumed] == [m["test/acc"] for m in full]
     a, b = final_weights(three_epoch_run), final_weights(run)
@@ -412,7 +405,7 @@ def test_current_timing_scales_the_gradients_of_the_same_batch(tiny_data, tmp_pa
     flags = ("--clip-grad", "0", "--warmup-epochs", "0")
     cur, run = one_step_delta(tiny_data, tmp_path / "cur", *flags, "--arl-coeff-timing", "current")
     prev, _ = one_step_delta(tiny_data, tmp_path / "prev", *flags)
-    m = read_metrics(run)[0]
+    m = history(run)[0]
     assert abs(m["train/coeff_audio"] - 1.5) > 0.01  # precondition: c_a differs from the initial 0.5
     for prefix, key in (("audio_net.", "train/coeff_audio"), ("visual_net.", "train/coeff_visual")):
         r = m[key] / 1.5
@@ -482,7 +475,7 @@ def test_logged_ratios_are_the_shares_ratios(tiny_data, tmp_path):
     """One step, so the epoch's means are the step's values: train/ratio = d_a / d_v, train/target_ratio =
     w_a / w_v."""
     _, run = one_step_delta(tiny_data, tmp_path, "--warmup-epochs", "0")
-    m = read_metrics(run)[0]
+    m = history(run)[0]
     d_a, w_a = m["train/dep_audio"], m["train/var_share_audio"]
     assert m["train/ratio"] == pytest.approx(d_a / (1 - d_a), rel=1e-5)
     assert m["train/target_ratio"] == pytest.approx(w_a / (1 - w_a), rel=1e-5)

@@ -10,12 +10,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_inproc
+from conftest import ROOT, ckpt, history, make_optimizer, run_inproc
 
 import aug
 from common.models import AudioEncoder, VisualEncoder, init_weights
-from common.runs import apply_preset, make_optimizer
-from preprocess.synthetic import generate
+from common.synthetic import generate
 
 B, C = 4, 6
 TRUNKS = 11_170_240 + 11_176_512  # audio (1-channel stem) + visual (3-channel stem), docs/models.md
@@ -23,7 +22,7 @@ FIRST_LAYER = 512 * 256 + 256  # 131,328
 
 
 def make_args(*extra):
-    return apply_preset(aug.parse_args(["--dataset", "synthetic", *map(str, extra)]), aug.PRESETS)
+    return aug.parse_args(["--dataset", "synthetic", *map(str, extra)])
 
 
 def setup(*extra, seed=0):
@@ -60,15 +59,6 @@ def same(a, b):
 
 def run_inprocess(runs_dir, data_root, *extra):
     return run_inproc("aug.py", data_root, runs_dir, *extra)
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,7 +306,7 @@ def test_step_callbacks_run_sync_grads_and_clipping():
         assert m is model
         events.append(("sync", sum(p.grad is not None for p in m.parameters())))
 
-    out = step(model, opt, *batch(0), args, run=run, sync_grads=sync_grads)
+    out = step(model, opt, *batch(0), args, forward=run, sync_grads=sync_grads)
     assert len(calls) == 3 and set(out) == {"audio", "visual"}
     assert [e[0] for e in events] == ["sync", "step", "sync", "step"]
     assert events[0][1] > 0 and events[2][1] > 0  # the gradients of that backward pass are there to average
@@ -338,7 +328,7 @@ def test_add_classifier_sync_sees_the_layer_before_it_is_used():
 
 def test_confidence_sums_match_train_mode_forward_at_lr0():
     args, model, opt = setup()
-    for group in opt.param_groups:  # LR 0 (apply_preset refuses --lr 0 on the command line)
+    for group in opt.param_groups:  # LR 0 (--lr 0 is refused on the command line)
         group["lr"] = 0.0
     aug.add_classifier(model, "visual")
     model.train()
@@ -351,8 +341,8 @@ def test_confidence_sums_match_train_mode_forward_at_lr0():
                 expected[m] += p.gather(1, y[:, None]).sum().item()
         out = step(model, opt, audio, visual, y, args)
         for m in total:
-            assert all(isinstance(v, float) for v in out[m])  # plain floats: no graph is kept
-            total[m] += out[m][2]
+            assert all(isinstance(v, float) for v in out[m].values())  # plain floats: no graph is kept
+            total[m] += out[m]["score"]
     for m in total:
         assert total[m] == pytest.approx(expected[m], abs=1e-5)
     assert total["visual"] != pytest.approx(total["audio"])
@@ -386,8 +376,8 @@ def test_confidence_scores_are_taken_before_each_step():
     opt.register_step_post_hook(lambda o, a, k: seen.append(train_mode_scores(model, audio, visual, y)["ensemble"]))
     out = step(model, opt, audio, visual, y, args)
     before_audio, after_audio, before_visual, after_visual = seen
-    assert out["audio"][2] == pytest.approx(before_audio["audio"], abs=1e-5)
-    assert out["visual"][2] == pytest.approx(before_visual["visual"], abs=1e-5)
+    assert out["audio"]["score"] == pytest.approx(before_audio["audio"], abs=1e-5)
+    assert out["visual"]["score"] == pytest.approx(before_visual["visual"], abs=1e-5)
     assert abs(after_audio["audio"] - before_audio["audio"]) > 1e-3  # the test can tell before from after
     assert abs(after_visual["visual"] - before_visual["visual"]) > 1e-3
     assert abs(before_visual["visual"] - before_audio["visual"]) > 1e-3  # the audio step's h counts for visual
@@ -429,7 +419,7 @@ def test_smoke_and_logged_keys(tiny_data, tmp_path):
     with open(os.path.join(run, "results.json")) as f:
         r = json.load(f)
     assert r["epochs_run"] == 2 and 0 <= r["best"]["test/acc"] <= 1
-    for row in read_metrics(run):
+    for row in history(run):
         assert set(KEYS) <= set(row), set(KEYS) - set(row)
         assert row["train/ratio"] == pytest.approx(row["train/score_audio"] / row["train/score_visual"])
         assert 0 < row["train/score_audio"] <= 1 and row["charts/lr"] == 1e-2
@@ -437,14 +427,14 @@ def test_smoke_and_logged_keys(tiny_data, tmp_path):
 
 def test_merge_alpha_one_gives_audio_accuracy(tiny_data, tmp_path):
     run = run_inprocess(tmp_path, tiny_data, "--epochs", 1, "--max-steps", 1, "--merge-alpha", 1.0)
-    row = read_metrics(run)[0]
+    row = history(run)[0]
     assert row["test/acc"] == row["test/acc_audio"] and row["test/map"] == row["test/map_audio"]
 
 
 def test_aca_adds_to_weaker_modality_exactly_when_the_rule_says(tiny_data, tmp_path):
     # with the default thresholds, every epoch a check: logged decision == rule on the logged scores, counts follow
     run = run_inprocess(tmp_path / "rule", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1)
-    rows = read_metrics(run)
+    rows = history(run)
     for e, row in enumerate(rows):
         rule = aug.aca_decision(row["train/score_audio"], row["train/score_visual"], 1.0, 0.01)
         assert row["train/aca_action"] == (rule if e + 1 < len(rows) else 0)
@@ -455,10 +445,10 @@ def test_aca_adds_to_weaker_modality_exactly_when_the_rule_says(tiny_data, tmp_p
     # epoch and 2 is the last (a classifier added then would never be trained or evaluated)
     run = run_inprocess(tmp_path / "forced", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 3,
                         "--aca-sigma", 100)
-    rows = read_metrics(run)
+    rows = history(run)
     assert [r["train/aca_action"] for r in rows] == [-1, 0, 0]
     assert [r["train/coeff_audio"] for r in rows] == [1, 2, 2] and [r["train/coeff_visual"] for r in rows] == [1] * 3
-    assert load(os.path.join(run, "last.pt"))["added"] == ["audio"]
+    assert ckpt(run)["added"] == ["audio"]
 
 
 def eval_only(capsys, tiny_data, tmp_path, checkpoint):
@@ -479,17 +469,17 @@ def eval_only(capsys, tiny_data, tmp_path, checkpoint):
 def test_checkpoint_with_added_classifiers_evaluates_to_same_accuracy(tiny_data, tmp_path, capsys):
     # sigma 1e-6, tau 0: the visual side gets a classifier after every check (epochs 0 and 1; not after the last)
     run = run_inprocess(tmp_path / "run", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1,
-                        "--aca-sigma", 1e-6, "--aca-tau", 0)
-    rows = read_metrics(run)
-    last, best = load(os.path.join(run, "last.pt")), load(os.path.join(run, "best.pt"))
+                        "--aca-sigma", 1e-6, "--aca-tau", 0, "--save-best")
+    rows = history(run)
+    last, best = ckpt(run), ckpt(run, "best.pt")
     assert last["added"] == ["visual", "visual"]
     assert len([k for k in last["model"] if k.startswith("visual_classifiers.") and k.endswith(".weight")]) == 3
     # best.pt is the model as evaluated at its epoch: the classifiers added *after* that epoch are not in it
     assert best["added"] == ["visual"] * best["epoch"]
-    for ckpt, row in (("last.pt", rows[-1]), ("best.pt", rows[best["epoch"]])):
-        m = eval_only(capsys, tiny_data, tmp_path / "eval", os.path.join(run, ckpt))
+    for name, row in (("last.pt", rows[-1]), ("best.pt", rows[best["epoch"]])):
+        m = eval_only(capsys, tiny_data, tmp_path / "eval", os.path.join(run, name))
         for key in ("acc", "acc_audio", "acc_visual", "macro_f1"):
-            assert float(m[key]) == pytest.approx(row[f"test/{key}"], abs=5e-5), (ckpt, key)
+            assert float(m[key]) == pytest.approx(row[f"test/{key}"], abs=5e-5), (name, key)
 
 
 def test_rebuilt_model_reproduces_logits():
@@ -512,9 +502,9 @@ def test_rebuilt_model_reproduces_logits():
 def test_resume_with_added_classifiers(tiny_data, tmp_path, train_new_heads):
     flags = ["--epochs", 2, "--max-steps", 2, "--aca-check-every", 1, "--aca-sigma", 1e-6, "--aca-tau", 0]
     flags += ["--train-new-heads"] if train_new_heads else []
-    straight = read_metrics(run_inprocess(tmp_path / "straight", tiny_data, *flags))
+    straight = history(run_inprocess(tmp_path / "straight", tiny_data, *flags))
     run = run_inprocess(tmp_path / "split", tiny_data, *flags, "--stop-after-epochs", 1)
-    first = load(os.path.join(run, "last.pt"))
+    first = ckpt(run)
     assert first["added"] == ["visual"] and len(first["optimizer"]["param_groups"]) == 1 + train_new_heads
     shutil.copy(os.path.join(run, "last.pt"), tmp_path / "after_epoch0.pt")
     old, sys.argv = sys.argv, ["aug.py", "--resume", run, "--no-progress", "--data-root", str(tiny_data)]
@@ -522,15 +512,15 @@ def test_resume_with_added_classifiers(tiny_data, tmp_path, train_new_heads):
         runpy.run_path(os.path.join(ROOT, "aug.py"), run_name="__main__")
     finally:
         sys.argv = old
-    resumed = read_metrics(run)
+    resumed = history(run)
     assert len(resumed) == 2
     for a, b in zip(straight, resumed):  # the interrupted run continues exactly as the uninterrupted one
         for k in KEYS:
             if not k.startswith("charts/"):
                 assert a[k] == b[k], (a["epoch"], k)
-    final = load(os.path.join(run, "last.pt"))
+    final = ckpt(run)
     assert final["added"] == ["visual"] and len(final["optimizer"]["param_groups"]) == 1 + train_new_heads
-    w_added = load(tmp_path / "after_epoch0.pt")["model"]["visual_classifiers.1.weight"]
+    w_added = torch.load(tmp_path / "after_epoch0.pt", weights_only=False)["model"]["visual_classifiers.1.weight"]
     # the classifier added after epoch 0 trained during epoch 1 only with --train-new-heads
     assert torch.equal(final["model"]["visual_classifiers.1.weight"], w_added) != train_new_heads
 
@@ -550,12 +540,12 @@ def test_resume_when_an_added_head_already_has_momentum(tiny_data, tmp_path):
              "--train-new-heads"]
     straight = run_inprocess(tmp_path / "straight", tiny_data, *flags)
     run = run_inprocess(tmp_path / "split", tiny_data, *flags, "--stop-after-epochs", 2)
-    stopped = load(os.path.join(run, "last.pt"))
+    stopped = ckpt(run)
     assert stopped["added"] == ["visual", "visual"] and len(stopped["optimizer"]["param_groups"]) == 3
     head_ids = stopped["optimizer"]["param_groups"][1]["params"]  # the first added head's weight and bias
     assert all(stopped["optimizer"]["state"][i]["momentum_buffer"].abs().sum() > 0 for i in head_ids)
     resume(run, tiny_data)
-    a, b = load(os.path.join(straight, "last.pt")), load(os.path.join(run, "last.pt"))
+    a, b = ckpt(straight), ckpt(run)
     assert a["added"] == b["added"] == ["visual", "visual"]
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
@@ -563,7 +553,7 @@ def test_resume_when_an_added_head_already_has_momentum(tiny_data, tmp_path):
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for i, state in a["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]), i
-    assert [r["test/acc"] for r in read_metrics(straight)] == [r["test/acc"] for r in read_metrics(run)]
+    assert [r["test/acc"] for r in history(straight)] == [r["test/acc"] for r in history(run)]
 
 
 def test_max_classifiers_caps_the_additions_in_the_loop(tiny_data, tmp_path):
@@ -571,14 +561,14 @@ def test_max_classifiers_caps_the_additions_in_the_loop(tiny_data, tmp_path):
     lets two through (after epochs 0 and 1) and refuses the third (after epoch 2); epoch 3 is the last."""
     run = run_inprocess(tmp_path, tiny_data, "--epochs", 4, "--max-steps", 1, "--aca-check-every", 1,
                         "--aca-sigma", 1e-6, "--aca-tau", 0, "--max-classifiers", 3)
-    rows = read_metrics(run)
+    rows = history(run)
     assert [r["train/aca_action"] for r in rows] == [1, 1, 0, 0]
     assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3, 3] and [r["train/coeff_audio"] for r in rows] == [1] * 4
-    assert load(os.path.join(run, "last.pt"))["added"] == ["visual", "visual"]
+    assert ckpt(run)["added"] == ["visual", "visual"]
     # --max-classifiers 1: the first classifier is the cap, nothing is ever added
     run = run_inprocess(tmp_path / "one", tiny_data, "--epochs", 2, "--max-steps", 1, "--aca-check-every", 1,
                         "--aca-sigma", 1e-6, "--aca-tau", 0, "--max-classifiers", 1)
-    assert [r["train/aca_action"] for r in read_metrics(run)] == [0, 0]
+    assert [r["train/aca_action"] for r in history(run)] == [0, 0]
 
 
 def test_aca_rule_difference_in_the_loop(tiny_data, tmp_path):
@@ -587,15 +577,15 @@ def test_aca_rule_difference_in_the_loop(tiny_data, tmp_path):
     of the sums (8 s_a > 0.5) would add to visual. sigma 10, tau 0.05: s_a - 10 s_v < -0.05, so audio gets one."""
     flags = ["--epochs", 2, "--max-steps", 2, "--aca-rule", "difference"]
     run = run_inprocess(tmp_path / "none", tiny_data, *flags, "--aca-sigma", 0, "--aca-tau", 0.5)
-    row = read_metrics(run)[0]
+    row = history(run)[0]
     s_a, s_v = row["train/score_audio"], row["train/score_visual"]
     assert s_a < 0.5 and s_a / s_v > 0.5 and 8 * s_a > 0.5  # the premise: the other two readings would add
-    assert row["train/aca_action"] == 0 and load(os.path.join(run, "last.pt"))["added"] == []
+    assert row["train/aca_action"] == 0 and ckpt(run)["added"] == []
     run = run_inprocess(tmp_path / "audio", tiny_data, *flags, "--aca-sigma", 10, "--aca-tau", 0.05)
-    rows = read_metrics(run)
+    rows = history(run)
     assert rows[0]["train/score_audio"] - 10 * rows[0]["train/score_visual"] < -0.05
     assert rows[0]["train/aca_action"] == -1 and [r["train/coeff_audio"] for r in rows] == [1, 2]
-    assert load(os.path.join(run, "last.pt"))["added"] == ["audio"]
+    assert ckpt(run)["added"] == ["audio"]
 
 
 def test_sum_probs_scores_in_the_loop(tiny_data, tmp_path, monkeypatch):
@@ -641,7 +631,7 @@ def test_sum_probs_scores_in_the_loop(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(common.distributed, "sync_grads", sync_grads)
     run = run_inprocess(tmp_path, tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1,
                         "--aca-sigma", 1e-6, "--aca-tau", 0, "--residual-source", "sum-probs")
-    rows = read_metrics(run)
+    rows = history(run)
     assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3] and len(epochs) == 3
     for row, e in zip(rows, epochs):
         assert e["calls"] == 4 and e["n"] == 8
@@ -658,9 +648,9 @@ def test_imbalance_first_check_adds_to_visual(tmp_path):
              uninformative_audio=0.0)
     run = run_inprocess(tmp_path / "runs", tmp_path / "data", "--epochs", 2, "--batch-size", 8,
                         "--stop-after-epochs", 1)
-    row = read_metrics(run)[0]
+    row = history(run)[0]
     assert row["train/score_audio"] > 1.01 * row["train/score_visual"]
-    assert row["train/aca_action"] == 1 and load(os.path.join(run, "last.pt"))["added"] == ["visual"]
+    assert row["train/aca_action"] == 1 and ckpt(run)["added"] == ["visual"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -698,7 +688,7 @@ def test_aca_ratio_with_a_zero_visual_score_adds_to_visual():
 def test_best_epoch_ties_go_to_the_later_epoch(tiny_data, tmp_path):
     """A learning rate of 1e-12: the test accuracy stays put, so epochs tie; best.pt is the last of the tied."""
     run = run_inprocess(tmp_path, tiny_data, "--epochs", 3, "--max-steps", 1, "--lr", 1e-12)
-    rows = read_metrics(run)
+    rows = history(run)
     accs = [r["test/acc"] for r in rows]
     tied = [e for e, a in enumerate(accs) if a == max(accs)]
     assert len(tied) >= 2, accs  # precondition: a tie
@@ -710,7 +700,7 @@ def test_logged_loss_is_the_two_steps_losses(tiny_data, tmp_path):
     """One step per epoch: train/loss is the audio step's loss plus the visual step's; once a classifier has been
     added to each side (epochs 1 and 2, forced), those residual losses differ from the ensembles' CE."""
     for sigma, side in (("1e-6", "visual"), ("100", "audio")):  # sigma 1e-6: visual is weaker; 100: audio
-        rows = read_metrics(run_inprocess(tmp_path / side, tiny_data, "--epochs", 2, "--max-steps", 1,
+        rows = history(run_inprocess(tmp_path / side, tiny_data, "--epochs", 2, "--max-steps", 1,
                                           "--aca-check-every", 1, "--aca-sigma", sigma, "--aca-tau", "0",
                                           "--train-new-heads"))
         for row in rows:

@@ -21,8 +21,40 @@ def test_joint_smoke_and_run_folder(tiny_data, tmp_path):
     lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
-    assert os.path.isfile(os.path.join(run, "last.pt")) and os.path.isfile(os.path.join(run, "best.pt"))
     assert r["best"]["test/acc"] == max(json.loads(line)["test/acc"] for line in lines)
+
+
+# README "What a run writes": last.pt 179 MB (the weights of the two ResNet18s and the fusion head, 89 MB, and SGD's
+# momentum, as much again), best.pt 89 MB (--save-best: weights only), the logs a few kB. The model's size does not
+# depend on the input size, so the tiny run's checkpoints have the real ones' size.
+MB = 1e6
+
+
+def sizes(run):
+    return {f if not f.startswith("events.out.tfevents") else "events": os.path.getsize(os.path.join(run, f))
+            for f in os.listdir(run)}
+
+
+def test_a_run_writes_one_resumable_checkpoint_of_the_documented_size(tiny_data, tmp_path):
+    _, run = run_script("baseline.py", tiny_data, tmp_path, *TINY)
+    written = sizes(run)
+    assert set(written) == {"args.json", "metrics.jsonl", "events", "results.json", "last.pt"}
+    assert written["last.pt"] == pytest.approx(179 * MB, abs=0.5 * MB)
+    assert sum(v for k, v in written.items() if k != "last.pt") < 0.1 * MB
+    last = torch.load(os.path.join(run, "last.pt"), weights_only=False)
+    assert {"model", "optimizer", "scheduler", "rng", "history", "best", "args"} <= set(last)
+
+
+def test_save_best_keeps_the_best_weights_only_and_no_save_writes_no_checkpoint(tiny_data, tmp_path):
+    _, run = run_script("baseline.py", tiny_data, tmp_path / "best", *TINY, "--save-best")
+    written = sizes(run)
+    assert written["best.pt"] == pytest.approx(89 * MB, abs=0.5 * MB)
+    best = torch.load(os.path.join(run, "best.pt"), weights_only=False)
+    assert "optimizer" not in best and "scheduler" not in best and "rng" not in best
+    assert best["epoch"] == read_results(run)["best"]["epoch"]
+    _, run = run_script("baseline.py", tiny_data, tmp_path / "none", *TINY, "--no-save")
+    assert not [f for f in os.listdir(run) if f.endswith(".pt")]
+    assert read_results(run)["epochs_run"] == 2
 
 
 @pytest.mark.parametrize("modality,absent", [("audio", "test/acc_visual"), ("visual", "test/acc_audio")])
@@ -57,7 +89,7 @@ def test_resume_reaches_the_same_numbers(tiny_data, tmp_path):
 
 
 def test_eval_only(tiny_data, tmp_path):
-    _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2")
+    _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--save-best")
     best = read_results(run)["best"]
     proc, _ = run_script("baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint",
                          os.path.join(run, "best.pt"))

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_loading_only_reports_every_table(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "preprocess.benchmark", "--sizes", "synthetic", "--loading-only", "--clips", "4",
+    cmd = [sys.executable, "-m", "tools.benchmark", "--sizes", "synthetic", "--loading-only", "--clips", "4",
            "--loader-rounds", "1", "--work-dir", str(tmp_path / "work"), "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -14,10 +14,11 @@ import torch
 from conftest import read_results, run_script
 from PIL import Image
 
-from common.data import add_data_args, build_datasets
+from common.data import build_datasets
+from common.flags import add_data_args
 from common.frames import list_frames, load_image
+from common.synthetic import generate
 from preprocess import cache
-from preprocess.synthetic import generate
 
 
 def data_args(root, **kw):

@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import ROOT
 
+import ogm
+from common import flags
 from common.data import build_datasets, make_loaders
-from common.runs import make_parser
 from preprocess import cremad, kinetics_sounds, vggsound
 
 # the docs' command of each script (README.md, docs/<method>.md), run without its dataset
@@ -50,13 +51,19 @@ def test_run_all_without_the_dataset(tmp_path):
     assert str(tmp_path / "cremad") in one_line(proc)
 
 
-def user_error(script, *argv, data_root):
-    """Run `python <script> --dataset cremad --data-root <empty> <argv>` in this process; return its exit message.
-    The empty data root makes a check that does not fire end at the dataset instead of training."""
+def user_error(script, *argv, data_root, capsys):
+    """Run `python <script> --dataset cremad --data-root <empty> <argv>` in this process; return its one-line error:
+    argparse's (a range or an invalid combination of flags: exit status 2, the line on stderr) or a SystemExit
+    message (exit status 1). The empty data root makes a check that does not fire end at the dataset instead."""
     old, sys.argv = sys.argv, [script, "--dataset", "cremad", "--data-root", str(data_root), *map(str, argv)]
+    capsys.readouterr()
     try:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     except SystemExit as e:
+        if e.code == 2:
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"{script}: error: ") and "(see --help)" in err[0], err
+            return err[0]
         assert isinstance(e.code, str), f"exit {e.code!r} without a message"
         assert "\n" not in e.code, e.code
         return e.code
@@ -66,12 +73,13 @@ def user_error(script, *argv, data_root):
 
 
 CASES = [  # (script, flags, text the one-line error must contain)
-    # shared flags (common/runs.py)
+    # shared flags (common/flags.py)
     ("baseline.py", ["--epochs", 0], "--epochs must be positive"),
     ("baseline.py", ["--batch-size", -4], "--batch-size must be positive"),
-    ("baseline.py", ["--lr", "nan"], "--lr must be positive"),
+    ("baseline.py", ["--lr", "nan"], "--lr must be a finite number, got nan"),
+    ("baseline.py", ["--lr", "abc"], "--lr must be a number, got 'abc'"),
     ("baseline.py", ["--lr-gamma", 0], "--lr-gamma"),
-    ("baseline.py", ["--lr-milestones", 5, -1], "--lr-milestones must be >= 0, got 5 -1"),
+    ("baseline.py", ["--lr-milestones", 5, -1], "--lr-milestones must be >= 0, got -1"),
     ("baseline.py", ["--weight-decay", -0.1], "--weight-decay"),
     ("baseline.py", ["--clip-grad", -1], "--clip-grad"),
     ("baseline.py", ["--seed", -1], "--seed"),
@@ -96,10 +104,10 @@ CASES = [  # (script, flags, text the one-line error must contain)
     ("ogm.py", ["--warmup-epochs", -1], "--warmup-epochs"),
     ("ogm.py", ["--modulation-starts", 60], "--modulation-starts 60 is after --modulation-ends 50"),
     ("ogm.py", ["--modulation", "ogm", "--ge-target", "dominant"], "--ge-target"),
-    ("ogm.py", ["--unimodal-logits", "self-gate"], "--unimodal-logits self-gate"),
+    ("ogm.py", ["--fusion", "film"], "argument --fusion: invalid choice: 'film'"),
     # OPM
-    ("opm.py", ["--q-base", 1.5], "--q-base must be a probability"),
-    ("opm.py", ["--p-exe", -0.1], "--p-exe must be a probability"),
+    ("opm.py", ["--q-base", 1.5], "--q-base must be in [0, 1], got 1.5"),
+    ("opm.py", ["--p-exe", -0.1], "--p-exe must be in [0, 1], got -0.1"),
     ("opm.py", ["--lam", -1], "--lam"),
     ("opm.py", ["--warmup-epochs", -1], "--warmup-epochs"),
     ("opm.py", ["--opm-window", 5, 2], "--opm-window 5 2"),
@@ -109,11 +117,11 @@ CASES = [  # (script, flags, text the one-line error must contain)
     ("arl.py", ["--gamma", -1], "--gamma"),
     ("arl.py", ["--entropy-floor", 0.6], "--entropy-floor"),
     ("arl.py", ["--select-after", 99], "--select-after 99"),
-    ("arl.py", ["--fusion", "film"], "--fusion film"),
+    ("arl.py", ["--fusion", "film"], "argument --fusion: invalid choice: 'film'"),
     # DGL
     ("dgl.py", ["--alpha", 0], "--alpha must be positive"),
     ("dgl.py", ["--gated-release-quirk"], "--gated-release-quirk needs --fusion gated"),
-    ("dgl.py", ["--fusion", "film"], "--fusion film"),
+    ("dgl.py", ["--fusion", "film"], "argument --fusion: invalid choice: 'film'"),
     # AUG
     ("aug.py", ["--lam-res", 1.5], "--lam-res"),
     ("aug.py", ["--merge-alpha", -0.1], "--merge-alpha"),
@@ -121,33 +129,35 @@ CASES = [  # (script, flags, text the one-line error must contain)
     ("aug.py", ["--aca-tau", -1], "--aca-tau"),
     ("aug.py", ["--aca-check-every", 0], "--aca-check-every"),
     ("aug.py", ["--max-classifiers", -1], "--max-classifiers"),
-    ("aug.py", ["--fusion", "gated"], "--fusion gated: AUG has no fusion head"),
+    ("aug.py", ["--fusion", "gated"], "unrecognized arguments: --fusion gated"),
+    ("baseline.py", ["--no-save", "--resume", "x"], "--resume"),
+    ("opm.py", ["--fusion", "film"], "argument --fusion: invalid choice: 'film'"),
 ]
 
 
 @pytest.mark.parametrize("script, flags, text", CASES, ids=[f"{c[0]}{' '.join(map(str, c[1]))}" for c in CASES])
-def test_range_and_combination_errors(script, flags, text, tmp_path):
-    message = user_error(script, *flags, data_root=tmp_path)
+def test_range_and_combination_errors(script, flags, text, tmp_path, capsys):
+    message = user_error(script, *flags, data_root=tmp_path, capsys=capsys)
     assert text in message, message
 
 
-def test_cuda_without_cuda(tmp_path):
+def test_cuda_without_cuda(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert "--device cuda" in user_error("baseline.py", "--device", "cuda", data_root=tmp_path)
+    assert "--device cuda" in user_error("baseline.py", "--device", "cuda", data_root=tmp_path, capsys=capsys)
 
 
-def test_unreadable_checkpoint(tmp_path):
+def test_unreadable_checkpoint(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
-    message = user_error("ogm.py", "--eval-only", "--checkpoint", bad, data_root=tmp_path)
+    message = user_error("ogm.py", "--eval-only", "--checkpoint", bad, data_root=tmp_path, capsys=capsys)
     assert f"{bad}: not a readable checkpoint" in message
 
 
 def test_argparse_errors_are_one_line(capsys):
     for argv in (["--alpha", "abc"], ["--fusion", "xyz"], ["--no-such-flag"]):
         with pytest.raises(SystemExit) as e:
-            make_parser("doc", "ogm.py").parse_args(argv)
+            ogm.parse_args(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "error:" in err[0] and argv[0] in err[0], err
@@ -168,7 +178,11 @@ def test_preprocess_inputs_are_checked_first(tmp_path):
 
 
 def data_args(*argv):
-    return make_parser("doc", "x.py").parse_args(list(argv))
+    return flags.parser("doc", "x.py").parse_args(list(argv))
+
+
+def loader_args(num_workers):
+    return SimpleNamespace(batch_size=2, num_workers=num_workers, pin_memory="auto", persistent_workers=False)
 
 
 def usable_cpus():
@@ -180,7 +194,7 @@ def test_default_workers_fit_the_machine_without_a_pytorch_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train, test, _ = build_datasets(args)
-        loader, _ = make_loaders(train, test, 2, args.num_workers, torch.Generator())
+        loader, _ = make_loaders(train, test, loader_args(args.num_workers), torch.Generator())
         next(iter(loader))
     assert args.num_workers == min(4, usable_cpus())
     assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
@@ -192,7 +206,7 @@ def test_more_workers_than_cpus_are_kept_with_one_note(capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train, test, _ = build_datasets(args)
-        loader, _ = make_loaders(train, test, 2, args.num_workers, torch.Generator())
+        loader, _ = make_loaders(train, test, loader_args(args.num_workers), torch.Generator())
         next(iter(loader))
     assert args.num_workers == n
     err = capsys.readouterr().err.strip().splitlines()
@@ -204,5 +218,5 @@ def test_check_skips_preset_values_and_lists_every_element():
     from common.cli import check
 
     check(SimpleNamespace(alpha=None), "alpha", lambda x: x >= 0, ">= 0")  # left to the preset
-    with pytest.raises(SystemExit, match=r"^--lr must be positive, got inf$"):
+    with pytest.raises(SystemExit, match=r"^--lr must be a finite number, got inf$"):
         check(SimpleNamespace(lr=float("inf")), "lr", lambda x: x > 0, "positive")

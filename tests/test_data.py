@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from common.audio import AUDIO_PIPELINES, AudioPipeline, read_wav
-from common.data import LoadFailedWarning, add_data_args, build_datasets
+from common.data import LoadFailedWarning, build_datasets
+from common.flags import add_data_args
 from common.frames import select_frames
 from common.splits import SkippedClipsWarning
-from preprocess.synthetic import class_colours, generate, make_frame, write_wav
+from common.synthetic import class_colours, generate, make_frame, write_wav
 
 
 def data_args(**kw):

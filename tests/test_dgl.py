@@ -8,10 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_results, run_inproc, run_script
+from conftest import history, make_optimizer, read_results, run_inproc, run_script
 
 import dgl
-from common import runs
 from common.models import AVClassifier
 
 B, C = 4, 6
@@ -69,11 +68,6 @@ def run_inprocess(runs_dir, data_root, *extra):
     return run_inproc("dgl.py", data_root, runs_dir, *extra)
 
 
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def final_weights(run_dir):
     return torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=False)["model"]
 
@@ -122,7 +116,7 @@ def test_doubling_alpha_doubles_encoder_gradients_only(models, batch):
 def test_alpha_zero_leaves_the_encoders_unchanged(models, batch):
     model = copy.deepcopy(models["concat"])
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = runs.make_optimizer(SimpleNamespace(optimizer="sgd", lr=0.1, weight_decay=0.0), model.parameters())
+    opt = make_optimizer(SimpleNamespace(optimizer="sgd", lr=0.1, weight_decay=0.0), model.parameters())
     audio, visual, y = batch
     for _ in range(3):
         a, v = model.audio_net(audio), model.visual_net(visual)
@@ -162,7 +156,7 @@ def test_gated_head_default_trains_projections_quirk_freezes_them(models, batch)
     model, g = forward_backward(models["gated"], batch, "full", quirk=True)
     assert g["head"]["fc_x.weight"] is None and g["head"]["fc_y.weight"] is None
     assert not is_zero(g["head"]["fc_out.weight"])
-    opt = runs.make_optimizer(SimpleNamespace(optimizer="sgd", lr=0.1, weight_decay=None), model.parameters())
+    opt = make_optimizer(SimpleNamespace(optimizer="sgd", lr=0.1, weight_decay=1e-4), model.parameters())
     opt.step()  # SGD skips parameters without a gradient, weight decay included
     for n in ("fc_x.weight", "fc_x.bias", "fc_y.weight", "fc_y.bias"):
         assert torch.equal(model.head.get_parameter(n), models["gated"].head.get_parameter(n))
@@ -171,7 +165,7 @@ def test_gated_head_default_trains_projections_quirk_freezes_them(models, batch)
 @pytest.mark.parametrize("fusion", ["concat", "sum"])
 def test_gated_quirk_refuses_other_heads(models, batch, fusion):
     audio, visual, _ = batch
-    with pytest.raises(SystemExit, match="--fusion gated"):
+    with pytest.raises(ValueError, match="--fusion gated"):
         dgl.forward(copy.deepcopy(models[fusion]), audio, visual, "single-pass", True)
 
 
@@ -211,7 +205,7 @@ def test_head_is_a_linear_probe(models, batch):
 
 def test_clipping_at_40_by_default(models, batch):
     for dataset in dgl.PRESETS:
-        args = runs.apply_preset(dgl.parse_args(["--dataset", dataset]), dgl.PRESETS)
+        args = dgl.parse_args(["--dataset", dataset])
         assert args.clip_grad == 40.0
     model, _ = forward_backward(models["concat"], batch, "full")
     assert torch.nn.utils.clip_grad_norm_(model.parameters(), 40.0) > 40  # precondition: this gradient is clipped
@@ -255,9 +249,9 @@ def test_two_pass_run_matches_single_pass_run(two_epoch_run, tiny_data, tmp_path
 
 def test_resume_continues_exactly(two_epoch_run, tiny_data, tmp_path):
     run = run_inprocess(tmp_path, tiny_data, "--epochs", "2", "--max-steps", "2", "--stop-after-epochs", "1")
-    assert len(read_metrics(run)) == 1
+    assert len(history(run)) == 1
     run_inprocess(tmp_path, tiny_data, "--resume", run)
-    assert [m["test/acc"] for m in read_metrics(run)] == [m["test/acc"] for m in read_metrics(two_epoch_run)]
+    assert [m["test/acc"] for m in history(run)] == [m["test/acc"] for m in history(two_epoch_run)]
     a, b = final_weights(two_epoch_run), final_weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -289,5 +283,5 @@ def test_clipping_in_the_training_loop(tiny_data, tmp_path):
 def test_logged_ratio_is_a_quotient_of_the_scores(tiny_data, tmp_path):
     """At initialisation both zero-fill predictions are near uniform, so s_a ~ s_v ~ B / C: the logged ratio s_a / s_v
     is near 1 (a product of the two scores would be near (B / C)^2 = 0.44)."""
-    row = read_metrics(run_inprocess(tmp_path, tiny_data, "--epochs", 1, "--max-steps", 1))[0]
+    row = history(run_inprocess(tmp_path, tiny_data, "--epochs", 1, "--max-steps", 1))[0]
     assert 0.7 < row["train/ratio"] < 1.5  # measured 1.21

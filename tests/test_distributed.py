@@ -2,7 +2,7 @@
 processes use the same coefficient, the one computed from the statistics summed over both processes' samples.
 
 One torchrun launch (tests/distributed_driver.py) runs all the scripts in a single process group, each tracing its
-steps ($BML_TRACE_DIR, common/distributed.py: logged values, reduced statistics, a digest of the parameters).
+steps (tools/trace.py: logged values, reduced statistics, a digest of the parameters).
 BatchNorm keeps per-process batch statistics, so the coefficients are checked against the gathered statistics, not
 against a single-process run.
 """
@@ -30,6 +30,7 @@ from common.data import build_datasets, make_loaders  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.models import AVClassifier, unimodal_logits  # noqa: E402
 from preprocess import cache  # noqa: E402
+from tools import trace  # noqa: E402
 
 TINY = ["--epochs", "1", "--max-steps", "2", "--eval-max-steps", "1"]
 RUNS = {
@@ -74,7 +75,7 @@ def ddp(tiny_data, tmp_path_factory):
         json.dump({"out": str(out), "runs": runs}, f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "distributed_driver.py"), str(out / "jobs.json")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, BML_TRACE_PARAMS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -193,9 +194,9 @@ def test_gathered_test_metrics_count_every_clip_once(ddp, tiny_data):
     """The metrics the 2-process run logged equal one process evaluating its checkpoint on the whole test split."""
     run = glob.glob(str(ddp / "runs" / "ogm" / "*"))[0]
     logged = read_results(run)["last"]
-    args = ogm.parse_args(["--dataset", "synthetic", "--data-root", tiny_data])
+    args = ogm.parse_args(["--dataset", "synthetic", "--data-root", tiny_data, "--batch-size", "4"])
     _, test_set, classes = build_datasets(args)
-    _, loader = make_loaders(test_set, test_set, 4, 0, torch.Generator())
+    _, loader = make_loaders(test_set, test_set, args, torch.Generator())
     model = AVClassifier(len(classes), "concat", test_set.frontend)
     model.load_state_dict(torch.load(os.path.join(run, "last.pt"), weights_only=False)["model"])
     model.eval()
@@ -245,16 +246,15 @@ def test_resume_under_torchrun_continues_exactly(ddp, full, stopped, resumed):
 
 
 @pytest.mark.parametrize("script", ["baseline.py", "ogm.py", "opm.py", "arl.py", "dgl.py", "aug.py"])
-def test_amp_and_channels_last_run_on_cpu(script, tiny_data, tmp_path, monkeypatch):
+def test_amp_and_channels_last_run_on_cpu(script, tiny_data, tmp_path):
     """Every script's training forward runs under bfloat16 autocast with --amp (the loss moves by bf16 rounding, and
     stays float32 and close), and --channels-last stores the encoders' conv kernels channels-last."""
     extra = ["--warmup-epochs", "0"] if script in ("opm.py", "arl.py") else []
     first_loss, runs = {}, {}
     for name, flags in (("fp32", []), ("amp", ["--amp", "--channels-last"])):
-        monkeypatch.setenv("BML_TRACE_DIR", str(tmp_path / "trace" / name))
-        runs[name] = run_inproc(
-            script, tiny_data, tmp_path / name, "--epochs", 1, "--max-steps", 1, "--eval-max-steps", 1, *extra, *flags
-        )
+        with trace.tracing(str(tmp_path / "trace" / name)):
+            runs[name] = run_inproc(script, tiny_data, tmp_path / name, "--epochs", 1, "--max-steps", 1,
+                                    "--eval-max-steps", 1, *extra, *flags)
         with open(tmp_path / "trace" / name / "rank0.jsonl") as f:
             first_loss[name] = next(r for r in map(json.loads, f) if "step" in r)["step"]["train/loss"]
     assert first_loss["amp"] != first_loss["fp32"]  # the forward pass did run in bfloat16

@@ -81,17 +81,19 @@ def true_class_prob_sum(z, y):
 # ----------------------------------------------------------------------------------------------------------------
 # load_block itself
 # ----------------------------------------------------------------------------------------------------------------
-def test_load_block_rejects_imports_missing_markers_and_foreign_names():
-    good = "x = 1\n# ALGO LOGIC BLOCK: toy\ndef f(t):\n    return torch.relu(t) + math.pi\n# END ALGO LOGIC BLOCK\n"
+def test_load_block_rejects_foreign_imports_missing_markers_and_foreign_names():
+    good = ("x = 1\n# ALGO LOGIC BLOCK: toy\nimport math\n\nimport torch\n\n\ndef f(t):\n    return torch.relu(t) + math.pi\n"
+            "# END ALGO LOGIC BLOCK\n")
     assert exec_block(block_source(good)).f(torch.tensor(-1.0)).item() == pytest.approx(math.pi)
     assert "x = 1" not in block_source(good)
     for bad, why in [
         (good.replace("# END ALGO LOGIC BLOCK\n", ""), "marker"),
         (good.replace("# ALGO LOGIC BLOCK: toy\n", ""), "marker"),
         (good + "# ALGO LOGIC BLOCK: again\n# END ALGO LOGIC BLOCK\n", "marker"),
-        (good.replace("def f", "import numpy as np\ndef f"), "imports"),
-        (good.replace("def f", "from common.models import unimodal_logits\ndef f"), "imports"),
-        (good.replace("math.pi", "np.pi"), "does not define"),  # a name from the rest of the script
+        (good.replace("def f", "import numpy as np\ndef f"), "imports numpy"),
+        (good.replace("def f", "from common.models import unimodal_logits\ndef f"), "imports common.models"),
+        (good.replace("import math\n", ""), "neither defines nor imports"),  # a name from the rest of the script
+        (good.replace("math.pi", "np.pi"), "neither defines nor imports"),
         (good.replace("math.pi", "__import__('numpy').pi"), "__import__"),
     ]:
         with pytest.raises(pytest.fail.Exception, match=why):
@@ -100,7 +102,8 @@ def test_load_block_rejects_imports_missing_markers_and_foreign_names():
 
 @pytest.mark.parametrize("script", ["ogm.py", "opm.py", "arl.py"])
 def test_block_is_self_contained(script):
-    """The block runs with nothing but math/torch/nn/F: no name is taken from the rest of the script."""
+    """The block runs with nothing but the builtins and its own imports: no name is taken from the rest of the
+    script."""
     blk = load_block(script)
     assert not set(vars(blk)) & {"np", "runs", "distributed", "unimodal_logits", "AVClassifier", "random"}
 

@@ -258,10 +258,10 @@ def test_aug_step_moves_audio_params_on_the_audio_step_only(aug_blk):
     out = [aug_blk.aug_step(model, opt, x_a, x_v, y, lam) for _ in range(2)]
     assert len(snaps) == 5 and set(out[0]) == {"audio", "visual"}
     # what the first audio step reports: L_a, CE(P_a) and the sum of softmax(P_a)[y], all before its update
-    assert out[0]["audio"][0] == pytest.approx(ref_loss.item(), rel=1e-6)
-    assert out[0]["audio"][1] == pytest.approx(F.cross_entropy(sum(ref_logits), y).item(), rel=1e-6)
+    assert out[0]["audio"]["loss"] == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert out[0]["audio"]["ce"] == pytest.approx(F.cross_entropy(sum(ref_logits), y).item(), rel=1e-6)
     ref_score = torch.softmax(sum(ref_logits), 1).gather(1, y[:, None]).sum().item()
-    assert out[0]["audio"][2] == pytest.approx(ref_score, rel=1e-6) and ref_score > 1  # a sum over the batch
+    assert out[0]["audio"]["score"] == pytest.approx(ref_score, rel=1e-6) and ref_score > 1  # a sum over the batch
     for i in (1, 3):  # audio steps
         assert all(moved(snaps[i - 1][0], snaps[i][0])) and not any(moved(snaps[i - 1][1], snaps[i][1]))
     for i in (2, 4):  # visual steps

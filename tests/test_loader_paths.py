@@ -18,7 +18,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from common.audio import AUDIO_PIPELINES, AudioPipeline, LogSpectrogram, read_wav
-from common.data import add_data_args, build_datasets
+from common.data import build_datasets
+from common.flags import add_data_args
 from common.frames import (
     FrameConfig,
     FrameTransform,
@@ -26,9 +27,10 @@ from common.frames import (
     list_frames,
     load_frame,
     load_image,
+    normalize_frames,
     resize_uint8,
 )
-from common.models import AudioEncoder, VisualEncoder, normalize_frames
+from common.models import AudioEncoder, VisualEncoder
 
 
 def speech_like(seconds=2.4, sr=16000, seed=0):

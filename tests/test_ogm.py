@@ -6,19 +6,17 @@ path as `python ogm.py ...`, without paying the torch/torchvision import for eve
 
 import copy
 import glob
-import json
 import math
-import os
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_results, run_inproc, run_script
+from conftest import ckpt, history, read_results, run_inproc, run_script, same_state
 
 import ogm  # noqa: E402  (conftest puts the repo root on sys.path)
 from common.models import AVClassifier, unimodal_logits
-from preprocess.synthetic import generate
+from common.synthetic import generate
 
 SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "train/coeff_audio",
                "train/coeff_visual", "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map",
@@ -28,19 +26,6 @@ SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/rat
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-def ckpt(run_dir, name="last.pt"):
-    return torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=False)
-
-
-def history(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def same_state(sd1, sd2):
-    return sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
-
-
 def no_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("charts/samples_per_sec", "charts/epoch_time")} for r in rows]
 

@@ -11,14 +11,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_results, run_inproc, run_script
+from conftest import ckpt, history, read_results, run_inproc, run_script, same_state
 
 import opm  # noqa: E402  (conftest puts the repo root on sys.path)
 from common.data import build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
-from common.runs import apply_preset
-from preprocess.synthetic import generate
+from common.synthetic import generate
+from tools import trace
 
 SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "train/coeff_audio",
                "train/coeff_visual", "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map",
@@ -29,19 +29,6 @@ OPM_KEYS = ["train/drop_exec_frac", "train/drop_frac_audio", "train/drop_frac_vi
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-def ckpt(run_dir, name="last.pt"):
-    return torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=False)
-
-
-def history(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def same_state(sd1, sd2):
-    return sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
-
-
 def shared_only(rows):
     """The keys baseline.py logs too, without timings and the method's coefficients."""
     drop = ("charts/samples_per_sec", "train/coeff_audio", "train/coeff_visual")
@@ -315,10 +302,9 @@ def test_warmup_is_baseline_and_draws_nothing(tiny_data, tmp_path):
 def test_evaluation_has_no_drop(tiny_data, opm_2ep):
     """The logged test metrics of an OPM run equal a plain forward pass of its checkpoint, twice over."""
     args = opm.parse_args(["--dataset", "synthetic", "--data-root", tiny_data, "--batch-size", "4"])
-    args = apply_preset(args, opm.PRESETS)
     args.num_workers = 0
     _, test_set, classes = build_datasets(args)
-    _, test_loader = make_loaders(test_set, test_set, 4, 0, torch.Generator())
+    _, test_loader = make_loaders(test_set, test_set, args, torch.Generator())
     model = AVClassifier(len(classes), "concat", test_set.frontend)
     model.load_state_dict(ckpt(opm_2ep)["model"])
     model.eval()
@@ -439,12 +425,12 @@ def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
     assert row["train/rescale"] == 1.0 and row["train/drop_frac_audio"] == row["train/drop_frac_visual"] == 0.0
 
 
-def test_logged_rescale_is_the_mean_over_the_executed_drops(tiny_data, tmp_path, monkeypatch):
+def test_logged_rescale_is_the_mean_over_the_executed_drops(tiny_data, tmp_path):
     """Two steps, both executed: train/rescale is the mean of the two steps' factors 1 / (1 - (q_a + q_v) / 2), read
     from the per-step trace (the steps' q differ, so a sum, a product or the last step's factor would not match)."""
-    monkeypatch.setenv("BML_TRACE_DIR", str(tmp_path / "trace"))
-    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0",
-                     "--p-exe", "1")
+    with trace.tracing(str(tmp_path / "trace")):
+        run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0",
+                         "--p-exe", "1")
     with open(tmp_path / "trace" / "rank0.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f]
     with open(os.path.join(run, "metrics.jsonl")) as f:

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
+from common.synthetic import write_wav
 from preprocess import cremad, video
-from preprocess.synthetic import write_wav
 
 
 def write_video(path, seconds=2.5, fps=30, px=32):

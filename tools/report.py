@@ -1,8 +1,8 @@
 """Read every run's results.json under a folder, write <out>/results.md (printed too) and PNG plots.
 
-    python -m preprocess.report runs/all  # -> runs/report/results.md, test_acc.png, modalities.png, modulation.png
-    python -m preprocess.report runs/all --out somewhere/
-    python -m preprocess.report --study runs/study   # the regime study: one table per regime + weak_branch.png
+    python -m tools.report runs/all  # -> runs/report/results.md, test_acc.png, modalities.png, modulation.png
+    python -m tools.report runs/all --out somewhere/
+    python -m tools.report --study runs/study   # the regime study: one table per regime + weak_branch.png
 
 One row per method (baseline's --modality audio/visual runs get their own rows), mean ± std over seeds of the
 best-epoch and last-epoch fused, audio-only and visual-only accuracy and macro-F1, and seconds per epoch.

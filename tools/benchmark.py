@@ -1,10 +1,10 @@
 """Throughput benchmark: data loading alone, the model step alone, end to end, per method, with peak memory.
 
-    python -m preprocess.benchmark                                  # all sizes and methods (2-core CPU: ~15 minutes)
-    python -m preprocess.benchmark --sizes synthetic cremad         # a few minutes
-    python -m preprocess.benchmark --sizes cremad --batch-size 64 --steps 20 --device cuda      # on a GPU
-    python -m preprocess.benchmark --script-args="--amp --channels-last"                       # the speed flags
-    python -m preprocess.benchmark --sizes cremad vggsound --loading-only                # the loaders, side by side
+    python -m tools.benchmark                                  # all sizes and methods (2-core CPU: ~15 minutes)
+    python -m tools.benchmark --sizes synthetic cremad         # a few minutes
+    python -m tools.benchmark --sizes cremad --batch-size 64 --steps 20 --device cuda      # on a GPU
+    python -m tools.benchmark --script-args="--amp --channels-last"                       # the speed flags
+    python -m tools.benchmark --sizes cremad vggsound --loading-only                # the loaders, side by side
 
 For the synthetic dataset and for synthetic data at the real CREMA-D (audio 257 x 188, one 224 x 224 frame) and
 VGGSound (129 x 626, three frames) input sizes, it prints:
@@ -19,7 +19,7 @@ VGGSound (129 x 626, three frames) input sizes, it prints:
   the process's peak RSS);
 - end to end: baseline.py (or every method, --e2e-all) reading the files with its default loader settings, and
   its throughput as a share of the model-only throughput.
-Step times come from the scripts themselves ($BML_TRACE_DIR, common/distributed.py), so they time the real loops.
+Step times come from the scripts themselves, traced by tools/trace.py, so they time the real loops.
 For the real sizes a small synthetic set is written in the CREMA-D layout (wav files and JPEG frames), so decoding,
 STFT, resizing and augmentation cost what they would on the real clips: 16 kHz wavs of 1-3.5 s (uniform) at the
 CREMA-D size, of 10 s at the VGGSound size. The frames (--frames natural, the default) are a real photograph of a
@@ -40,8 +40,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import torch
+from matplotlib import cbook
+from PIL import Image
+
+import baseline
+from common.audio import read_wav
+from common.data import DATASETS, build_datasets, make_loaders, usable_cpus
+from common.frames import decode_opencv, list_frames, load_frame, load_image
+from common.synthetic import ensure_synthetic, generate, write_wav
+from preprocess import cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["baseline", "ogm", "opm", "arl", "dgl", "aug"]
@@ -90,8 +101,6 @@ def parse_args(argv=None):
 
 def write_data(size, work, args):
     """--data-root for the on-disk runs of `size`: the default synthetic set, or a small one at the real sizes."""
-    from common.data import ensure_synthetic
-    from preprocess.synthetic import generate
 
     root = os.path.join(work, size)
     if SIZES[size][2] is None:
@@ -110,10 +119,7 @@ def write_data(size, work, args):
 
 def cut_wavs(audio_dir, lo, hi, seed=0):
     """Cut every wav under `audio_dir` to a duration drawn uniformly in [lo, hi] seconds (they are written longer)."""
-    import numpy as np
 
-    from common.audio import read_wav
-    from common.synthetic import write_wav
 
     rng = np.random.default_rng(seed)
     for name in sorted(os.listdir(audio_dir)):
@@ -126,9 +132,6 @@ def natural_frames(frame_root, seed=0):
     """Overwrite every JPEG under `frame_root` with a natural 480 x 360 frame: matplotlib's sample portrait (512 x
     600), a 4:3 window of it moved by up to 24 px and scaled to 480 x 360, brightness +-10 levels, Gaussian noise
     of std 0.5 (a video codec keeps little sensor noise), JPEG quality 95 (preprocess/video.py's)."""
-    import numpy as np
-    from matplotlib import cbook
-    from PIL import Image
 
     with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
         portrait = im.convert("RGB")
@@ -145,7 +148,6 @@ def natural_frames(frame_root, seed=0):
 def write_cache(size, data_root, legacy=False):
     """The --cache entries of the on-disk set (preprocess/cache.py, default frame side 256), its output silenced;
     `legacy`: the previous loader's spectrograms (--legacy-loader)."""
-    from preprocess import cache
 
     flags = SIZES[size][1]
     keep = [x for k, v in zip(flags[::2], flags[1::2]) if k in ("--audio-pipeline", "--n-frames") for x in (k, v)]
@@ -159,10 +161,9 @@ def write_cache(size, data_root, legacy=False):
 def loading_throughput(size, data_root, args, num_workers, cached=False):
     """clips/s of the training loader alone, in the steady state: the first 2 x workers + 1 batches (worker start-up,
     and the batches the workers prefetched meanwhile, prefetch_factor 2) are not timed."""
-    from common.data import make_loaders
 
-    train_set, test_set = _datasets(size, data_root, False, cached)
-    loader, _ = make_loaders(train_set, test_set, args.batch_size, num_workers, torch.Generator().manual_seed(0))
+    train_set, test_set = datasets(size, data_root, False, cached)
+    loader, _ = make_loaders(train_set, test_set, loader_args(args, num_workers), torch.Generator().manual_seed(0))
     warm = 2 * num_workers + 1
     it, n, t0 = iter(loader), 0, None
     for k in range(warm + args.data_batches):
@@ -178,9 +179,13 @@ def loading_throughput(size, data_root, args, num_workers, cached=False):
     return n / (time.perf_counter() - t0)
 
 
-def _datasets(size, data_root, legacy, cached):
-    import baseline
-    from common.data import build_datasets
+def loader_args(args, num_workers):
+    """The loader flags of make_loaders: the benchmark's batch size, `num_workers`, the defaults of the rest."""
+    return SimpleNamespace(batch_size=args.batch_size, num_workers=num_workers, pin_memory="auto",
+                           persistent_workers=False)
+
+
+def datasets(size, data_root, legacy, cached):
 
     a = baseline.parse_args(["--dataset", "synthetic", "--data-root", data_root, *SIZES[size][1],
                              *(["--cache"] if cached else []), *(["--legacy-loader"] if legacy else [])])
@@ -192,10 +197,9 @@ def _datasets(size, data_root, legacy, cached):
 def loading_cpu(size, data_root, args, legacy, cached):
     """{"train": ms, "test": ms}: CPU time per clip of one core loading alone (a DataLoader with 0 workers, one
     intra-op thread, batches collated), the training set with its transforms and the test set with its own."""
-    from common.data import make_loaders
 
-    train_set, test_set = _datasets(size, data_root, legacy, cached)
-    train, test = make_loaders(train_set, test_set, args.batch_size, 0, torch.Generator().manual_seed(0))
+    train_set, test_set = datasets(size, data_root, legacy, cached)
+    train, test = make_loaders(train_set, test_set, loader_args(args, 0), torch.Generator().manual_seed(0))
     out = {}
     for split, loader in (("train", train), ("test", test)):
         n, it = 0, iter(loader)
@@ -218,9 +222,8 @@ def stage_profile(size, data_root, args, legacy, cached):
     spectrogram), resample, STFT (the window and, where the loader computes it, the spectrogram; the current loader
     hands the window to the model, whose STFT is `model_stft`), decode (the frames, or the cached rows), augment
     (crop, flip, resize)."""
-    from common.audio import read_wav
 
-    ds, _ = _datasets(size, data_root, legacy, cached)
+    ds, _ = datasets(size, data_root, legacy, cached)
     t = dict.fromkeys(("read", "resample", "STFT", "decode", "augment"), 0.0)
     clock = time.process_time
     clips = [ds.clips[i % len(ds.clips)] for i in range(args.clips + 1)]
@@ -252,7 +255,7 @@ def stage_profile(size, data_root, args, legacy, cached):
 def model_stft(size, data_root, args):
     """CPU ms per clip of the current loader's spectrogram on the model's side (the audio encoder's front-end, one
     batch of --batch-size windows at a time, one thread): what moved from the loader to the model step."""
-    ds, _ = _datasets(size, data_root, False, False)
+    ds, _ = datasets(size, data_root, False, False)
     if ds.frontend is None:
         return 0.0
     batch = torch.stack([ds.load_audio(ds.clips[i % len(ds.clips)]) for i in range(args.batch_size)])[:, None]
@@ -268,14 +271,11 @@ def decoders(size, data_root, args):
     """CPU ms per frame of the three JPEG decoders on the training clips' frame files (one thread, decoding alone):
     PIL's open + convert("RGB") (the previous loader), OpenCV's imdecode, and simplejpeg (the current loader). All
     three give the same pixels (tests/test_loader_paths.py)."""
-    import cv2
-    import numpy as np
 
-    from common.frames import _IMREAD, list_frames, load_frame, load_image
 
-    ds, _ = _datasets(size, data_root, False, False)
+    ds, _ = datasets(size, data_root, False, False)
     paths = [os.path.join(c.frame_dir, n) for c in ds.clips for n in list_frames(c.frame_dir)][: args.clips]
-    ways = {"PIL": load_image, "OpenCV": lambda p: cv2.imdecode(np.fromfile(p, np.uint8), _IMREAD),
+    ways = {"PIL": load_image, "OpenCV": lambda p: decode_opencv(np.fromfile(p, np.uint8)),
             "simplejpeg": load_frame}
     out = {}
     for name, decode in ways.items():
@@ -289,10 +289,9 @@ def decoders(size, data_root, args):
 
 def worker_memory(size, data_root, args, legacy):
     """Peak resident memory (MB, VmHWM) of one DataLoader worker after loading training batches."""
-    from common.data import make_loaders
 
-    train_set, test_set = _datasets(size, data_root, legacy, False)
-    loader, _ = make_loaders(train_set, test_set, args.batch_size, 1, torch.Generator().manual_seed(0))
+    train_set, test_set = datasets(size, data_root, legacy, False)
+    loader, _ = make_loaders(train_set, test_set, loader_args(args, 1), torch.Generator().manual_seed(0))
     it = iter(loader)
     for _ in range(max(2, args.clips // args.batch_size)):
         try:
@@ -338,10 +337,10 @@ def run_script(method, flags, work, tag, args):
     time, and the fastest step's CPU time of the training process) and the peak memory in MB."""
     trace = os.path.join(work, "traces", tag)
     shutil.rmtree(trace, ignore_errors=True)
-    cmd = [sys.executable, os.path.join(ROOT, f"{method}.py"), *flags, "--runs-dir", os.path.join(work, "runs", tag),
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "trace.py"), trace, os.path.join(ROOT, f"{method}.py"), *flags, "--runs-dir", os.path.join(work, "runs", tag),
            "--no-progress", "--batch-size", str(args.batch_size), "--epochs", "1", "--max-steps", str(args.steps + 1),
            "--eval-max-steps", "1", "--device", args.device, *METHOD_ARGS.get(method, []), *args.script_args.split()]
-    env = dict(os.environ, PYTHONPATH=ROOT, BML_TRACE_DIR=trace)
+    env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -366,7 +365,6 @@ def main(argv=None):
         for size in args.sizes:
             dataset, loader_flags, _ = SIZES[size]
             data_root = write_data(size, work, args)
-            from common.data import usable_cpus
 
             default_workers = 0 if size == "synthetic" else min(4, usable_cpus())  # the scripts' default
             e2e_workers = default_workers if args.num_workers is None else args.num_workers
@@ -446,7 +444,6 @@ def report_loader(size, r, model, args):
 
 
 def report(size, r, args):
-    from common.data import DATASETS
 
     b = args.batch_size
     shape = {"synthetic": "audio 33x33, frames 1x32x32", "cremad": "audio 257x188, frames 1x224x224",
