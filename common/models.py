@@ -139,7 +139,9 @@ def unimodal_logits(head, f_a, f_v, bias):
     if isinstance(head, FiLMHead):
         return None, None
     if f_a is None or f_v is None:
-        z_a, z_v = unimodal_logits(head, *(torch.zeros_like(f_a if f_v is None else f_v),) * 2, bias)
+        present = f_a if f_v is None else f_v
+        z_a, z_v = unimodal_logits(head, present if f_a is not None else torch.zeros_like(present),
+                                   present if f_v is not None else torch.zeros_like(present), bias)
         return (z_a if f_a is not None else None), (z_v if f_v is not None else None)
     if isinstance(head, ConcatHead):
         w, b = head.fc_out.weight, head.fc_out.bias

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 from conftest import run_inproc
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from common import distributed, runs, speed
 
@@ -59,8 +60,8 @@ def train_steps(script, data_root, runs_dir, n_steps, *flags, freeze=True, reduc
             self.logger.writer.close()
             raise Stop
 
-    hooks = [torch.optim.optimizer.register_optimizer_step_pre_hook(before),
-             torch.optim.optimizer.register_optimizer_step_post_hook(after)]  # every optimizer's steps
+    hooks = [register_optimizer_step_pre_hook(before),
+             register_optimizer_step_post_hook(after)]  # every optimizer's steps
     try:
         with pytest.MonkeyPatch.context() as m, pytest.raises(Stop):
             m.setattr(speed, "train_forward", train_forward)

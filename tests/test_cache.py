@@ -202,11 +202,14 @@ def test_script_runs_with_cache(copy, tmp_path):
     assert r["args"]["cache"] is True and r["args"]["cache_frame_side"] == 256 and "test/acc" in r["last"]
 
 
-def test_cache_flags_are_saved_with_the_run():
+def test_cache_flags_are_saved_with_the_run(tmp_path):
     """--cache changes the frames slightly (side != 0), so on --resume the saved value wins, like any training flag."""
-    from common.runs import merge_saved_args
+    from common.runs import saved_run
 
-    args = merge_saved_args(data_args("elsewhere"), {"cache": True, "cache_frame_side": 24, "data_root": "saved"})
+    torch.save({"args": {"cache": True, "cache_frame_side": 24, "data_root": "saved"}}, tmp_path / "last.pt")
+    args = data_args("elsewhere")
+    args.resume, args.eval_only = str(tmp_path), False
+    args, _ = saved_run(args)
     assert args.cache is True and args.cache_frame_side == 24 and args.data_root == "elsewhere"
 
 

@@ -294,7 +294,7 @@ def test_aca_after_training_adds_to_the_uninformative_modality(aug_blk, dominant
     for i in range(60):  # a fresh batch each step: the noise modality cannot memorise it
         x_a, x_v, y = toy_data(seed=100 + i, dominant=dominant)
         out = aug_blk.aug_step(model, opt, x_a, x_v, y, 0.5)
-        score = [out["audio"][2] / B, out["visual"][2] / B]  # the last step's mean scores
+        score = [out["audio"]["score"] / B, out["visual"]["score"] / B]  # the last step's mean scores
     with torch.no_grad():
         for m, x, net in (("audio", x_a, model.audio_net), ("visual", x_v, model.visual_net)):
             s = aug_blk.true_class_prob(model.classifier_logits(net(x), m), y).mean().item()

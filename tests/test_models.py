@@ -100,7 +100,7 @@ def test_sum_head_full_branch_bias(bias):
     assert torch.allclose(z_a + z_v, head(a, v)[2], atol=1e-5)
 
 
-def test_gated_self_gate_and_film_error():
+def test_gated_self_gate_film_none_and_unimodal_models():
     torch.manual_seed(0)
     model = AVClassifier(6, "gated")
     a, v = torch.randn(3, 512), torch.randn(3, 512)
@@ -110,10 +110,31 @@ def test_gated_self_gate_and_film_error():
     assert torch.allclose(z_a, model.head.fc_out(torch.sigmoid(u_a) * u_a))
     film = AVClassifier(6, "film")
     assert film.head(a, v)[2].shape == (3, 6)
-    with pytest.raises(ValueError, match="FiLM"):
-        unimodal_logits(film.head, a, v, bias="half")
+    assert unimodal_logits(film.head, a, v, bias="half") == (None, None)  # FiLM has no unimodal logits
     with pytest.raises(ValueError, match="bias"):
         unimodal_logits(model.head, a, v, bias=None)
+    concat = AVClassifier(6, "concat")
+    z_a, z_v = unimodal_logits(concat.head, a, None, bias="half")  # a unimodal model's missing branch: None
+    assert z_v is None and torch.allclose(z_a, a @ concat.head.fc_out.weight[:, :512].T + concat.head.fc_out.bias / 2)
+
+
+@pytest.mark.parametrize("modality", ["audio", "visual"])
+def test_unimodal_model_runs_one_encoder_and_feeds_the_head_zeros(modality):
+    """AVClassifier(..., modality): the other encoder is frozen (no gradient, so DDP and the optimizer skip it) and
+    never run; the head gets zeros for its feature, and forward returns None for it."""
+    torch.manual_seed(0)
+    model, joint = AVClassifier(6, "concat", modality=modality), AVClassifier(6, "concat")
+    joint.load_state_dict(model.state_dict())
+    audio, visual = torch.randn(2, 1, 33, 33), torch.randn(2, 3, 1, 32, 32)
+    f_a, f_v, z = model(audio, visual)
+    other = model.visual_net if modality == "audio" else model.audio_net
+    assert not any(p.requires_grad for p in other.parameters())
+    a, v = joint.audio_net(audio), joint.visual_net(visual)
+    a, v = (a, torch.zeros_like(v)) if modality == "audio" else (torch.zeros_like(a), v)
+    assert torch.allclose(z, joint.head(a, v)[2], atol=1e-6)
+    assert (f_v is None) == (modality == "audio") and (f_a is None) == (modality == "visual")
+    z.sum().backward()
+    assert all(p.grad is None for p in other.parameters())
 
 
 def test_average_precision_is_sklearns_and_ignores_the_order_of_tied_scores():

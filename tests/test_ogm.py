@@ -6,6 +6,7 @@ path as `python ogm.py ...`, without paying the torch/torchvision import for eve
 
 import copy
 import glob
+import json
 import math
 import random
 
@@ -17,6 +18,7 @@ from conftest import ckpt, history, read_results, run_inproc, run_script, same_s
 import ogm  # noqa: E402  (conftest puts the repo root on sys.path)
 from common.models import AVClassifier, unimodal_logits
 from common.synthetic import generate
+from tools import trace
 
 SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "train/coeff_audio",
                "train/coeff_visual", "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map",
@@ -281,7 +283,8 @@ def test_alpha0_ogm_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
     c, b = ckpt(run), ckpt(baseline_2ep)
     assert same_state(c["model"], b["model"])
     assert same_state(c["optimizer"]["state"][0], b["optimizer"]["state"][0])
-    strip = [{k: v for k, v in r.items() if k != "train/modulated_audio_frac"} for r in no_timing(history(run))]
+    ogm_keys = ("train/modulated_audio_frac", "train/coeff_audio", "train/coeff_visual")
+    strip = [{k: v for k, v in r.items() if k not in ogm_keys} for r in no_timing(history(run))]
     assert strip == no_timing(history(baseline_2ep))
     # the control: with alpha > 0 the same run differs (so the comparison above can fail)
     run = run_inproc("ogm.py", tiny_data, tmp_path / "a8", "--epochs", 2, "--max-steps", 2, "--modulation", "ogm")
@@ -347,8 +350,8 @@ def test_tpami_warmup_is_baseline(tiny_data, tmp_path):
 
     The real-dataset rows warm up for epochs 0-5 (checked in the table); the synthetic row scales that to epoch 0.
     """
-    assert all(row["warmup_epochs"] == 6 for d, row in ogm.PRESETS["tpami"].items() if d != "synthetic")
-    assert ogm.PRESETS["tpami"]["synthetic"]["warmup_epochs"] == 1
+    assert all(row["warmup_epochs"] == 6 for d, row in ogm.OGM_PRESETS["tpami"].items() if d != "synthetic")
+    assert ogm.OGM_PRESETS["tpami"]["synthetic"]["warmup_epochs"] == 1
     extra = ("--epochs", 2, "--max-steps", 2, "--stop-after-epochs", 1)
     base = run_inproc("baseline.py", tiny_data, tmp_path / "b", *extra)
     run = run_inproc("ogm.py", tiny_data, tmp_path / "o", *extra, "--preset", "tpami")
@@ -356,9 +359,16 @@ def test_tpami_warmup_is_baseline(tiny_data, tmp_path):
     assert same_state(ckpt(run)["model"], ckpt(base)["model"])
     assert history(run)[0]["train/coeff_audio"] == history(run)[0]["train/coeff_visual"] == 1.0
     run_inproc("baseline.py", tiny_data, tmp_path / "b", "--resume", base)
-    run_inproc("ogm.py", tiny_data, tmp_path / "o", "--resume", run)
+    with trace.tracing(str(tmp_path / "trace")):
+        run_inproc("ogm.py", tiny_data, tmp_path / "o", "--resume", run)
     assert ckpt(run)["epoch"] == 1 and not same_state(ckpt(run)["model"], ckpt(base)["model"])
-    assert min(history(run)[1]["train/coeff_audio"], history(run)[1]["train/coeff_visual"]) < 0.1  # alpha 2.6
+    with open(tmp_path / "trace" / "rank0.jsonl") as f:  # the steps of epoch 1: modulated with the preset's alpha 2.6
+        steps = [json.loads(line)["step"] for line in f]
+    assert len(steps) == 2
+    for s in steps:
+        rho = max(s["train/ratio"], 1 / s["train/ratio"])
+        assert min(s["train/coeff_audio"], s["train/coeff_visual"]) == pytest.approx(1 - math.tanh(2.6 * rho))
+        assert max(s["train/coeff_audio"], s["train/coeff_visual"]) == 1.0
 
 
 def test_dominant_conv_kernels_frozen_with_k0_end_to_end(tiny_data, tmp_path):
@@ -391,11 +401,13 @@ def test_imbalance_smoke(tmp_path):
     assert second["train/coeff_audio"] < 1.0 and second["train/ratio"] > 1.0
 
 
-def test_unsupported_heads(tiny_data, tmp_path):
-    for extra in (["--fusion", "film"], ["--fusion", "gated"], ["--fusion", "film", "--unimodal-logits", "self-gate"]):
-        with pytest.raises(SystemExit, match="cannot be split"):
-            run_inproc("ogm.py", tiny_data, tmp_path, *extra)
-    for extra in (["--fusion", "sum"], ["--fusion", "gated", "--unimodal-logits", "self-gate"]):
+def test_heads(tiny_data, tmp_path, capsys):
+    """FiLM has no unimodal logits for the scores: not among ogm.py's --fusion choices. sum splits exactly; gated
+    scores each modality by the self-gate logits of models.py."""
+    with pytest.raises(SystemExit) as e:
+        run_inproc("ogm.py", tiny_data, tmp_path, "--fusion", "film")
+    assert e.value.code == 2 and "--fusion: invalid choice: 'film'" in capsys.readouterr().err
+    for extra in (["--fusion", "sum"], ["--fusion", "gated"]):
         run = run_inproc("ogm.py", tiny_data, tmp_path / extra[1], "--epochs", 1, "--max-steps", 1, *extra)
         assert min(history(run)[0]["train/coeff_audio"], history(run)[0]["train/coeff_visual"]) < 1.0
 

@@ -284,7 +284,7 @@ def test_q_base0_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep, opm_2ep)
 
 def test_warmup_is_baseline_and_draws_nothing(tiny_data, tmp_path):
     """Epochs 0..W-1 are joint training bitwise and leave OPM's generator untouched; epoch W drops."""
-    assert all(row["warmup_epochs"] == 6 for d, row in opm.PRESETS.items() if d != "synthetic")
+    assert all(row["warmup_epochs"] == 6 for d, row in opm.OPM_PRESETS.items() if d != "synthetic")
     extra = ("--epochs", 3, "--max-steps", 2, "--stop-after-epochs", 2)
     base = run_inproc("baseline.py", tiny_data, tmp_path / "b", *extra)
     run = run_inproc("opm.py", tiny_data, tmp_path / "o", *extra, "--warmup-epochs", 2, "--p-exe", 1)
@@ -335,11 +335,13 @@ def test_imbalance_smoke(tmp_path):
     assert abs(on["train/drop_frac_audio"] / on["train/drop_exec_frac"] - on["train/coeff_audio"]) < 0.2
 
 
-def test_unsupported_heads(tiny_data, tmp_path):
-    for extra in (["--fusion", "film"], ["--fusion", "gated"], ["--fusion", "film", "--unimodal-logits", "self-gate"]):
-        with pytest.raises(SystemExit, match="cannot be split"):
-            run_inproc("opm.py", tiny_data, tmp_path, *extra)
-    for extra in (["--fusion", "sum"], ["--fusion", "gated", "--unimodal-logits", "self-gate"]):
+def test_heads(tiny_data, tmp_path, capsys):
+    """FiLM has no unimodal logits for the scores: not among opm.py's --fusion choices. sum splits exactly; gated
+    scores each modality by the self-gate logits of models.py."""
+    with pytest.raises(SystemExit) as e:
+        run_inproc("opm.py", tiny_data, tmp_path, "--fusion", "film")
+    assert e.value.code == 2 and "--fusion: invalid choice: 'film'" in capsys.readouterr().err
+    for extra in (["--fusion", "sum"], ["--fusion", "gated"]):
         run = run_inproc("opm.py", tiny_data, tmp_path / extra[1], "--epochs", 1, "--max-steps", 2,
                          "--warmup-epochs", 0, "--p-exe", 1, *extra)
         assert history(run)[0]["train/drop_exec_frac"] == 1.0

@@ -113,7 +113,7 @@ def test_cli_regime_then_knobs_then_low_level_flags(tmp_path):
     for flag, value in (("--weak-absent", "1.5"), ("--noise", "0"), ("--dominant-absent", "-0.1")):
         proc = subprocess.run([sys.executable, "-m", "preprocess.synthetic", "--out", str(out), flag, value],
                               cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode != 0 and proc.stderr.strip().startswith(f"{flag} must be"), proc.stderr
+        assert proc.returncode == 2 and proc.stderr.strip().startswith(f"synthetic.py: error: {flag} must be")
 
 
 def test_ensure_synthetic_writes_the_regime_and_rewrites_it_when_it_differs(tmp_path):
