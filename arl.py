@@ -45,11 +45,19 @@ def arl_coefficients(z_a, z_v, temperature, entropy_floor=0.3, reduce=lambda t: 
     """
     p_a, p_v = torch.softmax(z_a, 1), torch.softmax(z_v, 1)
     c = z_a.shape[1]
-    sums = reduce(torch.cat([
-        z_a.abs().sum(0), z_v.abs().sum(0), -(p_a * torch.log(p_a + 1e-16)).sum(1).sum()[None],
-        -(p_v * torch.log(p_v + 1e-16)).sum(1).sum()[None], z_a.new_tensor([z_a.shape[0]])]))
+    sums = reduce(
+        torch.cat(
+            [
+                z_a.abs().sum(0),
+                z_v.abs().sum(0),
+                -(p_a * torch.log(p_a + 1e-16)).sum(1).sum()[None],
+                -(p_v * torch.log(p_v + 1e-16)).sum(1).sum()[None],
+                z_a.new_tensor([z_a.shape[0]]),
+            ]
+        )
+    )
     n = sums[-1]
-    dep_a, dep_v = (sums[:c] / n).sum(), (sums[c:2 * c] / n).sum()
+    dep_a, dep_v = (sums[:c] / n).sum(), (sums[c : 2 * c] / n).sum()
     d_a = dep_a / (dep_a + dep_v) if dep_a + dep_v >= 1e-12 else z_a.new_tensor(0.5)  # guard: all-zero logits
     d_v = 1 - d_a
     ent_a, ent_v = sums[2 * c] / n, sums[2 * c + 1] / n
@@ -77,6 +85,8 @@ def arl_loss(z, z_a, z_v, label, weight):
     """L = CE(z) + weight (CE(z_a) + CE(z_v)); weight is gamma after the warm-up and 1 during it."""
     loss_f, loss_a, loss_v = F.cross_entropy(z, label), F.cross_entropy(z_a, label), F.cross_entropy(z_v, label)
     return loss_f + weight * (loss_a + loss_v), loss_f, loss_a, loss_v
+
+
 # END ALGO LOGIC BLOCK
 
 # isort: split
@@ -113,19 +123,14 @@ def parse_args(argv=None):
     p = flags.parser(__doc__, __file__)  # the shared flags: common/flags.py
     p.add_argument("--fusion", default="concat", choices=["concat", "sum", "gated"], help="fusion head")
     # ALGO LOGIC: ARL's flags (None: the value of ARL_PRESETS for the dataset)
-    p.add_argument("--gamma", type=flags.at_least(0), default=None, help="weight of the unimodal losses after the warm-up")
-    p.add_argument("--temperature", "--T", type=flags.at_least(0, why=" (0: c = (0.5, 0.5), as --arl-weights fixed)"),
-                   default=None, help="softmax temperature T of the coefficients")
-    p.add_argument("--warmup-epochs", type=flags.at_least(0, int), default=None,
-                   help="epochs 0..N-1 train L_f + L_a + L_v unscaled")
-    p.add_argument("--entropy-floor", type=flags.between(0, 0.5, why=" (the two shares sum to 1)"), default=0.3,
-                   help="floor on the normalised entropy shares h_a, h_v")
-    p.add_argument("--arl-weights", default="computed", choices=["computed", "fixed"],
-                   help="computed = the paper; fixed = the release (coefficients stay 0.5: both encoders x1.5)")
-    p.add_argument("--arl-coeff-timing", default="previous", choices=["previous", "current"],
-                   help="multiplier of step t from the coefficients of step t-1 (previous) or of the same batch")
-    p.add_argument("--select-after", type=flags.at_least(-1, int, why=" (-1: every epoch)"), default=-1,
-                   help="best-epoch selection only over epochs > N (the release: 30)")
+    nonneg = flags.at_least(0)
+    p.add_argument("--gamma", type=nonneg, default=None, help="weight of the unimodal losses after the warm-up")
+    p.add_argument("--temperature", "--T", type=nonneg, default=None, help="softmax temperature T of the coefficients")
+    p.add_argument("--warmup-epochs", type=flags.at_least(0, int), default=None, help="epochs 0..N-1: L_f + L_a + L_v")
+    p.add_argument("--entropy-floor", type=flags.between(0, 0.5), default=0.3, help="floor on the entropy shares")
+    p.add_argument("--arl-weights", default="computed", choices=["computed", "fixed"], help="the paper or the release")
+    p.add_argument("--arl-coeff-timing", default="previous", choices=["previous", "current"], help="c of step t-1 or t")
+    p.add_argument("--select-after", type=flags.at_least(-1, int), default=-1, help="best epoch among epochs > N only")
     args = p.parse_args(argv)
     flags.fill(args, {**PRESETS[args.dataset], **ARL_PRESETS[args.dataset]})
     if args.select_after >= args.epochs - 1:
@@ -198,8 +203,8 @@ if __name__ == "__main__":
             f_a, f_v, z, z_a, z_v = train_forward(lambda m: forward(m, audio, visual, scale))
             loss, loss_f, loss_a, loss_v = arl_loss(z, z_a, z_v, label, args.gamma if arl_on else 1.0)
             logs = {"train/loss": loss.item(), **runs.branch_logs(z_a, z_v, label)}
-            arl = arl_coefficients(z_a.detach(), z_v.detach(), args.temperature, args.entropy_floor,
-                                   reduce=distributed.all_reduce_sum)  # over the global batch
+            reduce = distributed.all_reduce_sum  # the statistics of the global batch
+            arl = arl_coefficients(z_a.detach(), z_v.detach(), args.temperature, args.entropy_floor, reduce=reduce)
             if arl_on and args.arl_weights == "computed":
                 coeff = (arl["c_a"].item(), arl["c_v"].item())
             if arl_on and args.arl_coeff_timing == "current":  # the same batch's coefficients, before the backward
@@ -211,12 +216,20 @@ if __name__ == "__main__":
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
-            logs.update({"train/ratio": (arl["d_a"] / arl["d_v"]).item(), "train/coeff_audio": 1.0 + applied[0],
-                         "train/coeff_visual": 1.0 + applied[1], "train/loss_fused": loss_f.item(),
-                         "train/dep_audio": arl["d_a"].item(), "train/var_share_audio": arl["w_a"].item(),
-                         "train/target_ratio": (arl["w_a"] / arl["w_v"]).item(),
-                         "train/entropy_audio": arl["entropy_a"].item(),
-                         "train/entropy_visual": arl["entropy_v"].item()})  # ALGO LOGIC
+            # ALGO LOGIC: the dependence ratio d_a / d_v, the applied 1 + c and ARL's statistics
+            logs.update(
+                {
+                    "train/ratio": (arl["d_a"] / arl["d_v"]).item(),
+                    "train/coeff_audio": 1.0 + applied[0],
+                    "train/coeff_visual": 1.0 + applied[1],
+                    "train/loss_fused": loss_f.item(),
+                    "train/dep_audio": arl["d_a"].item(),
+                    "train/var_share_audio": arl["w_a"].item(),
+                    "train/target_ratio": (arl["w_a"] / arl["w_v"]).item(),
+                    "train/entropy_audio": arl["entropy_a"].item(),
+                    "train/entropy_visual": arl["entropy_v"].item(),
+                }
+            )
             run.log_step(logs, label.shape[0])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = run.train_metrics(optimizer)

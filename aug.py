@@ -78,8 +78,19 @@ def boosting_loss(logits, label, lam, source="ensemble"):
     return loss + F.cross_entropy(sum(logits[:-1]), label) + residual_loss(logits[:-1], logits[-1], label, lam, source)
 
 
-def aug_step(model, optimizer, audio, visual, label, lam, source="ensemble", clip_grad=0.0, legacy_zero_grad=False,
-             forward=None, sync_grads=None):
+def aug_step(
+    model,
+    optimizer,
+    audio,
+    visual,
+    label,
+    lam,
+    source="ensemble",
+    clip_grad=0.0,
+    legacy_zero_grad=False,
+    forward=None,
+    sync_grads=None,
+):
     """One mini-batch: both encoders, an optimizer step on L_a, then one on L_v. The visual classifiers run only after
     the audio step, so they see the h it just updated. Returns {modality: {"loss": L_m, "ce": CE(P_m, y), "score":
     sum_i score_i}} (floats). forward(fn) = fn(model) by default (e.g. under autocast); sync_grads(model), if given,
@@ -101,8 +112,11 @@ def aug_step(model, optimizer, audio, visual, label, lam, source="ensemble", cli
         # the batch, so the audio step never moves the visual side
         model.zero_grad(set_to_none=not (legacy_zero_grad and modality == "audio"))
         with torch.no_grad():
-            out[modality] = {"loss": loss.item(), "ce": F.cross_entropy(sum(logits), label).item(),
-                             "score": true_class_prob(logits, label, source).sum().item()}
+            out[modality] = {
+                "loss": loss.item(),
+                "ce": F.cross_entropy(sum(logits), label).item(),
+                "score": true_class_prob(logits, label, source).sum().item(),
+            }
     return out
 
 
@@ -130,6 +144,8 @@ def aca_decision(s_a, s_v, sigma, tau, rule="ratio"):
         return 1 if r > sigma + tau else -1 if r < sigma - tau else 0
     d = s_a - sigma * s_v
     return 1 if d > tau else -1 if d < -tau else 0
+
+
 # END ALGO LOGIC BLOCK
 
 # isort: split
@@ -158,26 +174,17 @@ PRESETS = {
 def parse_args(argv=None):
     p = flags.parser(__doc__, __file__)  # the shared flags: common/flags.py (AUG has no fusion head: no --fusion)
     # ALGO LOGIC: AUG's flags
-    p.add_argument("--lam-res", type=flags.between(0, 1), default=0.5,
-                   help="lambda of the residual label (earlier KS release: 0.2)")
-    p.add_argument("--aca-sigma", type=flags.at_least(0), default=1.0, help="ACA centre sigma")
-    p.add_argument("--aca-tau", type=flags.at_least(0, why=" (the width of the dead zone)"), default=0.01,
-                   help="ACA dead zone tau")
-    p.add_argument("--aca-check-every", type=flags.positive(int), default=None,
-                   help="ACA after epoch 0 and every N epochs (default: epochs // 10, at least 1)")
-    p.add_argument("--aca-rule", default="ratio", choices=["ratio", "difference"],
-                   help="ratio = release: s_a / s_v vs sigma +- tau; difference = paper: s_a - sigma s_v vs +- tau")
-    p.add_argument("--residual-source", default="ensemble", choices=["ensemble", "sum-probs"],
-                   help="p_prev and the confidence: softmax of the summed logits (release) or sum of softmaxes (paper)")
-    p.add_argument("--train-new-heads", action="store_true",
-                   help="train the added classifiers (paper figure); the release never gives them to the optimizer")
-    p.add_argument("--max-classifiers", type=flags.at_least(0, int, why=" (0 = no cap)"), default=0,
-                   help="cap on classifiers per modality (0 = unlimited)")
-    p.add_argument("--merge-alpha", type=flags.between(0, 1), default=0.4,
-                   help="audio weight of the test fusion a P_a + (1 - a) P_v")
-    p.add_argument("--legacy-zero-grad", action="store_true",
-                   help="the release on PyTorch 1.11: the audio gradients are zeroed, not deleted, before the visual "
-                   "step, so the audio side also gets a momentum/weight-decay update in the visual step")
+    share, nonneg = flags.between(0, 1), flags.at_least(0)
+    p.add_argument("--lam-res", type=share, default=0.5, help="lambda of the residual label (earlier KS release: 0.2)")
+    p.add_argument("--aca-sigma", type=nonneg, default=1.0, help="ACA centre sigma")
+    p.add_argument("--aca-tau", type=nonneg, default=0.01, help="ACA dead zone tau")
+    p.add_argument("--aca-check-every", type=flags.positive(int), help="ACA period in epochs (default: epochs // 10)")
+    p.add_argument("--aca-rule", default="ratio", choices=["ratio", "difference"], help="the release's or the paper's")
+    p.add_argument("--residual-source", default="ensemble", choices=["ensemble", "sum-probs"], help="release, paper")
+    p.add_argument("--train-new-heads", action="store_true", help="train the added classifiers (the release does not)")
+    p.add_argument("--max-classifiers", type=flags.at_least(0, int), default=0, help="per modality (0 = unlimited)")
+    p.add_argument("--merge-alpha", type=share, default=0.4, help="audio weight a of the test fusion a P_a + (1-a) P_v")
+    p.add_argument("--legacy-zero-grad", action="store_true", help="PyTorch 1.11's zero_grad, as the release ran")
     args = p.parse_args(argv)
     flags.fill(args, PRESETS[args.dataset])
     args.aca_check_every = args.aca_check_every or aca_check_period(args.epochs)  # ALGO LOGIC: E // 10
@@ -258,16 +265,22 @@ if __name__ == "__main__":
             audio, visual, label = spec.unsqueeze(1).to(device), frames.to(device), label.to(device)
 
             # ALGO LOGIC: an audio step on L_a, then a visual step on L_v (no fused loss); accumulate S_a and S_v
-            out = aug_step(model, optimizer, audio, visual, label, args.lam_res, args.residual_source, args.clip_grad,
-                           args.legacy_zero_grad, train_forward, distributed.sync_grads)
+            step_args = (args.lam_res, args.residual_source, args.clip_grad, args.legacy_zero_grad)
+            out = aug_step(model, optimizer, audio, visual, label, *step_args, train_forward, distributed.sync_grads)
             audio_out, visual_out = out["audio"], out["visual"]
             score = [score[0] + audio_out["score"], score[1] + visual_out["score"], score[2] + label.shape[0]]
             loss = audio_out["loss"] + visual_out["loss"]
             # the shared key train/coeff_<modality> holds each method's per-modality quantity: AUG's classifier count
             n_audio, n_visual = len(model.audio_classifiers), len(model.visual_classifiers)
-            logs = {"train/loss": loss, "train/loss_audio": audio_out["loss"], "train/loss_visual": visual_out["loss"],
-                    "train/ce_audio": audio_out["ce"], "train/ce_visual": visual_out["ce"],
-                    "train/coeff_audio": float(n_audio), "train/coeff_visual": float(n_visual)}
+            logs = {
+                "train/loss": loss,
+                "train/loss_audio": audio_out["loss"],
+                "train/loss_visual": visual_out["loss"],
+                "train/ce_audio": audio_out["ce"],
+                "train/ce_visual": visual_out["ce"],
+                "train/coeff_audio": float(n_audio),
+                "train/coeff_visual": float(n_visual),
+            }
             run.log_step(logs, label.shape[0])
             bar.set_postfix(loss=f"{loss:.3f}")
         metrics = run.train_metrics(optimizer)
@@ -284,8 +297,8 @@ if __name__ == "__main__":
         weak = {1: "visual", -1: "audio"}.get(action)
         if weak and (epoch + 1 == args.epochs or 0 < args.max_classifiers <= len(model.classifiers(weak))):
             action, weak = 0, None  # after the last epoch it would never be trained or evaluated; or the cap is reached
-        metrics.update({"train/score_audio": s_a, "train/score_visual": s_v, "train/ratio": s_a / max(s_v, 1e-12),
-                        "train/aca_action": float(action)})
+        metrics.update({"train/score_audio": s_a, "train/score_visual": s_v, "train/ratio": s_a / max(s_v, 1e-12)})
+        metrics["train/aca_action"] = float(action)
         # ALGO LOGIC: best.pt holds the model as evaluated, before ACA adds to it; last.pt (for --resume) has the new
         # classifier, which trains only with --train-new-heads
         evaluated = {"model": model.state_dict(), "class_names": class_names, "added": list(added)}

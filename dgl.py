@@ -47,6 +47,8 @@ def grad_norm(module):
     """Global L2 norm of a module's gradients (monitoring)."""
     norms = [torch.linalg.vector_norm(p.grad.detach()) for p in module.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
 # END ALGO LOGIC BLOCK
 
 # isort: split
@@ -82,17 +84,17 @@ def parse_args(argv=None):
     p = flags.parser(__doc__, __file__)  # the shared flags: common/flags.py
     p.add_argument("--fusion", default="concat", choices=["concat", "sum", "gated"], help="fusion head")
     # ALGO LOGIC: DGL's flags (None: the value of DGL_PRESETS for the dataset)
-    p.add_argument("--alpha", type=flags.positive(), default=None,
-                   help="weight of the unimodal losses, the encoders' only loss (0 would never train them)")
-    p.add_argument("--dgl-impl", default="single-pass", choices=["single-pass", "two-pass"],
-                   help="one backward through a frozen head copy, or the release's two backward passes (same gradients)")
-    p.add_argument("--gated-release-quirk", action="store_true",
-                   help="gated head: detach after fc_x/fc_y in the fused path as the release does (they never train)")
+    p.add_argument("--alpha", type=flags.positive(), default=None, help="weight of the unimodal losses (the encoders')")
+    p.add_argument("--dgl-impl", default="single-pass", choices=["single-pass", "two-pass"], help="same gradients")
+    p.add_argument("--gated-release-quirk", action="store_true", help="the release's gated head: fc_x, fc_y frozen")
     args = p.parse_args(argv)
     flags.fill(args, {**PRESETS[args.dataset], **DGL_PRESETS[args.dataset]})
     if args.gated_release_quirk and args.fusion != "gated":
         p.error(f"--gated-release-quirk needs --fusion gated, not --fusion {args.fusion}")
     return args
+
+
+ROLES = {"audio": "audio_net", "head": "head", "visual": "visual_net"}  # the logged gradient norms
 
 
 def readout(head, f_a, f_v):
@@ -170,8 +172,8 @@ if __name__ == "__main__":
             dgl_backward(model.head, loss, loss_f, loss_a, loss_v, args.alpha, args.dgl_impl)  # ALGO LOGIC
             if not single:
                 distributed.sync_grads(model)  # ALGO LOGIC: torchrun: average the gradients of both passes
-            norms = {"train/grad_norm_audio": grad_norm(model.audio_net), "train/grad_norm_head": grad_norm(model.head),
-                     "train/grad_norm_visual": grad_norm(model.visual_net)}  # ALGO LOGIC: before clipping
+            # ALGO LOGIC: the gradient norms before clipping
+            norms = {f"train/grad_norm_{k}": grad_norm(getattr(model, m)) for k, m in ROLES.items()}
             clip_factor = 1.0
             if args.clip_grad > 0:
                 total = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)

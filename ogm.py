@@ -39,8 +39,9 @@ def ge_noise(ge, target, audio_dominant):
     return ge and (target == "both" or audio_dominant), ge and (target == "both" or not audio_dominant)
 
 
-def modulate_gradients(audio_net, visual_net, k_a, k_v, noise_a, noise_v, generator=None, std_source="unscaled",
-                       params="conv"):
+def modulate_gradients(
+    audio_net, visual_net, k_a, k_v, noise_a, noise_v, generator=None, std_source="unscaled", params="conv"
+):
     """After backward: g <- k_m g (+ N(0, (std(g) + 1e-8)^2) if noise_m) for each encoder's conv-kernel gradients.
 
     Only parameters with a 4-D gradient (params="nonbias": any non-1-D gradient) are touched, so BatchNorm and the
@@ -57,6 +58,8 @@ def modulate_gradients(audio_net, visual_net, k_a, k_v, noise_a, noise_v, genera
             if noise:
                 std = g.std() + 1e-8 if std is None else std
                 g.add_(torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype).mul_(std))
+
+
 # END ALGO LOGIC BLOCK
 
 # isort: split
@@ -108,34 +111,24 @@ def parse_args(argv=None):
     p = flags.parser(__doc__, __file__)  # the shared flags: common/flags.py
     p.add_argument("--fusion", default="concat", choices=["concat", "sum", "gated"], help="fusion head")
     # ALGO LOGIC: OGM's flags (None: the value of OGM_PRESETS for --preset and the dataset)
-    p.add_argument("--preset", default="cvpr", choices=["cvpr", "tpami"],
-                   help="cvpr = the CVPR 2022 release; tpami = the T-PAMI 2024 release")
+    nonneg, epoch = flags.at_least(0), flags.at_least(0, int)
+    p.add_argument("--preset", default="cvpr", choices=["cvpr", "tpami"], help="the CVPR 2022 or T-PAMI 2024 release")
     p.add_argument("--modulation", default="ogm_ge", choices=["none", "ogm", "ogm_ge"], help="ogm_ge = OGM plus GE")
-    p.add_argument("--alpha", type=flags.at_least(0, why=" (below 0, k > 1 would amplify the dominant modality)"),
-                   default=None, help="modulation strength alpha")
-    p.add_argument("--modulation-starts", type=flags.at_least(0, int), default=None,
-                   help="first 0-based epoch of the modulation window")
-    p.add_argument("--modulation-ends", type=flags.at_least(0, int), default=None,
-                   help="last epoch (inclusive) of the modulation window")
-    p.add_argument("--warmup-epochs", type=flags.at_least(0, int), default=None,
-                   help="epochs 0..N-1 are never modulated")
-    p.add_argument("--ratio-offset", type=flags.between(0, 1, why=" (above 1, k > 1 would amplify the dominant one)"),
-                   default=0.0, help="k = 1 - tanh(alpha (rho - offset)); 1 = the continuous variant")
-    p.add_argument("--ge-std-source", default="unscaled", choices=["unscaled", "scaled"],
-                   help="GE noise std from the gradient before or after k")
-    p.add_argument("--ge-target", default="both", choices=["both", "dominant"],
-                   help="GE noise on both encoders (release) or the modulated one (extension)")
-    p.add_argument("--modulate-params", default="conv", choices=["conv", "nonbias"],
-                   help="conv = 4-D gradients; nonbias = every non-1-D encoder gradient")
+    p.add_argument("--alpha", type=nonneg, default=None, help="modulation strength alpha")
+    p.add_argument("--modulation-starts", type=epoch, default=None, help="first epoch of the modulation window")
+    p.add_argument("--modulation-ends", type=epoch, default=None, help="last epoch (inclusive) of the window")
+    p.add_argument("--warmup-epochs", type=epoch, default=None, help="epochs 0..N-1 are never modulated")
+    p.add_argument("--ratio-offset", type=flags.between(0, 1), default=0.0, help="k = 1 - tanh(alpha (rho - offset))")
+    p.add_argument("--ge-std-source", default="unscaled", choices=["unscaled", "scaled"], help="std of g or of k g")
+    p.add_argument("--ge-target", default="both", choices=["both", "dominant"], help="GE noise on both encoders or one")
+    p.add_argument("--modulate-params", default="conv", choices=["conv", "nonbias"], help="4-D or all non-1-D grads")
     args = p.parse_args(argv)
     optimisation = TPAMI_PRESETS if args.preset == "tpami" else PRESETS
     flags.fill(args, {**optimisation[args.dataset], **OGM_PRESETS[args.preset][args.dataset]})
     if args.modulation_starts > args.modulation_ends:
-        p.error(f"--modulation-starts {args.modulation_starts} is after --modulation-ends {args.modulation_ends}: "
-                "the modulation window is empty")
+        p.error(f"--modulation-starts {args.modulation_starts} is after --modulation-ends {args.modulation_ends}")
     if args.modulation != "ogm_ge" and (args.ge_target != "both" or args.ge_std_source != "unscaled"):
-        p.error(f"--ge-target and --ge-std-source shape the GE noise, which --modulation {args.modulation} does not "
-                "add: use --modulation ogm_ge or drop them")
+        p.error(f"--ge-target and --ge-std-source shape GE noise, which --modulation {args.modulation} does not add")
     return args
 
 
@@ -206,15 +199,18 @@ if __name__ == "__main__":
             # the gradients in backward: the modulation edits synchronised ones)
             if modulate:
                 noise_a, noise_v = ge_noise(args.modulation == "ogm_ge", args.ge_target, audio_dominant)
-                modulate_gradients(model.audio_net, model.visual_net, k_a, k_v, noise_a, noise_v, noise_gen,
-                                   args.ge_std_source, args.modulate_params)
+                std, params = args.ge_std_source, args.modulate_params
+                modulate_gradients(
+                    model.audio_net, model.visual_net, k_a, k_v, noise_a, noise_v, noise_gen, std, params
+                )
             else:
                 k_a, k_v = 1.0, 1.0  # logged: the applied coefficient
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
-            logs.update({"train/ratio": (s[0] / s[1]).item(), "train/coeff_audio": k_a, "train/coeff_visual": k_v,
-                         "train/modulated_audio_frac": float(audio_dominant)})  # ALGO LOGIC: k and the side
+            # ALGO LOGIC: the global ratio, k and the modulated side
+            logs.update({"train/ratio": (s[0] / s[1]).item(), "train/coeff_audio": k_a, "train/coeff_visual": k_v})
+            logs["train/modulated_audio_frac"] = float(audio_dominant)
             run.log_step(logs, label.shape[0])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = run.train_metrics(optimizer)

@@ -78,9 +78,11 @@ def opm_drop(a, v, label, q_a, q_v, p_exe, generator, rescale="mean", world_size
         return a, v, label, False, (0.0, 0.0)
     n = label.shape[0]
     keep_a, keep_v = feature_masks(q_a, q_v, n * world_size, generator)
-    keep_a, keep_v = keep_a[rank * n:(rank + 1) * n], keep_v[rank * n:(rank + 1) * n]
+    keep_a, keep_v = keep_a[rank * n : (rank + 1) * n], keep_v[rank * n : (rank + 1) * n]
     a, v, label = drop_features(a, v, label, keep_a.to(a.device), keep_v.to(v.device), q_a, q_v, rescale)
     return a, v, label, True, (1 - keep_a.mean().item(), 1 - keep_v.mean().item())
+
+
 # END ALGO LOGIC BLOCK
 
 # isort: split
@@ -117,24 +119,19 @@ def parse_args(argv=None):
     p = flags.parser(__doc__, __file__)  # the shared flags: common/flags.py
     p.add_argument("--fusion", default="concat", choices=["concat", "sum", "gated"], help="fusion head")
     # ALGO LOGIC: OPM's flags (None: the value of OPM_PRESETS for the dataset)
-    p.add_argument("--q-base", type=flags.between(0, 1), default=None,
-                   help="base drop probability of the dominant modality")
-    p.add_argument("--lam", type=flags.at_least(0, why=" (below 0 the dominant modality would be dropped less)"),
-                   default=None, help="extra drop strength lambda: q = q_base (1 + lam tanh(rho - 1))")
-    p.add_argument("--p-exe", type=flags.between(0, 1), default=None, help="probability that a step drops at all")
-    p.add_argument("--warmup-epochs", type=flags.at_least(0, int), default=None,
-                   help="epochs 0..N-1 are plain joint training")
-    p.add_argument("--opm-window", type=flags.at_least(0, int), nargs=2, default=None, metavar=("START", "END"),
-                   help="drop only in epochs START..END inclusive (default: from the end of the warm-up to the end)")
-    p.add_argument("--rescale", default="mean", choices=["mean", "per-modality", "none"],
-                   help="mean = both modalities / (1 - mean(q)) (release); per-modality = each / (1 - q_m)")
+    prob, epoch = flags.between(0, 1), flags.at_least(0, int)
+    p.add_argument("--q-base", type=prob, default=None, help="base drop probability of the dominant modality")
+    p.add_argument("--lam", type=flags.at_least(0), default=None, help="q = q_base (1 + lam tanh(rho - 1))")
+    p.add_argument("--p-exe", type=prob, default=None, help="probability that a step drops at all")
+    p.add_argument("--warmup-epochs", type=epoch, default=None, help="epochs 0..N-1 are plain joint training")
+    p.add_argument("--opm-window", type=epoch, nargs=2, metavar=("START", "END"), help="drop only in these epochs")
+    p.add_argument("--rescale", default="mean", choices=["mean", "per-modality", "none"], help="the dropout rescale")
     args = p.parse_args(argv)
     flags.fill(args, {**PRESETS[args.dataset], **OPM_PRESETS[args.dataset]})
     if args.opm_window and args.opm_window[0] > args.opm_window[1]:
         p.error(f"--opm-window {args.opm_window[0]} {args.opm_window[1]}: START is after END")
     if args.opm_window and args.opm_window[1] < args.warmup_epochs:
-        p.error(f"--opm-window ends at epoch {args.opm_window[1]}, before --warmup-epochs {args.warmup_epochs} "
-                "ends: OPM would never act; lower --warmup-epochs")
+        p.error(f"--opm-window ends at epoch {args.opm_window[1]}, before --warmup-epochs {args.warmup_epochs} ends")
     return args
 
 
@@ -200,8 +197,10 @@ if __name__ == "__main__":
             q_a, q_v, executed, y, dropped = 0.0, 0.0, False, label, (0.0, 0.0)
             if opm_on:
                 q_a, q_v = drop_probabilities(s[0].item(), s[1].item(), args.q_base, args.lam)
-                a, v, y, executed, dropped = opm_drop(a, v, label, q_a, q_v, args.p_exe, opm_gen, args.rescale,
-                                                      distributed.world_size(), distributed.rank())
+                world, rank = distributed.world_size(), distributed.rank()  # every process draws the global masks
+                a, v, y, executed, dropped = opm_drop(
+                    a, v, label, q_a, q_v, args.p_exe, opm_gen, args.rescale, world, rank
+                )
                 if executed:
                     rescale_sum, n_exec = rescale_sum + max(rescale_factors(q_a, q_v, args.rescale)), n_exec + 1
                 if y.shape[0] == 0:  # every sample lost both modalities: skip the step (never with two modalities)
@@ -215,9 +214,10 @@ if __name__ == "__main__":
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
-            logs.update({"train/ratio": (s[0] / s[1]).item(), "train/coeff_audio": q_a, "train/coeff_visual": q_v,
-                         "train/drop_exec_frac": float(executed), "train/drop_frac_audio": dropped[0],
-                         "train/drop_frac_visual": dropped[1]})  # ALGO LOGIC: q and the drops
+            # ALGO LOGIC: the global ratio, q and the drops
+            logs.update({"train/ratio": (s[0] / s[1]).item(), "train/coeff_audio": q_a, "train/coeff_visual": q_v})
+            logs.update({"train/drop_exec_frac": float(executed), "train/drop_frac_audio": dropped[0]})
+            logs["train/drop_frac_visual"] = dropped[1]
             run.log_step(logs, label.shape[0])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = run.train_metrics(optimizer)

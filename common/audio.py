@@ -131,8 +131,18 @@ class LogSpectrogram(torch.nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.clamp(-1.0, 1.0).reshape(-1, shape[-1])
-        s = torch.stft(x, self.n_fft, self.hop, win_length=self.n_fft, window=self.window.to(x.dtype), center=True,
-                       pad_mode="reflect", normalized=False, onesided=True, return_complex=True)
+        s = torch.stft(
+            x,
+            self.n_fft,
+            self.hop,
+            win_length=self.n_fft,
+            window=self.window.to(x.dtype),
+            center=True,
+            pad_mode="reflect",
+            normalized=False,
+            onesided=True,
+            return_complex=True,
+        )
         return s.abs().add_(1e-7).log_().reshape(*shape[:-1], *s.shape[-2:])
 
 
@@ -144,8 +154,8 @@ def _tukey(n, alpha=0.25):
     width = int(np.floor(alpha * (m - 1) / 2.0))
     left = x[: width + 1]
     w[: width + 1] = 0.5 * (1 + np.cos(np.pi * (-1 + 2.0 * left / alpha / (m - 1))))
-    right = x[m - width - 1:]
-    w[m - width - 1:] = 0.5 * (1 + np.cos(np.pi * (-2.0 / alpha + 1 + 2.0 * right / alpha / (m - 1))))
+    right = x[m - width - 1 :]
+    w[m - width - 1 :] = 0.5 * (1 + np.cos(np.pi * (-2.0 / alpha + 1 + 2.0 * right / alpha / (m - 1))))
     return torch.tensor(w[:n], dtype=torch.float64)
 
 
@@ -183,7 +193,7 @@ class AudioPipeline:
             start = int(torch.randint(0, int(round(cfg.train_start_max * sr)) + 1, (1,), generator=generator))
         else:
             start = int(round(cfg.test_start * sr))
-        return x[start:start + length]
+        return x[start : start + length]
 
     def __call__(self, samples, sr, train, generator=None):
         return self.transform(self.waveform(samples, sr, train, generator))
@@ -206,8 +216,14 @@ class AudioPipeline:
             return ((s - s.mean()) / (s.std() + 1e-9)).float()
         # Kaldi fbank (docs/data.md)
         fb = torchaudio.compliance.kaldi.fbank(
-            (x - x.mean()).unsqueeze(0), htk_compat=True, sample_frequency=self.cfg.sample_rate, use_energy=False,
-            window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10,
+            (x - x.mean()).unsqueeze(0),
+            htk_compat=True,
+            sample_frequency=self.cfg.sample_rate,
+            use_energy=False,
+            window_type="hanning",
+            num_mel_bins=128,
+            dither=0.0,
+            frame_shift=10,
         )
         fb = torch.nn.functional.pad(fb, (0, 0, 0, max(0, 1024 - fb.shape[0])))[:1024]
         return (fb + 4.503877) / (2 * 5.141276)  # (time, mel)

@@ -48,8 +48,10 @@ def cache_folders(root, audio_name, audio_cfg, side):
     folders = {}
     key = audio_cache_key(audio_name, audio_cfg)
     if key:
-        folders["audio"] = (os.path.join(root, "cache", f"audio-{key}"),
-                            cache_meta("audio", pipeline=audio_name, config=asdict(audio_cfg)))
+        folders["audio"] = (
+            os.path.join(root, "cache", f"audio-{key}"),
+            cache_meta("audio", pipeline=audio_name, config=asdict(audio_cfg)),
+        )
     folders["frames"] = (os.path.join(root, "cache", f"frames-{side}"), cache_meta("frames", side=side))
     return folders
 
@@ -75,8 +77,12 @@ def check_cache(args, root, audio_name, audio_cfg, clips):
             meta = json.load(f)
         if any(meta.get(k) != v for k, v in want.items()):
             raise SystemExit(f"--cache: {meta_path} was written for other settings; delete {folder} and run `{cmd}`")
-    missing = [os.path.join(folder, f"{c.clip_id}.npy") for folder, _ in folders for c in clips
-               if not os.path.isfile(os.path.join(folder, f"{c.clip_id}.npy"))]
+    missing = [
+        os.path.join(folder, f"{c.clip_id}.npy")
+        for folder, _ in folders
+        for c in clips
+        if not os.path.isfile(os.path.join(folder, f"{c.clip_id}.npy"))
+    ]
     if missing:
         raise SystemExit(
             f"--cache: {len(missing)} entries of the splits' clips are missing (first: {', '.join(missing[:2])}); "

@@ -51,8 +51,16 @@ class AVDataset(torch.utils.data.Dataset):
     in shared memory, so DataLoader workers count into the main process).
     """
 
-    def __init__(self, clips, audio_cfg: AudioConfig, frame_cfg: FrameConfig, train: bool, class_names=None,
-                 audio_cache=None, frame_cache=None):
+    def __init__(
+        self,
+        clips,
+        audio_cfg: AudioConfig,
+        frame_cfg: FrameConfig,
+        train: bool,
+        class_names=None,
+        audio_cache=None,
+        frame_cache=None,
+    ):
         self.clips, self.train, self.class_names = clips, train, class_names
         self.audio, self.frame_cfg, self.frames_tf = AudioPipeline(audio_cfg), frame_cfg, FrameTransform(frame_cfg)
         self.audio_cache, self.frame_cache = audio_cache, frame_cache
@@ -95,12 +103,17 @@ class AVDataset(torch.utils.data.Dataset):
         if bad:
             drop = {i for ids in bad.values() for i in ids}
             parts = "; ".join(f"{k}: {len(v)} (first: {', '.join(v[:3])})" for k, v in bad.items())
-            warnings.warn(f"--cache: skipped {len(drop)} of {len(self.clips)} {'training' if self.train else 'test'} "
-                          f"clips ({parts}); re-run `python -m preprocess.cache` with the same flags to rewrite them",
-                          SkippedClipsWarning, stacklevel=3)
+            warnings.warn(
+                f"--cache: skipped {len(drop)} of {len(self.clips)} {'training' if self.train else 'test'} "
+                f"clips ({parts}); re-run `python -m preprocess.cache` with the same flags to rewrite them",
+                SkippedClipsWarning,
+                stacklevel=3,
+            )
             if len(drop) == len(self.clips):
-                raise SystemExit(f"--cache: every entry of the {'training' if self.train else 'test'} clips is "
-                                 "damaged; delete the cache folders and run `python -m preprocess.cache` again")
+                raise SystemExit(
+                    f"--cache: every entry of the {'training' if self.train else 'test'} clips is "
+                    "damaged; delete the cache folders and run `python -m preprocess.cache` again"
+                )
             self.clips = [c for c in self.clips if c.clip_id not in drop]
             for k, v in bad.items():
                 self.skipped.setdefault(k, []).extend(v)
@@ -121,10 +134,15 @@ class AVDataset(torch.utils.data.Dataset):
                 self.load_failures[j] += 1
                 err = " ".join(f"{type(e).__name__}: {e}".split())
                 first = first or f"{self._clips[j].clip_id}: {err}"
-                warnings.warn(f"clip {self._clips[j].clip_id} failed to load ({err}); replaced by the next clip",
-                              LoadFailedWarning, stacklevel=2)
-        raise AllClipsFailedError(f"all {n} {'training' if self.train else 'test'} clips failed to load (first: "
-                                  f"{first}); check the dataset files and the image/audio libraries")
+                warnings.warn(
+                    f"clip {self._clips[j].clip_id} failed to load ({err}); replaced by the next clip",
+                    LoadFailedWarning,
+                    stacklevel=2,
+                )
+        raise AllClipsFailedError(
+            f"all {n} {'training' if self.train else 'test'} clips failed to load (first: "
+            f"{first}); check the dataset files and the image/audio libraries"
+        )
 
     def load(self, i):
         """Clip i as (spec, frames, label); raises whatever reading its files raises."""
@@ -156,14 +174,51 @@ class AVDataset(torch.utils.data.Dataset):
 
 # dataset name -> facts and default loader parameters (docs/data.md)
 DATASETS = {
-    "cremad": dict(num_classes=6, n_frames=1, frame_size=224, audio="cremad", subdir="cremad", num_workers=4,
-                   layout="cremad", classes=CREMAD_LABELS, prepare="python -m preprocess.cremad"),
-    "ks": dict(num_classes=31, n_frames=3, frame_size=224, audio="stft16k", subdir="kinetics_sounds", num_workers=4,
-               layout="flat", classes=KS_CLASSES, prepare="python -m preprocess.kinetics_sounds"),
-    "vggsound": dict(num_classes=309, n_frames=3, frame_size=224, audio="stft16k", subdir="vggsound", num_workers=4,
-                     layout="flat", classes=None, prepare="python -m preprocess.vggsound"),  # classes: classes.txt
-    "synthetic": dict(num_classes=6, n_frames=1, frame_size=32, audio="synthetic", subdir="synthetic", num_workers=0,
-                      layout="cremad", classes=CREMAD_LABELS, prepare=None),  # written on first use
+    "cremad": dict(
+        num_classes=6,
+        n_frames=1,
+        frame_size=224,
+        audio="cremad",
+        subdir="cremad",
+        num_workers=4,
+        layout="cremad",
+        classes=CREMAD_LABELS,
+        prepare="python -m preprocess.cremad",
+    ),
+    "ks": dict(
+        num_classes=31,
+        n_frames=3,
+        frame_size=224,
+        audio="stft16k",
+        subdir="kinetics_sounds",
+        num_workers=4,
+        layout="flat",
+        classes=KS_CLASSES,
+        prepare="python -m preprocess.kinetics_sounds",
+    ),
+    # vggsound: the class list is the data folder's classes.txt; synthetic: written on first use
+    "vggsound": dict(
+        num_classes=309,
+        n_frames=3,
+        frame_size=224,
+        audio="stft16k",
+        subdir="vggsound",
+        num_workers=4,
+        layout="flat",
+        classes=None,
+        prepare="python -m preprocess.vggsound",
+    ),
+    "synthetic": dict(
+        num_classes=6,
+        n_frames=1,
+        frame_size=32,
+        audio="synthetic",
+        subdir="synthetic",
+        num_workers=0,
+        layout="cremad",
+        classes=CREMAD_LABELS,
+        prepare=None,
+    ),
 }
 
 
@@ -193,8 +248,11 @@ def build_datasets(args):
     elif args.num_workers > cpus:  # kept as given, said once here instead of PyTorch's warnings at every loader
         warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
         if distributed.is_main():
-            print(f"note: --num-workers {args.num_workers} is more than the {cpus} CPUs this process may use; "
-                  "loading may be slower", file=sys.stderr)
+            print(
+                f"note: --num-workers {args.num_workers} is more than the {cpus} CPUs this process may use; "
+                "loading may be slower",
+                file=sys.stderr,
+            )
     n_frames = args.n_frames or facts["n_frames"]
     size = args.frame_size or facts["frame_size"]
     audio_name, audio_cfg = audio_config(args)
@@ -224,8 +282,9 @@ def build_datasets(args):
                 clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"])
                 classes = facts["classes"]
             else:
-                clips, skipped, classes = flat_clips(root, split, n_frames, args.dataset, facts["classes"],
-                                                     prepare=facts["prepare"])
+                clips, skipped, classes = flat_clips(
+                    root, split, n_frames, args.dataset, facts["classes"], prepare=facts["prepare"]
+                )
             ds = AVDataset(clips, audio_cfg, frame_cfg, train, classes)
             ds.skipped = skipped
             sets.append(ds)
@@ -261,11 +320,25 @@ def make_loaders(train_set, test_set, args, generator):
     pin = torch.cuda.is_available() if args.pin_memory == "auto" else args.pin_memory in ("on", True)
     kw = dict(num_workers=num_workers, worker_init_fn=seed_worker, pin_memory=pin)
     n_train = len(train_sampler) if train_sampler is not None else len(train_set)
-    train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=train_sampler is None, sampler=train_sampler,
-                                        drop_last=n_train > batch_size, generator=generator,
-                                        persistent_workers=args.persistent_workers and num_workers > 0, **kw)
-    test = torch.utils.data.DataLoader(test_set, batch_size, shuffle=False, sampler=test_sampler, drop_last=False,
-                                       persistent_workers=num_workers > 0, **kw)
+    train = torch.utils.data.DataLoader(
+        train_set,
+        batch_size,
+        shuffle=train_sampler is None,
+        sampler=train_sampler,
+        drop_last=n_train > batch_size,
+        generator=generator,
+        persistent_workers=args.persistent_workers and num_workers > 0,
+        **kw,
+    )
+    test = torch.utils.data.DataLoader(
+        test_set,
+        batch_size,
+        shuffle=False,
+        sampler=test_sampler,
+        drop_last=False,
+        persistent_workers=num_workers > 0,
+        **kw,
+    )
     return train, test
 
 

@@ -106,7 +106,7 @@ class FrameTransform:
                     box = T.RandomResizedCrop.get_params(x, self.rrc.scale, self.rrc.ratio)
                     flip = bool(torch.rand(1) < 0.5)
                 i, j, h, w = box
-                y = resize_uint8(x[:, i:i + h, j:j + w], (s, s))
+                y = resize_uint8(x[:, i : i + h, j : j + w], (s, s))
             hwc = y.permute(1, 2, 0).numpy()  # the kernel's channels-last output, (s, s, 3)
             out[:, k] = (hwc[:, ::-1] if flip else hwc).transpose(2, 0, 1)  # flip and de-interleave in one copy
         return torch.from_numpy(out)  # (3, T_f, H, W)
@@ -153,11 +153,15 @@ def load_frame(path):
             return simplejpeg.decode_jpeg(data, "RGB", strict=True)
         img = decode_opencv(data) if data else None
     except (OSError, ValueError, cv2.error) as e:
-        raise ValueError(f"{path}: unreadable image ({' '.join(str(e).split())}); re-extract this clip's frames or "
-                         "remove it from the split") from e
+        raise ValueError(
+            f"{path}: unreadable image ({' '.join(str(e).split())}); re-extract this clip's frames or "
+            "remove it from the split"
+        ) from e
     if img is None:
-        raise ValueError(f"{path}: unreadable image ({'empty file' if not data else 'not a decodable image'}); "
-                         "re-extract this clip's frames or remove it from the split")
+        raise ValueError(
+            f"{path}: unreadable image ({'empty file' if not data else 'not a decodable image'}); "
+            "re-extract this clip's frames or remove it from the split"
+        )
     return img
 
 
@@ -169,8 +173,11 @@ def decode_opencv(data):
 
 # start and end markers of the frame files list_frames accepts; the end marker is looked for in the file's last
 # TAIL bytes (writers end a JPEG at its EOI marker, a few pad bytes after it are tolerated)
-_MARKERS = {".jpg": (b"\xff\xd8", b"\xff\xd9"), ".jpeg": (b"\xff\xd8", b"\xff\xd9"),
-            ".png": (b"\x89PNG\r\n\x1a\n", b"IEND")}
+_MARKERS = {
+    ".jpg": (b"\xff\xd8", b"\xff\xd9"),
+    ".jpeg": (b"\xff\xd8", b"\xff\xd9"),
+    ".png": (b"\x89PNG\r\n\x1a\n", b"IEND"),
+}
 TAIL = 1024
 
 

@@ -43,8 +43,10 @@ class AudioEncoder(nn.Module):
     def forward(self, x):
         if x.dim() == 3:
             if self.frontend is None:
-                raise ValueError(f"AudioEncoder: a waveform batch {tuple(x.shape)} needs the dataset's front-end: "
-                                 "build the model with AVClassifier(..., audio_frontend=train_set.frontend)")
+                raise ValueError(
+                    f"AudioEncoder: a waveform batch {tuple(x.shape)} needs the dataset's front-end: "
+                    "build the model with AVClassifier(..., audio_frontend=train_set.frontend)"
+                )
             x = self.frontend(x)
         return torch.flatten(F.adaptive_avg_pool2d(self.trunk(x), 1), 1)
 
@@ -140,8 +142,12 @@ def unimodal_logits(head, f_a, f_v, bias):
         return None, None
     if f_a is None or f_v is None:
         present = f_a if f_v is None else f_v
-        z_a, z_v = unimodal_logits(head, present if f_a is not None else torch.zeros_like(present),
-                                   present if f_v is not None else torch.zeros_like(present), bias)
+        z_a, z_v = unimodal_logits(
+            head,
+            present if f_a is not None else torch.zeros_like(present),
+            present if f_v is not None else torch.zeros_like(present),
+            bias,
+        )
         return (z_a if f_a is not None else None), (z_v if f_v is not None else None)
     if isinstance(head, ConcatHead):
         w, b = head.fc_out.weight, head.fc_out.bias

@@ -121,14 +121,20 @@ class Run:
         """Log the epoch, save last.pt (`state` plus the run's bookkeeping) and, with --save-best, best.pt (the weights
         of `best_state`, default `state`) atomically, and print. Returns True after --stop-after-epochs epochs of this
         process (the run then continues with --resume)."""
-        metrics.update({"charts/lr": self.lr, "charts/samples_per_sec": self.n_samples / max(self.train_time, 1e-9),
-                        "charts/epoch_time": time.time() - self.t0})
+        metrics.update(
+            {
+                "charts/lr": self.lr,
+                "charts/samples_per_sec": self.n_samples / max(self.train_time, 1e-9),
+                "charts/epoch_time": time.time() - self.t0,
+            }
+        )
         metrics["data/replaced_clips"] = self.replaced_clips(epoch)
         self.history.append({"epoch": epoch, **metrics})
         self.logger.log_epoch(epoch, metrics)
         acc, best_acc = metrics["test/acc"], None if self.best is None else self.best["test/acc"]
-        is_best = epoch > self.select_after and (best_acc is None or acc > best_acc
-                                                 or (self.ties_to_later and acc == best_acc))
+        is_best = epoch > self.select_after and (
+            best_acc is None or acc > best_acc or (self.ties_to_later and acc == best_acc)
+        )
         self.best = {"epoch": epoch, **metrics} if is_best else self.best
         self.elapsed += time.time() - self.t0
         saved = {"epoch": epoch, "history": self.history, "best": self.best, "args": vars(self.args)}
@@ -154,8 +160,12 @@ class Run:
             ids += [ds.clips[k].clip_id for k in delta.nonzero().flatten().tolist()]
         n = int(distributed.all_reduce_sum([float(n)])[0])
         if n and self.main:
-            warnings.warn(f"epoch {epoch}: replaced {n} clips that failed to load by the next clip (first: "
-                          f"{', '.join(ids[:3])}); fix or remove their files", LoadFailedWarning, stacklevel=3)
+            warnings.warn(
+                f"epoch {epoch}: replaced {n} clips that failed to load by the next clip (first: "
+                f"{', '.join(ids[:3])}); fix or remove their files",
+                LoadFailedWarning,
+                stacklevel=3,
+            )
         return n
 
     def finish(self):

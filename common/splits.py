@@ -12,12 +12,37 @@ from common.frames import check_image, list_frames
 
 CREMAD_LABELS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # fixed order (docs/data.md)
 KS_CLASSES = [
-    "blowing_nose", "blowing_out_candles", "bowling", "chopping_wood", "dribbling_basketball", "laughing",
-    "mowing_lawn", "playing_accordion", "playing_bagpipes", "playing_bass_guitar", "playing_clarinet",
-    "playing_drums", "playing_guitar", "playing_harmonica", "playing_keyboard", "playing_organ", "playing_piano",
-    "playing_saxophone", "playing_trombone", "playing_trumpet", "playing_violin", "playing_xylophone",
-    "ripping_paper", "shoveling_snow", "shuffling_cards", "singing", "stomping_grapes", "tap_dancing",
-    "tapping_guitar", "tapping_pen", "tickling",
+    "blowing_nose",
+    "blowing_out_candles",
+    "bowling",
+    "chopping_wood",
+    "dribbling_basketball",
+    "laughing",
+    "mowing_lawn",
+    "playing_accordion",
+    "playing_bagpipes",
+    "playing_bass_guitar",
+    "playing_clarinet",
+    "playing_drums",
+    "playing_guitar",
+    "playing_harmonica",
+    "playing_keyboard",
+    "playing_organ",
+    "playing_piano",
+    "playing_saxophone",
+    "playing_trombone",
+    "playing_trumpet",
+    "playing_violin",
+    "playing_xylophone",
+    "ripping_paper",
+    "shoveling_snow",
+    "shuffling_cards",
+    "singing",
+    "stomping_grapes",
+    "tap_dancing",
+    "tapping_guitar",
+    "tapping_pen",
+    "tickling",
 ]  # alphabetical, label index = position (docs/data.md)
 
 
@@ -113,8 +138,14 @@ def cremad_clips(root, split, n_frames, fps=1, prepare="python -m preprocess.cre
             raise ValueError(f"{split_path}:{line}: unknown label {got!r}; expected one of {', '.join(CREMAD_LABELS)}")
         return row[0], CREMAD_LABELS.index(row[1])
 
-    return index_clips(rows, split_path, label_of, lambda c: os.path.join(root, "AudioWAV", f"{c}.wav"),
-                       lambda c: os.path.join(root, f"Image-{fps:02d}-FPS", c), n_frames)
+    return index_clips(
+        rows,
+        split_path,
+        label_of,
+        lambda c: os.path.join(root, "AudioWAV", f"{c}.wav"),
+        lambda c: os.path.join(root, f"Image-{fps:02d}-FPS", c),
+        n_frames,
+    )
 
 
 def read_classes(path):
@@ -160,6 +191,12 @@ def flat_clips(root, split, n_frames, dataset, default_classes=None, prepare=Non
             raise ValueError(f"{split_path}:{line}: unknown label {raw!r} (not in {classes_path})")
         return row[0], classes.index(raw)
 
-    clips, skipped = index_clips(rows, split_path, label_of, lambda c: os.path.join(root, "audio", f"{c}.wav"),
-                                 lambda c: os.path.join(root, "frames", c), n_frames)
+    clips, skipped = index_clips(
+        rows,
+        split_path,
+        label_of,
+        lambda c: os.path.join(root, "audio", f"{c}.wav"),
+        lambda c: os.path.join(root, "frames", c),
+        n_frames,
+    )
     return clips, skipped, classes

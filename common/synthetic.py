@@ -68,14 +68,27 @@ def make_frame(rng, label, colours, px, strength, informative=True, noise_level=
     side = int(px * rng.uniform(0.4, 0.7))
     y0, x0 = rng.randint(0, px - side + 1, size=2)
     if informative:
-        img[y0:y0 + side, x0:x0 + side] += 60 * strength * colours[label]
+        img[y0 : y0 + side, x0 : x0 + side] += 60 * strength * colours[label]
     img = img + rng.normal(0, 50 * noise_level, (px, px, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-DEFAULTS = dict(n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40, min_frames=2,
-                max_frames=3, audio_snr=1.0, visual_strength=0.2, uninformative_audio=0.3, uninformative_visual=0.0,
-                noise=1.0, seed=0)
+DEFAULTS = dict(
+    n_train=600,
+    n_test=300,
+    n_classes=6,
+    sample_rate=16000,
+    audio_seconds=1.0,
+    frame_px=40,
+    min_frames=2,
+    max_frames=3,
+    audio_snr=1.0,
+    visual_strength=0.2,
+    uninformative_audio=0.3,
+    uninformative_visual=0.0,
+    noise=1.0,
+    seed=0,
+)
 
 # the cue strengths when audio / visual dominates: (audio_snr, visual_strength). Measured alone (4 epochs): the easy
 # tone and the easy square are learned in 1-2 epochs; the faint square and the faint tone take the whole run.
@@ -100,10 +113,16 @@ def regime_params(dominant="audio", weak_absent=0.0, dominant_absent=0.0, noise=
     if dominant not in CUES:
         raise ValueError(f"dominant must be one of {', '.join(CUES)}, got {dominant!r}")
     audio_snr, visual_strength = CUES[dominant]
-    absent_audio, absent_visual = ((dominant_absent, weak_absent) if dominant == "audio"
-                                   else (weak_absent, dominant_absent))
-    return dict(audio_snr=audio_snr, visual_strength=visual_strength, uninformative_audio=absent_audio,
-                uninformative_visual=absent_visual, noise=noise)
+    absent_audio, absent_visual = (
+        (dominant_absent, weak_absent) if dominant == "audio" else (weak_absent, dominant_absent)
+    )
+    return dict(
+        audio_snr=audio_snr,
+        visual_strength=visual_strength,
+        uninformative_audio=absent_audio,
+        uninformative_visual=absent_visual,
+        noise=noise,
+    )
 
 
 def regime_args(name):
@@ -114,9 +133,23 @@ def regime_args(name):
     return {**DEFAULTS, **regime_params(**{k: r[k] for k in KNOBS}), **{k: v for k, v in r.items() if k not in KNOBS}}
 
 
-def generate(out, n_train=600, n_test=300, n_classes=6, sample_rate=16000, audio_seconds=1.0, frame_px=40,
-             min_frames=2, max_frames=3, audio_snr=1.0, visual_strength=0.2, uninformative_audio=0.3, seed=0,
-             uninformative_visual=0.0, noise=1.0):
+def generate(
+    out,
+    n_train=600,
+    n_test=300,
+    n_classes=6,
+    sample_rate=16000,
+    audio_seconds=1.0,
+    frame_px=40,
+    min_frames=2,
+    max_frames=3,
+    audio_snr=1.0,
+    visual_strength=0.2,
+    uninformative_audio=0.3,
+    seed=0,
+    uninformative_visual=0.0,
+    noise=1.0,
+):
     """Write the dataset to `out` (deterministic: the same arguments write byte-identical files). A clip whose
     visual side is uninformative has no cue in any of its frames."""
     if not 1 <= n_classes <= len(EMOTIONS):
@@ -202,8 +235,10 @@ def ensure_synthetic(root, params=None):
                 try:  # replace the set only if no other process is reading it
                     fcntl.flock(readers, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise SystemExit(f"error: {root} was written with other generator settings and another run is "
-                                     "reading it; wait for that run to end, or pass another --data-root") from None
+                    raise SystemExit(
+                        f"error: {root} was written with other generator settings and another run is "
+                        "reading it; wait for that run to end, or pass another --data-root"
+                    ) from None
                 print(f"{root} was written with other generator settings; regenerating it")
             else:
                 print(f"generating the synthetic dataset in {root} (first use)")

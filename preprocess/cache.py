@@ -105,17 +105,23 @@ def cache_clip(clip):
 
 def main(argv=None):
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS),
-                   help="dataset to cache (as the scripts' --dataset)")
+    p.add_argument(
+        "--dataset", required=True, choices=sorted(DATASETS), help="dataset to cache (as the scripts' --dataset)"
+    )
     p.add_argument("--data-root", default="data", help="folder holding <dataset>/ (as the scripts' --data-root)")
-    p.add_argument("--audio-pipeline", default=None, choices=sorted(AUDIO_PIPELINES),
-                   help="audio recipe (default: the dataset's)")
+    p.add_argument(
+        "--audio-pipeline", default=None, choices=sorted(AUDIO_PIPELINES), help="audio recipe (default: the dataset's)"
+    )
     p.add_argument("--audio-seconds", type=float, default=None, help="audio window in seconds (as the scripts' flag)")
     p.add_argument("--n-frames", type=int, default=None, help="index the clips as training with this --n-frames does")
-    p.add_argument("--frame-side", type=int, default=256,
-                   help="short side of the cached frames (0 = original size, exact)")
-    p.add_argument("--legacy-loader", action="store_true",
-                   help="spectrograms of the previous loader (torchaudio resampling), for --cache --legacy-loader")
+    p.add_argument(
+        "--frame-side", type=int, default=256, help="short side of the cached frames (0 = original size, exact)"
+    )
+    p.add_argument(
+        "--legacy-loader",
+        action="store_true",
+        help="spectrograms of the previous loader (torchaudio resampling), for --cache --legacy-loader",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
     cli.check(a, "workers", lambda x: x > 0, "positive")
@@ -136,8 +142,8 @@ def main(argv=None):
     train_set, test_set, _ = build_datasets(args)  # the training index: same clips, same warnings
     clips = list({c.clip_id: c for c in train_set.clips + test_set.clips}.values())
     name, cfg = audio_config(args)
+    # recorded besides, not checked
     extra = {
-        # recorded besides, not checked
         "audio": dict(torch=torch.__version__, torchaudio=torchaudio.__version__, soxr=soxr.__version__),
         "frames": dict(
             resize="torchvision Resize(side): PIL bilinear, antialiased; frames with a short side <= side "
@@ -150,8 +156,10 @@ def main(argv=None):
         for kind, (folder, want) in cache_folders(root, name, cfg, a.frame_side).items()
     }
     if "audio" not in metas:
-        print(f"audio not cached: the training window of the {name} pipeline is random, so its spectrogram is computed "
-              "from the wav at every step (a few ms per clip, see docs/distributed.md)")
+        print(
+            f"audio not cached: the training window of the {name} pipeline is random, so its spectrogram is computed "
+            "from the wav at every step (a few ms per clip, see docs/distributed.md)"
+        )
     for folder, want, _ in metas.values():
         meta_path = os.path.join(folder, "meta.json")
         if os.path.isfile(meta_path):  # never mix entries written for other settings (or by another format version)

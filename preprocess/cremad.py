@@ -62,22 +62,30 @@ def main(argv=None):
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
     p.add_argument("--src", required=True, help="CREMA-D checkout with VideoFlash/ and AudioWAV/")
     p.add_argument("--out", default="data/cremad", help="output folder")
-    p.add_argument("--splits", default=None,
-                   help="folder with the official train.csv and test.csv (copied as they are)")
-    p.add_argument("--test-fraction", type=float, default=0.1,
-                   help="test share of the stratified split (without --splits)")
+    p.add_argument(
+        "--splits", default=None, help="folder with the official train.csv and test.csv (copied as they are)"
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=0.1, help="test share of the stratified split (without --splits)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
     cli.check(a, "workers", lambda x: x > 0, "positive")
     cli.check(a, "test_fraction", lambda x: 0 < x < 1, "in (0, 1)")
     for split in ("train", "test") if a.splits else ():  # before the long conversion, not after it
-        cli.require(os.path.join(a.splits, f"{split}.csv"), "--splits", "it must hold the official train.csv and "
-                    "test.csv", kind="file")
+        cli.require(
+            os.path.join(a.splits, f"{split}.csv"),
+            "--splits",
+            "it must hold the official train.csv and test.csv",
+            kind="file",
+        )
     video_dir = os.path.join(a.src, "VideoFlash")
     if not os.path.isdir(video_dir):
-        raise SystemExit(f"{video_dir} not found: --src must be a CREMA-D checkout with VideoFlash/ and AudioWAV/ "
-                         "(git lfs pull fetches the media files)")
+        raise SystemExit(
+            f"{video_dir} not found: --src must be a CREMA-D checkout with VideoFlash/ and AudioWAV/ "
+            "(git lfs pull fetches the media files)"
+        )
     videos = sorted(v for v in glob.glob(os.path.join(video_dir, "*")) if v.lower().endswith(VIDEO_EXTS))
     jobs = []
     for v in videos:

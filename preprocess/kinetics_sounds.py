@@ -36,8 +36,12 @@ def main(argv=None):
     cli.check(a, "workers", lambda x: x > 0, "positive")
     cli.require(a.videos, "--videos", "pass the folder of the downloaded <clip_id>.mp4 files")
     for split in ("train", "test"):
-        cli.require(os.path.join(a.splits, f"my_{split}.txt"), "--splits", "it must hold the official my_train.txt "
-                    "and my_test.txt", kind="file")
+        cli.require(
+            os.path.join(a.splits, f"my_{split}.txt"),
+            "--splits",
+            "it must hold the official my_train.txt and my_test.txt",
+            kind="file",
+        )
     require_ffmpeg()
     videos = find_videos(a.videos)
     os.makedirs(os.path.join(a.out, "audio"), exist_ok=True)

@@ -26,29 +26,55 @@ def main(argv=None):
     p.add_argument("--out", default="data/synthetic", help="output folder")
     p.add_argument("--n-train", type=pos_int, default=None, help="training clips (default: the regime's, 600 or 420)")
     p.add_argument("--n-test", type=pos_int, default=None, help="test clips (default: the regime's, 300 or 240)")
-    p.add_argument("--n-classes", type=cli.between(1, len(EMOTIONS), int, " (CREMA-D label names)"), default=6,
-                   help="classes")
+    p.add_argument(
+        "--n-classes", type=cli.between(1, len(EMOTIONS), int, " (CREMA-D label names)"), default=6, help="classes"
+    )
     p.add_argument("--sample-rate", type=pos_int, default=16000, help="wav sample rate (CREMA-D files are 16 kHz)")
     p.add_argument("--audio-seconds", type=pos, default=1.0, help="clip length in seconds")
     p.add_argument("--frame-px", type=pos_int, default=40, help="frame side in pixels")
     p.add_argument("--min-frames", type=pos_int, default=2, help="fewest frames per clip")
     p.add_argument("--max-frames", type=pos_int, default=3, help="most frames per clip")
-    p.add_argument("--regime", default="default", choices=sorted(REGIMES),
-                   help="named setting of the four knobs below (docs/data.md, Regimes)")
-    p.add_argument("--dominant", default=None, choices=["audio", "visual"],
-                   help="which modality gets the easy cue (the other the faint one); default: the regime's")
-    p.add_argument("--weak-absent", type=share, default=None,
-                   help="share of clips whose weak modality is noise only; default: the regime's")
-    p.add_argument("--dominant-absent", type=share, default=None,
-                   help="share of clips whose dominant modality is noise only; default: the regime's")
+    p.add_argument(
+        "--regime",
+        default="default",
+        choices=sorted(REGIMES),
+        help="named setting of the four knobs below (docs/data.md, Regimes)",
+    )
+    p.add_argument(
+        "--dominant",
+        default=None,
+        choices=["audio", "visual"],
+        help="which modality gets the easy cue (the other the faint one); default: the regime's",
+    )
+    p.add_argument(
+        "--weak-absent",
+        type=share,
+        default=None,
+        help="share of clips whose weak modality is noise only; default: the regime's",
+    )
+    p.add_argument(
+        "--dominant-absent",
+        type=share,
+        default=None,
+        help="share of clips whose dominant modality is noise only; default: the regime's",
+    )
     p.add_argument("--noise", type=pos, default=None, help="factor on both modalities' noise; default: the regime's")
     p.add_argument("--audio-snr", type=cli.at_least(0), default=None, help="audio tone strength (overrides --dominant)")
-    p.add_argument("--visual-strength", type=cli.at_least(0), default=None,
-                   help="visual pattern strength (overrides --dominant)")
-    p.add_argument("--uninformative-audio", type=share, default=None,
-                   help="share of clips whose audio is noise only (overrides the absent shares)")
-    p.add_argument("--uninformative-visual", type=share, default=None,
-                   help="share of clips whose frames carry no cue (overrides the absent shares)")
+    p.add_argument(
+        "--visual-strength", type=cli.at_least(0), default=None, help="visual pattern strength (overrides --dominant)"
+    )
+    p.add_argument(
+        "--uninformative-audio",
+        type=share,
+        default=None,
+        help="share of clips whose audio is noise only (overrides the absent shares)",
+    )
+    p.add_argument(
+        "--uninformative-visual",
+        type=share,
+        default=None,
+        help="share of clips whose frames carry no cue (overrides the absent shares)",
+    )
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     a = p.parse_args(argv)
     # the regime's arguments, then the knobs given on the command line, then the low-level flags given
@@ -64,9 +90,23 @@ def main(argv=None):
             fcntl.flock(readers, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SystemExit(f"error: a run is reading {a.out}; wait for it to end, or pass another --out") from None
-        meta = generate(a.out, a.n_train, a.n_test, a.n_classes, a.sample_rate, a.audio_seconds, a.frame_px,
-                        a.min_frames, a.max_frames, a.audio_snr, a.visual_strength, a.uninformative_audio, a.seed,
-                        a.uninformative_visual, a.noise)
+        meta = generate(
+            a.out,
+            a.n_train,
+            a.n_test,
+            a.n_classes,
+            a.sample_rate,
+            a.audio_seconds,
+            a.frame_px,
+            a.min_frames,
+            a.max_frames,
+            a.audio_snr,
+            a.visual_strength,
+            a.uninformative_audio,
+            a.seed,
+            a.uninformative_visual,
+            a.noise,
+        )
     print(f"wrote {meta['n_train']} train and {meta['n_test']} test clips to {a.out}")
 
 

@@ -49,8 +49,23 @@ def require_ffmpeg():
 def extract_audio(video, wav, sample_rate=16000):
     """ffmpeg -i VIDEO -vn -ac 1 -ar 16000 -acodec pcm_s16le WAV (mono 16-bit PCM)."""
     tmp = f"{wav}.tmp.wav"
-    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", video, "-vn", "-ac", "1", "-ar", str(sample_rate),
-           "-acodec", "pcm_s16le", tmp]
+    cmd = [
+        "ffmpeg",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-y",
+        "-i",
+        video,
+        "-vn",
+        "-ac",
+        "1",
+        "-ar",
+        str(sample_rate),
+        "-acodec",
+        "pcm_s16le",
+        tmp,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.isfile(tmp) or os.path.getsize(tmp) <= 44:
         if os.path.exists(tmp):
@@ -86,8 +101,10 @@ def report_failures(failed, total, log_path):
     with open(log_path, "w") as f:
         for job, err in failed:
             f.write(f"{job[0]}\t{err}\n")
-    print(f"{len(failed)} of {total} clips failed (first: {failed[0][1]}); list in {log_path}. "
-          "The loaders skip them with a counted warning.")
+    print(
+        f"{len(failed)} of {total} clips failed (first: {failed[0][1]}); list in {log_path}. "
+        "The loaders skip them with a counted warning."
+    )
 
 
 def write_split(path, rows):

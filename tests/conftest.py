@@ -52,8 +52,20 @@ def tiny_data(tmp_path_factory):
 
 def run_script(script, data_root, runs_dir, *extra, check=True):
     """Run `python <script> --dataset synthetic ...` tiny; return (completed process, run folder or None)."""
-    cmd = [sys.executable, os.path.join(ROOT, script), "--dataset", "synthetic", "--data-root", str(data_root),
-           "--runs-dir", str(runs_dir), "--no-progress", "--batch-size", "4", *map(str, extra)]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, script),
+        "--dataset",
+        "synthetic",
+        "--data-root",
+        str(data_root),
+        "--runs-dir",
+        str(runs_dir),
+        "--no-progress",
+        "--batch-size",
+        "4",
+        *map(str, extra),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if check and proc.returncode != 0:
@@ -65,9 +77,19 @@ def run_script(script, data_root, runs_dir, *extra, check=True):
 def run_inproc(script, data_root, runs_dir, *extra):
     """`python <script> --dataset synthetic ... --batch-size 4 <extra>` in this process with runpy (the same code path,
     without an interpreter start-up); returns the newest run folder. A non-zero exit is raised."""
-    argv = [script, "--dataset", "synthetic", "--data-root", str(data_root), "--runs-dir", str(runs_dir),
-            "--no-progress",
-            "--batch-size", "4", *map(str, extra)]
+    argv = [
+        script,
+        "--dataset",
+        "synthetic",
+        "--data-root",
+        str(data_root),
+        "--runs-dir",
+        str(runs_dir),
+        "--no-progress",
+        "--batch-size",
+        "4",
+        *map(str, extra),
+    ]
     old, sys.argv = sys.argv, argv
     try:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
@@ -125,10 +147,13 @@ def block_source(text, name="<block>"):
     starts = [i for i, line in enumerate(lines) if line.startswith(BLOCK_START)]
     ends = [i for i, line in enumerate(lines) if line.startswith(BLOCK_END)]
     if len(starts) != 1 or len(ends) != 1 or starts[0] >= ends[0]:
-        pytest.fail(f"{name}: expected one '{BLOCK_START}...' line followed by one '{BLOCK_END}' line, found "
-                    f"{len(starts)} start and {len(ends)} end marker(s) (start line(s) {[i + 1 for i in starts]}, "
-                    f"end line(s) {[i + 1 for i in ends]})", pytrace=False)
-    return "\n".join(lines[starts[0] + 1:ends[0]]) + "\n"
+        pytest.fail(
+            f"{name}: expected one '{BLOCK_START}...' line followed by one '{BLOCK_END}' line, found "
+            f"{len(starts)} start and {len(ends)} end marker(s) (start line(s) {[i + 1 for i in starts]}, "
+            f"end line(s) {[i + 1 for i in ends]})",
+            pytrace=False,
+        )
+    return "\n".join(lines[starts[0] + 1 : ends[0]]) + "\n"
 
 
 def _bound_names(tree):
@@ -162,18 +187,26 @@ def exec_block(source, name="<block>"):
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             bad = [m for m in modules if not _allowed_import(m)]
             if bad:
-                pytest.fail(f"{name}, line {node.lineno}: the ALGO LOGIC BLOCK imports {', '.join(bad)}; it may "
-                            "import only torch and the standard library", pytrace=False)
+                pytest.fail(
+                    f"{name}, line {node.lineno}: the ALGO LOGIC BLOCK imports {', '.join(bad)}; it may "
+                    "import only torch and the standard library",
+                    pytrace=False,
+                )
     loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     for forbidden in ("__import__", "importlib", "exec", "eval"):
         if forbidden in loads:
             pytest.fail(f"{name}: the ALGO LOGIC BLOCK uses {forbidden}", pytrace=False)
-    imported = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                for a in n.names}
+    imported = {
+        (a.asname or a.name).split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    }
     free = loads - _bound_names(tree) - imported - set(dir(builtins))
     if free:
-        pytest.fail(f"{name}: the ALGO LOGIC BLOCK reads names it neither defines nor imports: {sorted(free)}",
-                    pytrace=False)
+        pytest.fail(
+            f"{name}: the ALGO LOGIC BLOCK reads names it neither defines nor imports: {sorted(free)}", pytrace=False
+        )
     namespace = {"__builtins__": builtins, "__name__": f"algo_block[{name}]"}
     exec(compile(tree, name, "exec"), namespace)
     return types.SimpleNamespace(**{k: v for k, v in namespace.items() if not k.startswith("__")})

@@ -27,10 +27,10 @@ from tools import trace  # noqa: E402
 
 
 def resolve(arg, out):
-    """"{RUN:name}" -> the run folder an earlier job wrote under <out>/runs/name (for --resume jobs)."""
+    """ "{RUN:name}" -> the run folder an earlier job wrote under <out>/runs/name (for --resume jobs)."""
     if not arg.startswith("{RUN:"):
         return arg
-    (run_dir,) = glob.glob(os.path.join(out, "runs", arg[len("{RUN:"):-1], "*"))
+    (run_dir,) = glob.glob(os.path.join(out, "runs", arg[len("{RUN:") : -1], "*"))
     return run_dir
 
 
@@ -53,8 +53,11 @@ def function_checks(out):
     ogm_s = distributed.all_reduce_sum(ogm.ogm_scores(z_a[mine], z_v[mine], y[mine]))
     opm_s = distributed.all_reduce_sum(opm.opm_scores(z_a[mine], z_v[mine], y[mine]))
     arl_c = arl.arl_coefficients(z_a[mine], z_v[mine], 8.0, reduce=distributed.all_reduce_sum)
-    res = {"ogm_scores": [s.item() for s in ogm_s], "opm_scores": [s.item() for s in opm_s],
-           "arl": {k: v.item() for k, v in arl_c.items()}}
+    res = {
+        "ogm_scores": [s.item() for s in ogm_s],
+        "opm_scores": [s.item() for s in opm_s],
+        "arl": {k: v.item() for k, v in arl_c.items()},
+    }
     gen = torch.Generator().manual_seed(3)
     keep_a, keep_v = opm.feature_masks(0.5, 0.0, 6 * w, gen)  # as opm.py: drawn for the global batch, local rows kept
     res["opm_masks"] = [local_rows(keep_a).tolist(), local_rows(keep_v).tolist()]

@@ -61,19 +61,66 @@ BLOCK_START, BLOCK_END = "# ALGO LOGIC BLOCK", "# END ALGO LOGIC BLOCK"
 
 # mode strings and their alternative (the choices of the scripts' flags); any other string in a comparison or a
 # keyword default is misspelt instead
-STRING_SWAPS = {"half": "full", "full": "half", "both": "dominant", "dominant": "both", "unscaled": "scaled",
-                "scaled": "unscaled", "conv": "nonbias", "nonbias": "conv", "single-pass": "two-pass",
-                "two-pass": "single-pass", "mean": "per-modality", "per-modality": "none", "ensemble": "sum-probs",
-                "sum-probs": "ensemble", "ratio": "difference", "difference": "ratio", "previous": "current",
-                "current": "previous", "computed": "fixed", "fixed": "computed", "audio": "visual", "visual": "audio",
-                "ogm_ge": "ogm", "ogm": "ogm_ge", "none": "ogm"}
-COMPARE_SWAPS = {ast.Lt: (ast.LtE, ast.GtE), ast.LtE: (ast.Lt, ast.Gt), ast.Gt: (ast.GtE, ast.LtE),
-                 ast.GtE: (ast.Gt, ast.Lt), ast.Eq: (ast.NotEq,), ast.NotEq: (ast.Eq,), ast.Is: (ast.IsNot,),
-                 ast.IsNot: (ast.Is,), ast.In: (ast.NotIn,), ast.NotIn: (ast.In,)}
-BINOP_SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
-               ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult}
-SIMPLE_STATEMENTS = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Return, ast.Continue, ast.Break,
-                     ast.Raise, ast.Assert, ast.Delete)
+STRING_SWAPS = {
+    "half": "full",
+    "full": "half",
+    "both": "dominant",
+    "dominant": "both",
+    "unscaled": "scaled",
+    "scaled": "unscaled",
+    "conv": "nonbias",
+    "nonbias": "conv",
+    "single-pass": "two-pass",
+    "two-pass": "single-pass",
+    "mean": "per-modality",
+    "per-modality": "none",
+    "ensemble": "sum-probs",
+    "sum-probs": "ensemble",
+    "ratio": "difference",
+    "difference": "ratio",
+    "previous": "current",
+    "current": "previous",
+    "computed": "fixed",
+    "fixed": "computed",
+    "audio": "visual",
+    "visual": "audio",
+    "ogm_ge": "ogm",
+    "ogm": "ogm_ge",
+    "none": "ogm",
+}
+COMPARE_SWAPS = {
+    ast.Lt: (ast.LtE, ast.GtE),
+    ast.LtE: (ast.Lt, ast.Gt),
+    ast.Gt: (ast.GtE, ast.LtE),
+    ast.GtE: (ast.Gt, ast.Lt),
+    ast.Eq: (ast.NotEq,),
+    ast.NotEq: (ast.Eq,),
+    ast.Is: (ast.IsNot,),
+    ast.IsNot: (ast.Is,),
+    ast.In: (ast.NotIn,),
+    ast.NotIn: (ast.In,),
+}
+BINOP_SWAPS = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.Div,
+    ast.Div: ast.Mult,
+    ast.FloorDiv: ast.Mult,
+    ast.Mod: ast.FloorDiv,
+    ast.Pow: ast.Mult,
+}
+SIMPLE_STATEMENTS = (
+    ast.Assign,
+    ast.AugAssign,
+    ast.AnnAssign,
+    ast.Expr,
+    ast.Return,
+    ast.Continue,
+    ast.Break,
+    ast.Raise,
+    ast.Assert,
+    ast.Delete,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,8 +154,11 @@ def method_lines(text, extra=()):
         raise SystemExit("expected one '# ALGO LOGIC BLOCK' line followed by one '# END ALGO LOGIC BLOCK' line")
     marked = set(range(starts[0] + 1, ends[0]))
     stmts, siblings = _statements(tree), _siblings(tree)
-    rows = [tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(text).readline)
-            if tok.type == tokenize.COMMENT and MARK.match(tok.string)]
+    rows = [
+        tok.start[0]
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+        if tok.type == tokenize.COMMENT and MARK.match(tok.string)
+    ]
     rows += [i + 1 for i, line in enumerate(lines) if any(re.search(x, line) for x in extra)]
     for row in rows:
         if lines[row - 1].strip().startswith("#"):  # a comment line: the statements that follow, to a gap
@@ -119,8 +169,8 @@ def method_lines(text, extra=()):
             body, i = siblings[id(first)]
             last = first.end_lineno
             marked.update(range(first.lineno, first.end_lineno + 1))
-            for s in body[i + 1:]:
-                gap = lines[last:s.lineno - 1]
+            for s in body[i + 1 :]:
+                gap = lines[last : s.lineno - 1]
                 if any(not g.strip() or g.strip().startswith("#") for g in gap):
                     break
                 marked.update(range(s.lineno, s.end_lineno + 1))
@@ -147,15 +197,21 @@ class Source:
 
     def replace(self, node, new, start=None, end=None):
         (l0, c0), (l1, c1) = start or (node.lineno, node.col_offset), end or (node.end_lineno, node.end_col_offset)
-        head = b"".join(self.lines[:l0 - 1]) + self.lines[l0 - 1][:c0]
+        head = b"".join(self.lines[: l0 - 1]) + self.lines[l0 - 1][:c0]
         tail = self.lines[l1 - 1][c1:] + b"".join(self.lines[l1:])
         return (head + new.encode() + tail).decode()
 
 
 def _is_docstring(node, parents):
     p = parents.get(id(node))
-    return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
-            and p is not None and isinstance(p, (ast.Module, ast.FunctionDef, ast.ClassDef)) and p.body[0] is node)
+    return (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+        and p is not None
+        and isinstance(p, (ast.Module, ast.FunctionDef, ast.ClassDef))
+        and p.body[0] is node
+    )
 
 
 def _number_variants(v):
@@ -212,8 +268,14 @@ def mutants(text, lines):
         # decorators dropped
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             for d in node.decorator_list:
-                out.append((d.lineno, f"drop decorator @{src.segment(d)}", src.replace(d, "(lambda f: f)"),
-                            reach(d) | {node.lineno}))
+                out.append(
+                    (
+                        d.lineno,
+                        f"drop decorator @{src.segment(d)}",
+                        src.replace(d, "(lambda f: f)"),
+                        reach(d) | {node.lineno},
+                    )
+                )
         # conditions negated
         if isinstance(node, (ast.If, ast.While, ast.IfExp)):
             t = node.test
@@ -377,14 +439,34 @@ def _child(repo, args, log, plugin=None):
         sys.dont_write_bytecode = True
         if plugin is not None:
             plugin.start()
-        code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--basetemp",
-                                os.path.join(os.path.dirname(repo), "pt"), *args],
-                               plugins=[plugin] if plugin is not None else []))
+        code = int(
+            pytest.main(
+                [
+                    "-x",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-p",
+                    "no:randomly",
+                    "--basetemp",
+                    os.path.join(os.path.dirname(repo), "pt"),
+                    *args,
+                ],
+                plugins=[plugin] if plugin is not None else [],
+            )
+        )
         if plugin is not None:
             sys.settrace(None)
             with open(log + ".json", "w") as f:
-                json.dump({"import": sorted(plugin.stack[0]), "tests": plugin.tests, "seconds": plugin.seconds,
-                           "spawns": sorted(plugin.spawns)}, f)
+                json.dump(
+                    {
+                        "import": sorted(plugin.stack[0]),
+                        "tests": plugin.tests,
+                        "seconds": plugin.seconds,
+                        "spawns": sorted(plugin.spawns),
+                    },
+                    f,
+                )
     except BaseException:  # noqa: BLE001 (a child must never return into the parent's loop)
         import traceback
 
@@ -480,8 +562,11 @@ def check(method, jobs, timeout, line_range, verbose, match=None):
             slots.append(Slot(os.path.join(tmp, str(i))))
         order, reach, seconds, at_import, secs = trace_tests(slots[0], script, text, method)
         limit = timeout or max(60.0, 3 * secs)
-        print(f"{method}: {len(todo)} mutants on {len(lines)} method lines; {len(order)} tests, unmutated run "
-              f"{secs:.0f} s (traced), timeout {limit:.0f} s, {jobs} process(es)", flush=True)
+        print(
+            f"{method}: {len(todo)} mutants on {len(lines)} method lines; {len(order)} tests, unmutated run "
+            f"{secs:.0f} s (traced), timeout {limit:.0f} s, {jobs} process(es)",
+            flush=True,
+        )
         results, queue, running = [], list(enumerate(todo)), {}
         while queue or running:
             for slot in slots:
@@ -490,8 +575,10 @@ def check(method, jobs, timeout, line_range, verbose, match=None):
                     tests = selection(m[3], order, reach, seconds, at_import)
                     if not tests:  # no test executes this statement
                         results.append((i, m[0], m[1], "unreached", 0.0, 0))
-                        print(f"  [{len(results)}/{len(todo)}] line {m[0]}: {m[1]}: SURVIVED (no test runs it)",
-                              flush=True)
+                        print(
+                            f"  [{len(results)}/{len(todo)}] line {m[0]}: {m[1]}: SURVIVED (no test runs it)",
+                            flush=True,
+                        )
                         continue
                     slot.start(script, m[2], tests, limit)
                     running[id(slot)] = (i, m, len(tests))
@@ -508,23 +595,34 @@ def check(method, jobs, timeout, line_range, verbose, match=None):
                 results.append((i, m[0], m[1], st, s, n))
                 if verbose or st == "pass":
                     mark = "SURVIVED" if st == "pass" else st
-                    print(f"  [{len(results)}/{len(todo)}] line {m[0]}: {m[1]}: {mark} ({s:.0f} s, {n} tests)",
-                          flush=True)
+                    print(
+                        f"  [{len(results)}/{len(todo)}] line {m[0]}: {m[1]}: {mark} ({s:.0f} s, {n} tests)", flush=True
+                    )
             time.sleep(0.05)
     wall = time.time() - t0
     results.sort()
     survivors = [(line, what) for _, line, what, st, *_ in results if st in ("pass", "unreached")]
     timeouts = sum(r[3] == "timeout" for r in results)
-    return {"method": method, "tried": len(results), "killed": len(results) - len(survivors), "timeouts": timeouts,
-            "survivors": survivors, "wall": wall}
+    return {
+        "method": method,
+        "tried": len(results),
+        "killed": len(results) - len(survivors),
+        "timeouts": timeouts,
+        "survivors": survivors,
+        "wall": wall,
+    }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("method", choices=sorted(TESTS) + ["all"])
     p.add_argument("--jobs", type=int, default=2, choices=[1, 2], help="processes running mutants (at most 2)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per mutant run (default: 3x the unmutated run, at least 60)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per mutant run (default: 3x the unmutated run, at least 60)",
+    )
     p.add_argument("--lines", default=None, help="only mutants on these lines (e.g. 40-60, or 28,33,40-42)")
     p.add_argument("--match", default=None, help="only mutants whose description matches this regular expression")
     p.add_argument("-k", dest="k", default=None, help="pytest -k expression replacing the method's test selection")
@@ -561,8 +659,10 @@ def main(argv=None):
     reports = [check(m, args.jobs, args.timeout, rng, args.verbose, args.match) for m in methods]
     print("\n| method | mutants | killed | survived | timeouts | wall |\n|---|---|---|---|---|---|")
     for r in reports:
-        print(f"| {r['method']} | {r['tried']} | {r['killed']} | {len(r['survivors'])} | {r['timeouts']} | "
-              f"{r['wall']:.0f} s |")
+        print(
+            f"| {r['method']} | {r['tried']} | {r['killed']} | {len(r['survivors'])} | {r['timeouts']} | "
+            f"{r['wall']:.0f} s |"
+        )
     for r in reports:
         if r["survivors"]:
             print(f"\n{r['method']} survivors:")

@@ -41,8 +41,9 @@ def train_steps(script, data_root, runs_dir, n_steps, *flags, freeze=True, reduc
         return {n: p.detach().float().clone() for n, p in models[0].named_parameters()}
 
     def before(opt, *_):
-        grads = {n: None if p.grad is None else p.grad.detach().float().clone()
-                 for n, p in models[0].named_parameters()}
+        grads = {
+            n: None if p.grad is None else p.grad.detach().float().clone() for n, p in models[0].named_parameters()
+        }
         records.append({"grads": grads} if freeze else {"grads": grads, "before": params()})
         if freeze:  # SGD and AdamW leave a parameter without a gradient untouched
             for group in opt.param_groups:
@@ -60,8 +61,10 @@ def train_steps(script, data_root, runs_dir, n_steps, *flags, freeze=True, reduc
             self.logger.writer.close()
             raise Stop
 
-    hooks = [register_optimizer_step_pre_hook(before),
-             register_optimizer_step_post_hook(after)]  # every optimizer's steps
+    hooks = [
+        register_optimizer_step_pre_hook(before),
+        register_optimizer_step_post_hook(after),
+    ]  # every optimizer's steps
     try:
         with pytest.MonkeyPatch.context() as m, pytest.raises(Stop):
             m.setattr(speed, "train_forward", train_forward)
@@ -114,8 +117,22 @@ def arl_grads(tiny_data, tmp_path, timing, *flags, warmup=0, c_a=0.8):
     """Step 1 (the second step) of arl.py: with --arl-coeff-timing previous it applies step 0's coefficients, with
     current its own; both are (c_a, 1 - c_a). warmup=1: the same step unscaled (the warm-up with --gamma 1 trains the
     same loss)."""
-    recs = train_steps("arl.py", tiny_data, tmp_path, 2, "--arl-coeff-timing", timing, "--gamma", "1",
-                       "--warmup-epochs", warmup, "--clip-grad", "0", *flags, reduce=arl_reduce(c_a))
+    recs = train_steps(
+        "arl.py",
+        tiny_data,
+        tmp_path,
+        2,
+        "--arl-coeff-timing",
+        timing,
+        "--gamma",
+        "1",
+        "--warmup-epochs",
+        warmup,
+        "--clip-grad",
+        "0",
+        *flags,
+        reduce=arl_reduce(c_a),
+    )
     return recs[1]
 
 
@@ -192,8 +209,9 @@ def test_dgl_truncations_under_amp(tiny_data, tmp_path):
     flags = ("--amp", "--channels-last", "--clip-grad", "0")
     g2 = train_steps("dgl.py", tiny_data, tmp_path / "a2", 1, "--alpha", "2", *flags)[0]["grads"]
     g4 = train_steps("dgl.py", tiny_data, tmp_path / "a4", 1, "--alpha", "4", *flags)[0]["grads"]
-    two = train_steps("dgl.py", tiny_data, tmp_path / "two", 1, "--alpha", "4", "--dgl-impl", "two-pass",
-                      *flags)[0]["grads"]
+    two = train_steps("dgl.py", tiny_data, tmp_path / "two", 1, "--alpha", "4", "--dgl-impl", "two-pass", *flags)[0][
+        "grads"
+    ]
     for role in ("audio_net", "visual_net", "head"):
         a2, a4, t4 = flat(g2, role), flat(g4, role), flat(two, role)
         assert a2.abs().sum() > 0, role

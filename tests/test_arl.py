@@ -172,8 +172,10 @@ def test_temperature_zero_gives_equal_coefficients():
 
 
 def test_guards_on_degenerate_logits():
-    for z_a, z_v in ((torch.zeros(4, C), torch.zeros(4, C)),
-                     (1e4 * F.one_hot(torch.arange(4), C).float(), 1e4 * F.one_hot(torch.arange(4), C).float())):
+    for z_a, z_v in (
+        (torch.zeros(4, C), torch.zeros(4, C)),
+        (1e4 * F.one_hot(torch.arange(4), C).float(), 1e4 * F.one_hot(torch.arange(4), C).float()),
+    ):
         r = arl.arl_coefficients(z_a, z_v, 8.0)
         assert all(torch.isfinite(t).all() for t in r.values())
         assert r["c_a"].item() == pytest.approx(0.5)
@@ -234,7 +236,8 @@ def test_loss_after_warmup_weights_the_unimodal_losses_by_gamma(model0, batch):
     _, _, z, z_a, z_v = arl.forward(copy.deepcopy(model0), audio, visual, (0.3, 0.7))
     loss, loss_f, loss_a, loss_v = arl.arl_loss(z, z_a, z_v, y, 4.0)
     assert (loss_f.item(), loss_a.item(), loss_v.item()) == pytest.approx(
-        tuple(F.cross_entropy(t, y).item() for t in (z, z_a, z_v)))
+        tuple(F.cross_entropy(t, y).item() for t in (z, z_a, z_v))
+    )
     assert loss.item() == pytest.approx((loss_f + 4.0 * (loss_a + loss_v)).item())
     assert loss_a.item() + loss_v.item() > 0.1  # so the weight matters
 
@@ -301,11 +304,29 @@ def test_clipping_at_40_by_default(model0, batch):
 # ---------------------------------------------------------------------------------------------------------------
 # end to end: smoke, timing and warm-up in the logs, T = 0 vs fixed, resume
 # ---------------------------------------------------------------------------------------------------------------
-SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "train/coeff_audio",
-               "train/coeff_visual", "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map",
-               "charts/lr", "charts/samples_per_sec"]
-EXTRA_KEYS = ["train/loss_fused", "train/dep_audio", "train/var_share_audio", "train/target_ratio",
-              "train/entropy_audio", "train/entropy_visual"]
+SHARED_KEYS = [
+    "train/loss",
+    "train/loss_audio",
+    "train/loss_visual",
+    "train/ratio",
+    "train/coeff_audio",
+    "train/coeff_visual",
+    "test/acc",
+    "test/acc_audio",
+    "test/acc_visual",
+    "test/macro_f1",
+    "test/map",
+    "charts/lr",
+    "charts/samples_per_sec",
+]
+EXTRA_KEYS = [
+    "train/loss_fused",
+    "train/dep_audio",
+    "train/var_share_audio",
+    "train/target_ratio",
+    "train/entropy_audio",
+    "train/entropy_visual",
+]
 
 
 def test_smoke(tiny_data, tmp_path):
@@ -320,8 +341,9 @@ def test_smoke(tiny_data, tmp_path):
 @pytest.fixture(scope="module")
 def three_epoch_run(tiny_data, tmp_path_factory):
     """3 epochs of 1 step each, warm-up = epoch 0: every logged value is one step's value."""
-    return run_inprocess(tmp_path_factory.mktemp("arl3"), tiny_data, "--epochs", "3", "--max-steps", "1",
-                         "--warmup-epochs", "1")
+    return run_inprocess(
+        tmp_path_factory.mktemp("arl3"), tiny_data, "--epochs", "3", "--max-steps", "1", "--warmup-epochs", "1"
+    )
 
 
 def test_warmup_and_previous_step_timing_in_the_logs(three_epoch_run):
@@ -329,11 +351,13 @@ def test_warmup_and_previous_step_timing_in_the_logs(three_epoch_run):
     T, gamma = 8.0, 4.0
     assert m[0]["train/coeff_audio"] == 1.0 and m[0]["train/coeff_visual"] == 1.0  # warm-up: no scaling
     assert m[0]["train/loss"] == pytest.approx(
-        m[0]["train/loss_fused"] + m[0]["train/loss_audio"] + m[0]["train/loss_visual"], rel=1e-5)
+        m[0]["train/loss_fused"] + m[0]["train/loss_audio"] + m[0]["train/loss_visual"], rel=1e-5
+    )
     assert m[1]["train/coeff_audio"] == 1.5 and m[1]["train/coeff_visual"] == 1.5  # first post-warm-up step: (0.5, 0.5)
     for e in (1, 2):
         assert m[e]["train/loss"] == pytest.approx(
-            m[e]["train/loss_fused"] + gamma * (m[e]["train/loss_audio"] + m[e]["train/loss_visual"]), rel=1e-5)
+            m[e]["train/loss_fused"] + gamma * (m[e]["train/loss_audio"] + m[e]["train/loss_visual"]), rel=1e-5
+        )
     c_a_epoch1 = 1 / (1 + math.exp(-T * (m[1]["train/var_share_audio"] - m[1]["train/dep_audio"])))
     assert m[2]["train/coeff_audio"] == pytest.approx(1 + c_a_epoch1, abs=1e-5)  # step t uses step t-1, across epochs
     assert m[2]["train/coeff_audio"] + m[2]["train/coeff_visual"] == pytest.approx(3.0, abs=1e-6)
@@ -341,16 +365,30 @@ def test_warmup_and_previous_step_timing_in_the_logs(three_epoch_run):
 
 
 def test_current_timing_uses_the_same_batch(tiny_data, tmp_path):
-    m = history(run_inprocess(tmp_path, tiny_data, "--epochs", "2", "--max-steps", "1", "--warmup-epochs", "1",
-                                   "--arl-coeff-timing", "current"))
+    m = history(
+        run_inprocess(
+            tmp_path,
+            tiny_data,
+            "--epochs",
+            "2",
+            "--max-steps",
+            "1",
+            "--warmup-epochs",
+            "1",
+            "--arl-coeff-timing",
+            "current",
+        )
+    )
     c_a = 1 / (1 + math.exp(-8.0 * (m[1]["train/var_share_audio"] - m[1]["train/dep_audio"])))
     assert m[1]["train/coeff_audio"] == pytest.approx(1 + c_a, abs=1e-5) and m[1]["train/coeff_audio"] != 1.5
 
 
 def test_temperature_zero_run_is_the_fixed_weights_run(tiny_data, tmp_path):
     common = ["--epochs", "1", "--max-steps", "3", "--warmup-epochs", "0"]
-    runs = {name: final_weights(run_inprocess(tmp_path / name, tiny_data, *common, *flags))
-            for name, flags in (("t0", ["--T", "0"]), ("fixed", ["--arl-weights", "fixed"]), ("computed", []))}
+    runs = {
+        name: final_weights(run_inprocess(tmp_path / name, tiny_data, *common, *flags))
+        for name, flags in (("t0", ["--T", "0"]), ("fixed", ["--arl-weights", "fixed"]), ("computed", []))
+    }
     assert all(torch.equal(runs["t0"][k], runs["fixed"][k]) for k in runs["t0"])
     assert not all(torch.equal(runs["computed"][k], runs["fixed"][k]) for k in runs["t0"])  # control: the flag matters
 
@@ -379,15 +417,17 @@ def one_step_delta(tiny_data, runs_dir, *flags):
     """{parameter name: change after one step of `arl.py --lr 1 --weight-decay 0 <flags>`}, and the run folder."""
     torch.manual_seed(0)  # the script's initialisation: seed, then the model is the first draw
     init = {n: p.detach().clone() for n, p in AVClassifier(C).named_parameters()}
-    run = run_inprocess(runs_dir, tiny_data, "--epochs", "1", "--max-steps", "1", "--lr", "1", "--weight-decay", "0",
-                        *flags)
+    run = run_inprocess(
+        runs_dir, tiny_data, "--epochs", "1", "--max-steps", "1", "--lr", "1", "--weight-decay", "0", *flags
+    )
     m = final_weights(run)
     return {n: m[n] - p for n, p in init.items()}, run
 
 
 def norm_of(delta, prefix=""):
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for n, d in delta.items()
-                                                 if n.startswith(prefix)])).item()
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(d) for n, d in delta.items() if n.startswith(prefix)])
+    ).item()
 
 
 def test_clipping_in_the_training_loop(tiny_data, tmp_path):
@@ -432,15 +472,17 @@ def test_an_unset_coefficient_leaves_the_gradient_unscaled():
 def with_sums(dep=None, ent=None):
     """A `reduce` that replaces the batch's sums: per-class |logit| sums of audio (dep[0] in the first class) and
     visual (dep[1]), the entropy sums (ent), one sample; so a test can put a statistic exactly on a guard's edge."""
+
     def reduce(t):
         t = t.clone()
         if dep is not None:
-            t[:2 * C] = 0
+            t[: 2 * C] = 0
             t[0], t[C] = dep
         if ent is not None:
             t[2 * C], t[2 * C + 1] = ent
         t[-1] = 1
         return t
+
     return reduce
 
 

@@ -36,8 +36,18 @@ def setup(*extra, seed=0):
 
 def step(model, opt, audio, visual, label, args, **kw):
     """aug.aug_step with the flags aug.py passes it."""
-    return aug.aug_step(model, opt, audio, visual, label, args.lam_res, args.residual_source, args.clip_grad,
-                        args.legacy_zero_grad, **kw)
+    return aug.aug_step(
+        model,
+        opt,
+        audio,
+        visual,
+        label,
+        args.lam_res,
+        args.residual_source,
+        args.clip_grad,
+        args.legacy_zero_grad,
+        **kw,
+    )
 
 
 def batch(seed=0):
@@ -175,8 +185,11 @@ def test_aca_decision_and_check_epochs():
     assert aug.aca_decision(0.051, 0.05, 1.0, 0.01, "difference") == 0  # ratio 1.02, but a difference of 0.001
     assert aug.aca_check_period(200) == 20 and aug.aca_check_period(100) == 10 and aug.aca_check_period(10) == 1
     assert aug.aca_check_period(5) == 1
-    for epochs, expected in ((200, {0} | set(range(19, 200, 20))), (100, {0} | set(range(9, 100, 10))),
-                            (10, set(range(10)))):
+    for epochs, expected in (
+        (200, {0} | set(range(19, 200, 20))),
+        (100, {0} | set(range(9, 100, 10))),
+        (10, set(range(10))),
+    ):
         assert {e for e in range(epochs) if aug.is_check_epoch(e, aug.aca_check_period(epochs))} == expected
     assert len({e for e in range(200) if aug.is_check_epoch(e, 20)}) == 11
 
@@ -224,8 +237,9 @@ def test_alternation_visual_sees_h_after_audio_step():
     events = []
     model.visual_net.register_forward_hook(lambda m, i, o: events.append(("visual_net", None)))
     model.head.register_forward_pre_hook(lambda m, i: events.append(("head", m.weight.detach().clone())))
-    opt.register_step_post_hook(lambda o, a, k: events.append(("step", model.head.weight.detach().clone(),
-                                                                clone_params(model.visual_net))))
+    opt.register_step_post_hook(
+        lambda o, a, k: events.append(("step", model.head.weight.detach().clone(), clone_params(model.visual_net)))
+    )
     h0 = model.head.weight.detach().clone()
     step(model, opt, *batch(0), args)
     assert [e[0] for e in events] == ["visual_net", "head", "step", "head", "step"]
@@ -248,8 +262,14 @@ def record_steps(model, opt):
 
     def pre(o, a, k):
         buf = [o.state[p]["momentum_buffer"].clone() if "momentum_buffer" in o.state[p] else None for p in audio]
-        log.append({"grads": (grads(audio), grads(visual)), "audio": clone_params_of(audio), "buf": buf,
-                    "visual": clone_params_of(visual)})
+        log.append(
+            {
+                "grads": (grads(audio), grads(visual)),
+                "audio": clone_params_of(audio),
+                "buf": buf,
+                "visual": clone_params_of(visual),
+            }
+        )
 
     def post(o, a, k):
         log[-1].update(audio_after=clone_params_of(audio), visual_after=clone_params_of(visual))
@@ -295,8 +315,16 @@ def test_step_callbacks_run_sync_grads_and_clipping():
     backward pass, before clipping and the optimizer step; clip_grad bounds the norm the optimizer sees."""
     args, model, opt = setup("--clip-grad", 1e-3)
     calls, events = [], []
-    opt.register_step_pre_hook(lambda o, a, k: events.append(("step", torch.linalg.vector_norm(torch.stack(
-        [p.grad.norm() for p in model.parameters() if p.grad is not None])).item())))
+    opt.register_step_pre_hook(
+        lambda o, a, k: events.append(
+            (
+                "step",
+                torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+                ).item(),
+            )
+        )
+    )
 
     def run(fn):
         calls.append(fn)
@@ -393,8 +421,9 @@ def test_merge_logits_and_unimodal_metrics():
     assert torch.allclose(aug.merge_logits(p_a, p_v, 0.4), torch.tensor([[0.8, 0.9]]))
     assert [aug.merge_logits(p_a, p_v, alpha).argmax(1).item() for alpha in (0.4, 0.5)] == [1, 0]
     assert torch.equal(aug.merge_logits(p_a, p_v, 1.0), p_a) and torch.equal(aug.merge_logits(p_a, p_v, 0.0), p_v)
-    probs = torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1],
-                          [0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.5, 0.1, 0.4]])
+    probs = torch.tensor(
+        [[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.5, 0.1, 0.4]]
+    )
     y = torch.tensor([0, 0, 1, 1, 2, 2]).numpy()
     perfect = 5 * F.one_hot(torch.tensor([0, 0, 1, 1, 2, 2]), 3).float()
     recorded = [(probs[:4].log(), perfect[:4]), (probs[4:].log(), perfect[4:])]  # two test batches
@@ -408,10 +437,30 @@ def test_merge_logits_and_unimodal_metrics():
 # ---------------------------------------------------------------------------------------------------------------
 # whole runs: smoke, ACA in the loop, checkpoints, --eval-only, --resume, imbalance
 # ---------------------------------------------------------------------------------------------------------------
-KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ce_audio", "train/ce_visual", "train/ratio",
-        "train/coeff_audio", "train/coeff_visual", "train/score_audio", "train/score_visual", "train/aca_action",
-        "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map", "test/macro_f1_audio",
-        "test/map_audio", "test/macro_f1_visual", "test/map_visual", "charts/lr", "charts/samples_per_sec"]
+KEYS = [
+    "train/loss",
+    "train/loss_audio",
+    "train/loss_visual",
+    "train/ce_audio",
+    "train/ce_visual",
+    "train/ratio",
+    "train/coeff_audio",
+    "train/coeff_visual",
+    "train/score_audio",
+    "train/score_visual",
+    "train/aca_action",
+    "test/acc",
+    "test/acc_audio",
+    "test/acc_visual",
+    "test/macro_f1",
+    "test/map",
+    "test/macro_f1_audio",
+    "test/map_audio",
+    "test/macro_f1_visual",
+    "test/map_visual",
+    "charts/lr",
+    "charts/samples_per_sec",
+]
 
 
 def test_smoke_and_logged_keys(tiny_data, tmp_path):
@@ -443,8 +492,9 @@ def test_aca_adds_to_weaker_modality_exactly_when_the_rule_says(tiny_data, tmp_p
             assert rows[e + 1]["train/coeff_audio"] == row["train/coeff_audio"] + (rule == -1)
     # sigma 100: audio is always the less confident side. Period 3: checks after epochs 0 and 2; epoch 1 is no check
     # epoch and 2 is the last (a classifier added then would never be trained or evaluated)
-    run = run_inprocess(tmp_path / "forced", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 3,
-                        "--aca-sigma", 100)
+    run = run_inprocess(
+        tmp_path / "forced", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 3, "--aca-sigma", 100
+    )
     rows = history(run)
     assert [r["train/aca_action"] for r in rows] == [-1, 0, 0]
     assert [r["train/coeff_audio"] for r in rows] == [1, 2, 2] and [r["train/coeff_visual"] for r in rows] == [1] * 3
@@ -453,8 +503,19 @@ def test_aca_adds_to_weaker_modality_exactly_when_the_rule_says(tiny_data, tmp_p
 
 def eval_only(capsys, tiny_data, tmp_path, checkpoint):
     capsys.readouterr()
-    argv = ["aug.py", "--dataset", "synthetic", "--data-root", str(tiny_data), "--runs-dir", str(tmp_path),
-            "--no-progress", "--eval-only", "--checkpoint", checkpoint]
+    argv = [
+        "aug.py",
+        "--dataset",
+        "synthetic",
+        "--data-root",
+        str(tiny_data),
+        "--runs-dir",
+        str(tmp_path),
+        "--no-progress",
+        "--eval-only",
+        "--checkpoint",
+        checkpoint,
+    ]
     old, sys.argv = sys.argv, argv
     try:
         runpy.run_path(os.path.join(ROOT, "aug.py"), run_name="__main__")
@@ -468,8 +529,21 @@ def eval_only(capsys, tiny_data, tmp_path, checkpoint):
 
 def test_checkpoint_with_added_classifiers_evaluates_to_same_accuracy(tiny_data, tmp_path, capsys):
     # sigma 1e-6, tau 0: the visual side gets a classifier after every check (epochs 0 and 1; not after the last)
-    run = run_inprocess(tmp_path / "run", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1,
-                        "--aca-sigma", 1e-6, "--aca-tau", 0, "--save-best")
+    run = run_inprocess(
+        tmp_path / "run",
+        tiny_data,
+        "--epochs",
+        3,
+        "--max-steps",
+        2,
+        "--aca-check-every",
+        1,
+        "--aca-sigma",
+        1e-6,
+        "--aca-tau",
+        0,
+        "--save-best",
+    )
     rows = history(run)
     last, best = ckpt(run), ckpt(run, "best.pt")
     assert last["added"] == ["visual", "visual"]
@@ -536,8 +610,19 @@ def resume(run, tiny_data):
 def test_resume_when_an_added_head_already_has_momentum(tiny_data, tmp_path):
     """--train-new-heads: the head added after epoch 0 trains in epoch 1 (momentum buffers in its own param group);
     stopping after epoch 1 and resuming must end bitwise where the uninterrupted run ends (model and optimizer)."""
-    flags = ["--epochs", 3, "--max-steps", 2, "--aca-check-every", 1, "--aca-sigma", 1e-6, "--aca-tau", 0,
-             "--train-new-heads"]
+    flags = [
+        "--epochs",
+        3,
+        "--max-steps",
+        2,
+        "--aca-check-every",
+        1,
+        "--aca-sigma",
+        1e-6,
+        "--aca-tau",
+        0,
+        "--train-new-heads",
+    ]
     straight = run_inprocess(tmp_path / "straight", tiny_data, *flags)
     run = run_inprocess(tmp_path / "split", tiny_data, *flags, "--stop-after-epochs", 2)
     stopped = ckpt(run)
@@ -559,15 +644,43 @@ def test_resume_when_an_added_head_already_has_momentum(tiny_data, tmp_path):
 def test_max_classifiers_caps_the_additions_in_the_loop(tiny_data, tmp_path):
     """sigma 1e-6, tau 0 asks for a visual classifier at every check; --max-classifiers 3 (the first one included)
     lets two through (after epochs 0 and 1) and refuses the third (after epoch 2); epoch 3 is the last."""
-    run = run_inprocess(tmp_path, tiny_data, "--epochs", 4, "--max-steps", 1, "--aca-check-every", 1,
-                        "--aca-sigma", 1e-6, "--aca-tau", 0, "--max-classifiers", 3)
+    run = run_inprocess(
+        tmp_path,
+        tiny_data,
+        "--epochs",
+        4,
+        "--max-steps",
+        1,
+        "--aca-check-every",
+        1,
+        "--aca-sigma",
+        1e-6,
+        "--aca-tau",
+        0,
+        "--max-classifiers",
+        3,
+    )
     rows = history(run)
     assert [r["train/aca_action"] for r in rows] == [1, 1, 0, 0]
     assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3, 3] and [r["train/coeff_audio"] for r in rows] == [1] * 4
     assert ckpt(run)["added"] == ["visual", "visual"]
     # --max-classifiers 1: the first classifier is the cap, nothing is ever added
-    run = run_inprocess(tmp_path / "one", tiny_data, "--epochs", 2, "--max-steps", 1, "--aca-check-every", 1,
-                        "--aca-sigma", 1e-6, "--aca-tau", 0, "--max-classifiers", 1)
+    run = run_inprocess(
+        tmp_path / "one",
+        tiny_data,
+        "--epochs",
+        2,
+        "--max-steps",
+        1,
+        "--aca-check-every",
+        1,
+        "--aca-sigma",
+        1e-6,
+        "--aca-tau",
+        0,
+        "--max-classifiers",
+        1,
+    )
     assert [r["train/aca_action"] for r in history(run)] == [0, 0]
 
 
@@ -629,8 +742,22 @@ def test_sum_probs_scores_in_the_loop(tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(common.data, "make_loaders", make_loaders)
     monkeypatch.setattr(common.distributed, "sync_grads", sync_grads)
-    run = run_inprocess(tmp_path, tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1,
-                        "--aca-sigma", 1e-6, "--aca-tau", 0, "--residual-source", "sum-probs")
+    run = run_inprocess(
+        tmp_path,
+        tiny_data,
+        "--epochs",
+        3,
+        "--max-steps",
+        2,
+        "--aca-check-every",
+        1,
+        "--aca-sigma",
+        1e-6,
+        "--aca-tau",
+        0,
+        "--residual-source",
+        "sum-probs",
+    )
     rows = history(run)
     assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3] and len(epochs) == 3
     for row, e in zip(rows, epochs):
@@ -644,10 +771,17 @@ def test_sum_probs_scores_in_the_loop(tiny_data, tmp_path, monkeypatch):
 
 def test_imbalance_first_check_adds_to_visual(tmp_path):
     """Clean audio, pure-noise video: after epoch 0 audio is the more confident side, so visual gets the classifier."""
-    generate(str(tmp_path / "data" / "synthetic"), n_train=48, n_test=12, audio_snr=10.0, visual_strength=0.0,
-             uninformative_audio=0.0)
-    run = run_inprocess(tmp_path / "runs", tmp_path / "data", "--epochs", 2, "--batch-size", 8,
-                        "--stop-after-epochs", 1)
+    generate(
+        str(tmp_path / "data" / "synthetic"),
+        n_train=48,
+        n_test=12,
+        audio_snr=10.0,
+        visual_strength=0.0,
+        uninformative_audio=0.0,
+    )
+    run = run_inprocess(
+        tmp_path / "runs", tmp_path / "data", "--epochs", 2, "--batch-size", 8, "--stop-after-epochs", 1
+    )
     row = history(run)[0]
     assert row["train/score_audio"] > 1.01 * row["train/score_visual"]
     assert row["train/aca_action"] == 1 and ckpt(run)["added"] == ["visual"]
@@ -700,9 +834,23 @@ def test_logged_loss_is_the_two_steps_losses(tiny_data, tmp_path):
     """One step per epoch: train/loss is the audio step's loss plus the visual step's; once a classifier has been
     added to each side (epochs 1 and 2, forced), those residual losses differ from the ensembles' CE."""
     for sigma, side in (("1e-6", "visual"), ("100", "audio")):  # sigma 1e-6: visual is weaker; 100: audio
-        rows = history(run_inprocess(tmp_path / side, tiny_data, "--epochs", 2, "--max-steps", 1,
-                                          "--aca-check-every", 1, "--aca-sigma", sigma, "--aca-tau", "0",
-                                          "--train-new-heads"))
+        rows = history(
+            run_inprocess(
+                tmp_path / side,
+                tiny_data,
+                "--epochs",
+                2,
+                "--max-steps",
+                1,
+                "--aca-check-every",
+                1,
+                "--aca-sigma",
+                sigma,
+                "--aca-tau",
+                "0",
+                "--train-new-heads",
+            )
+        )
         for row in rows:
             assert row["train/loss"] == pytest.approx(row["train/loss_audio"] + row["train/loss_visual"], rel=1e-6)
         assert rows[1][f"train/coeff_{side}"] == 2  # precondition: an added classifier

@@ -66,8 +66,11 @@ def test_truncated_wav_is_skipped_with_a_counted_warning(data):
         assert w.getnframes() == 16000
     assert len(read_wav(str(wav))[0]) == 28  # what the loader used to tile to a full window and train on
     assert check_wav(str(wav)) == "truncated wav"
-    with pytest.warns(SkippedClipsWarning, match=rf"train.csv: skipped 1 of 6 clips \(truncated wav: 1 \(first: "
-                                                 rf"{victim}\)\)"):
+    with pytest.warns(
+        SkippedClipsWarning,
+        match=rf"train.csv: skipped 1 of 6 clips \(truncated wav: 1 \(first: "
+        rf"{victim}\)\)",
+    ):
         train, test, _ = build_datasets(data_args(data))
     assert victim not in ids(train) and len(train) == 5 and train.skipped == {"truncated wav": [victim]}
     assert len(test) == 4 and test.skipped == {}
@@ -81,14 +84,20 @@ def test_wav_headers(tmp_path, data):
     trailing = tmp_path / "trailing.wav"  # extra bytes after the data chunk (a LIST chunk, say) are fine
     trailing.write_bytes(good.read_bytes() + b"LIST\x04\x00\x00\x00abcd")
     assert [check_wav(str(tmp_path / n)) for n in ("empty.wav", "junk.wav", "trailing.wav")] == [
-        "empty wav", "unreadable wav", None]
+        "empty wav",
+        "unreadable wav",
+        None,
+    ]
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda p: p.write_bytes(b"not a JPEG at all " * 40), "corrupt frame"),  # garbage bytes with a .jpg name
-    (lambda p: p.write_bytes(b""), "empty frame file"),
-    (lambda p: cut(p, p.stat().st_size // 2), "truncated frame"),  # JPEG start marker, no end marker
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: p.write_bytes(b"not a JPEG at all " * 40), "corrupt frame"),  # garbage bytes with a .jpg name
+        (lambda p: p.write_bytes(b""), "empty frame file"),
+        (lambda p: cut(p, p.stat().st_size // 2), "truncated frame"),  # JPEG start marker, no end marker
+    ],
+)
 def test_bad_frame_among_good_ones_is_skipped(data, damage, reason):
     train_ids = split_ids(data, "train")
     victim = next(c for c in train_ids if len(frame_paths(data, c)) >= 2)
@@ -108,8 +117,9 @@ def test_several_reasons_are_counted_in_one_line(data):
     with pytest.warns(SkippedClipsWarning) as record:
         _, test, _ = build_datasets(data_args(data))
     (line,) = [str(w.message) for w in record if "test.csv" in str(w.message)]
-    assert line.endswith(f"test.csv: skipped 3 of 4 clips (truncated wav: 2 (first: {a}, {b}); "
-                         f"empty frame file: 1 (first: {c}))")
+    assert line.endswith(
+        f"test.csv: skipped 3 of 4 clips (truncated wav: 2 (first: {a}, {b}); empty frame file: 1 (first: {c}))"
+    )
     assert len(test) == 1
 
 
@@ -130,8 +140,15 @@ def test_frame_failing_to_decode_is_replaced_by_the_next_clip_and_counted(data, 
     _, test, _ = build_datasets(data_args(data))  # passes the start-up check: nothing skipped
     assert ids(test) == ids(clean)
     loader = torch.utils.data.DataLoader(test, batch_size=2, num_workers=num_workers)
-    with pytest.warns(LoadFailedWarning, match=rf"clip {ids(test)[victim]} failed to load \(ValueError: .*\.jpg: "
-                                               "unreadable image") if num_workers == 0 else contextlib.nullcontext():
+    with (
+        pytest.warns(
+            LoadFailedWarning,
+            match=rf"clip {ids(test)[victim]} failed to load \(ValueError: .*\.jpg: "
+            "unreadable image",
+        )
+        if num_workers == 0
+        else contextlib.nullcontext()
+    ):
         batches = list(loader)
     spec, frames, label = (torch.cat(x) for x in zip(*batches))
     want = [victim + 1 if i == victim else i for i in range(len(test))]  # the next clip, a deterministic choice
@@ -162,8 +179,11 @@ def test_damaged_cache_entry_is_skipped_and_rewritten(data):
     folder = data / "synthetic" / "cache" / "frames-24"
     victim = split_ids(data, "train")[4]
     cut(folder / f"{victim}.npy", 200)  # the header promises (n, 24, 24, 3) bytes the file no longer holds
-    with pytest.warns(SkippedClipsWarning, match=rf"--cache: skipped 1 of 6 training clips \(truncated cache entry: 1 "
-                                                 rf"\(first: {victim}\)\); re-run `python -m preprocess.cache`"):
+    with pytest.warns(
+        SkippedClipsWarning,
+        match=rf"--cache: skipped 1 of 6 training clips \(truncated cache entry: 1 "
+        rf"\(first: {victim}\)\); re-run `python -m preprocess.cache`",
+    ):
         train, test, _ = build_datasets(data_args(data, cache=True, cache_frame_side=24))
     assert victim not in ids(train) and len(train) == 5 and len(test) == 4
     assert train.skipped == {"truncated cache entry": [victim]}
@@ -182,8 +202,9 @@ def test_baseline_run_with_broken_files_completes_and_logs_the_count(tmp_path):
     cut(root / "synthetic" / "AudioWAV" / f"{skipped}.wav", 100)  # skipped at start-up
     broken = split_ids(root, "test")[2]
     break_clip(root, broken)  # replaced at every evaluation (the test loader reads every clip)
-    proc, run_dir = run_script("baseline.py", root, tmp_path / "runs", "--epochs", "1", "--max-steps", "1",
-                               "--num-workers", "1")
+    proc, run_dir = run_script(
+        "baseline.py", root, tmp_path / "runs", "--epochs", "1", "--max-steps", "1", "--num-workers", "1"
+    )
     assert f"train.csv: skipped 1 of 9 clips (truncated wav: 1 (first: {skipped}))" in proc.stderr
     assert f"clip {broken} failed to load" in proc.stderr  # from the worker
     assert f"epoch 0: replaced 1 clips that failed to load by the next clip (first: {broken})" in proc.stderr

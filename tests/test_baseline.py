@@ -14,8 +14,19 @@ def test_joint_smoke_and_run_folder(tiny_data, tmp_path):
     proc, run = run_script("baseline.py", tiny_data, tmp_path, *TINY)
     assert os.path.basename(run).startswith("synthetic__baseline__0__")
     r = read_results(run)
-    for key in ("test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map", "train/loss",
-                "train/loss_audio", "train/loss_visual", "train/ratio", "charts/lr", "charts/samples_per_sec"):
+    for key in (
+        "test/acc",
+        "test/acc_audio",
+        "test/acc_visual",
+        "test/macro_f1",
+        "test/map",
+        "train/loss",
+        "train/loss_audio",
+        "train/loss_visual",
+        "train/ratio",
+        "charts/lr",
+        "charts/samples_per_sec",
+    ):
         assert key in r["last"] and key in r["best"], key
     assert r["epochs_run"] == 2 and r["wall_time_sec"] > 0 and r["args"]["fusion"] == "concat"
     lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines()
@@ -31,8 +42,10 @@ MB = 1e6
 
 
 def sizes(run):
-    return {f if not f.startswith("events.out.tfevents") else "events": os.path.getsize(os.path.join(run, f))
-            for f in os.listdir(run)}
+    return {
+        f if not f.startswith("events.out.tfevents") else "events": os.path.getsize(os.path.join(run, f))
+        for f in os.listdir(run)
+    }
 
 
 def test_a_run_writes_one_resumable_checkpoint_of_the_documented_size(tiny_data, tmp_path):
@@ -72,8 +85,9 @@ def test_other_fusions(tiny_data, tmp_path, fusion):
 
 def test_resume_reaches_the_same_numbers(tiny_data, tmp_path):
     _, straight = run_script("baseline.py", tiny_data, tmp_path / "a", "--epochs", "3", "--max-steps", "2")
-    _, cut = run_script("baseline.py", tiny_data, tmp_path / "b", "--epochs", "3", "--max-steps", "2",
-                        "--stop-after-epochs", "1")
+    _, cut = run_script(
+        "baseline.py", tiny_data, tmp_path / "b", "--epochs", "3", "--max-steps", "2", "--stop-after-epochs", "1"
+    )
     assert not os.path.exists(os.path.join(cut, "results.json"))
     assert torch.load(os.path.join(cut, "last.pt"), weights_only=False)["epoch"] == 0
     run_script("baseline.py", tiny_data, tmp_path / "b", "--resume", cut)
@@ -91,12 +105,14 @@ def test_resume_reaches_the_same_numbers(tiny_data, tmp_path):
 def test_eval_only(tiny_data, tmp_path):
     _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--save-best")
     best = read_results(run)["best"]
-    proc, _ = run_script("baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint",
-                         os.path.join(run, "best.pt"))
+    proc, _ = run_script(
+        "baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint", os.path.join(run, "best.pt")
+    )
     assert f"acc={best['test/acc']:.4f}" in proc.stdout
 
 
 def test_missing_checkpoint_is_a_clear_error(tiny_data, tmp_path):
-    proc, _ = run_script("baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "nope.pt"),
-                         check=False)
+    proc, _ = run_script(
+        "baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint", str(tmp_path / "nope.pt"), check=False
+    )
     assert proc.returncode != 0 and "nope.pt not found" in proc.stderr

@@ -12,8 +12,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_loading_only_reports_every_table(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "tools.benchmark", "--sizes", "synthetic", "--loading-only", "--clips", "4",
-           "--loader-rounds", "1", "--work-dir", str(tmp_path / "work"), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.benchmark",
+        "--sizes",
+        "synthetic",
+        "--loading-only",
+        "--clips",
+        "4",
+        "--loader-rounds",
+        "1",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())["synthetic"]["loader"]
@@ -23,6 +37,11 @@ def test_loading_only_reports_every_table(tmp_path):
     assert r["stages"]["current"]["decode"] > 0 and r["stages"]["current --cache"]["resample"] == 0
     assert set(r["decoders"]) == {"PIL", "OpenCV", "simplejpeg"} and min(r["decoders"].values()) > 0
     assert r["model_stft"] > 0 and set(r["worker_mb"]) == {"previous", "current"}
-    for line in ("loading alone, CPU ms per clip on one core", "stages, ms/clip", "JPEG decode alone, ms per frame",
-                 "on the model's side", "loader worker peak RSS"):
+    for line in (
+        "loading alone, CPU ms per clip on one core",
+        "stages, ms/clip",
+        "JPEG decode alone, ms per frame",
+        "on the model's side",
+        "loader worker peak RSS",
+    ):
         assert line in proc.stdout, line

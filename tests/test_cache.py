@@ -150,8 +150,11 @@ def test_missing_cache_is_a_one_line_error(copy):
     msg = str(e.value)
     assert "\n" not in msg and os.path.join(copy, "synthetic", "cache", "frames-256") in msg
     assert f"`python -m preprocess.cache --dataset synthetic --data-root {copy} --frame-side 256`" in msg
-    with pytest.raises(SystemExit, match=r"audio-cremad-\w+ not found.*--audio-pipeline cremad --audio-seconds 2.0 "
-                                         r"--frame-side 24`"):
+    with pytest.raises(
+        SystemExit,
+        match=r"audio-cremad-\w+ not found.*--audio-pipeline cremad --audio-seconds 2.0 "
+        r"--frame-side 24`",
+    ):
         build_datasets(data_args(copy, cache=True, cache_frame_side=24, audio_pipeline="cremad", audio_seconds=2.0))
 
 
@@ -196,8 +199,9 @@ def test_script_runs_with_cache(copy, tmp_path):
     )
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("--cache: ")  # side 256 not written
     write_cache(copy)
-    _, run = run_script("baseline.py", copy, tmp_path / "runs", "--cache", "--epochs", "1", "--max-steps", "2",
-                        "--eval-max-steps", "1")
+    _, run = run_script(
+        "baseline.py", copy, tmp_path / "runs", "--cache", "--epochs", "1", "--max-steps", "2", "--eval-max-steps", "1"
+    )
     r = read_results(run)
     assert r["args"]["cache"] is True and r["args"]["cache_frame_side"] == 256 and "test/acc" in r["last"]
 
@@ -224,8 +228,20 @@ def test_flat_layout_three_frames_exact_at_side_0(tmp_path):
         write_clip(str(root), c, n_frames=5, seed=i)
     (root / "my_train.txt").write_text(f"{ids[0]},10,0\n{ids[1]},10,30\n")
     (root / "my_test.txt").write_text(f"{ids[2]},10,7\n")
-    cache.main(["--dataset", "ks", "--data-root", str(tmp_path), "--audio-pipeline", "pkl1004", "--frame-side", "0",
-                "--workers", "1"])
+    cache.main(
+        [
+            "--dataset",
+            "ks",
+            "--data-root",
+            str(tmp_path),
+            "--audio-pipeline",
+            "pkl1004",
+            "--frame-side",
+            "0",
+            "--workers",
+            "1",
+        ]
+    )
     kw = dict(dataset="ks", audio_pipeline="pkl1004")
     live = build_datasets(data_args(tmp_path, **kw))
     hit = build_datasets(data_args(tmp_path, cache=True, cache_frame_side=0, **kw))

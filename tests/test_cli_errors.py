@@ -38,16 +38,25 @@ def one_line(proc):
 @pytest.mark.parametrize("script", sorted(CARDS))
 def test_card_command_without_the_dataset(script, tmp_path):
     argv, subdir = CARDS[script]
-    proc = subprocess.run([sys.executable, script, *argv, "--data-root", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, script, *argv, "--data-root", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     line = one_line(proc)
     assert str(tmp_path / subdir) in line and "not found" in line and "--data-root" in line
     assert not os.listdir(tmp_path)  # nothing written
 
 
 def test_run_all_without_the_dataset(tmp_path):
-    proc = subprocess.run(["bash", "run_all.sh", "--dataset", "cremad", "--data-root", str(tmp_path), "--out",
-                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", "run_all.sh", "--dataset", "cremad", "--data-root", str(tmp_path), "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert str(tmp_path / "cremad") in one_line(proc)
 
 

@@ -106,8 +106,9 @@ def test_ks_audio_variants(ks_root, pipeline, shape):
 
 
 def test_tpami_frames(ks_root):
-    train, test, _ = build_datasets(data_args(dataset="ks", data_root=str(ks_root), frame_size=112, tpami_frames=True,
-                                              clip_consistent_aug=True))
+    train, test, _ = build_datasets(
+        data_args(dataset="ks", data_root=str(ks_root), frame_size=112, tpami_frames=True, clip_consistent_aug=True)
+    )
     assert train[0][1].shape == (3, 3, 112, 112) and test[0][1].shape == (3, 3, 112, 112)
 
 

@@ -218,10 +218,26 @@ def test_clipping_at_40_by_default(models, batch):
 # ---------------------------------------------------------------------------------------------------------------
 # end to end: smoke, two-pass run, resume
 # ---------------------------------------------------------------------------------------------------------------
-SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map",
-               "charts/lr", "charts/samples_per_sec"]
-EXTRA_KEYS = ["train/loss_fused", "train/grad_norm_audio", "train/grad_norm_visual", "train/grad_norm_head",
-              "train/clip_factor"]
+SHARED_KEYS = [
+    "train/loss",
+    "train/loss_audio",
+    "train/loss_visual",
+    "train/ratio",
+    "test/acc",
+    "test/acc_audio",
+    "test/acc_visual",
+    "test/macro_f1",
+    "test/map",
+    "charts/lr",
+    "charts/samples_per_sec",
+]
+EXTRA_KEYS = [
+    "train/loss_fused",
+    "train/grad_norm_audio",
+    "train/grad_norm_visual",
+    "train/grad_norm_head",
+    "train/clip_factor",
+]
 
 
 def test_smoke(tiny_data, tmp_path):
@@ -266,11 +282,25 @@ def test_clipping_in_the_training_loop(tiny_data, tmp_path):
     init = {n: p.detach().clone() for n, p in AVClassifier(C).named_parameters()}
     steps, logs = {}, {}
     for clip in ("0.05", "0", "100000"):
-        run = run_inproc("dgl.py", tiny_data, tmp_path / clip, "--epochs", "1", "--max-steps", "1", "--lr", "1",
-                         "--weight-decay", "0", "--clip-grad", clip)
+        run = run_inproc(
+            "dgl.py",
+            tiny_data,
+            tmp_path / clip,
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--lr",
+            "1",
+            "--weight-decay",
+            "0",
+            "--clip-grad",
+            clip,
+        )
         m = torch.load(os.path.join(run, "last.pt"), map_location="cpu", weights_only=False)["model"]
-        steps[clip] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m[n] - p)
-                                                            for n, p in init.items()])).item()
+        steps[clip] = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(m[n] - p) for n, p in init.items()])
+        ).item()
         with open(os.path.join(run, "metrics.jsonl")) as f:
             logs[clip] = json.loads(f.readline())
     assert steps["0.05"] == pytest.approx(0.05, rel=1e-3)

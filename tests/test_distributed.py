@@ -68,13 +68,31 @@ def ddp(tiny_data, tmp_path_factory):
     runs = []
     for name, (script, extra) in {**RUNS, **RESUME_RUNS, **CACHE_RUNS}.items():
         root = str(cached_root) if "--cache" in extra else tiny_data
-        argv = ["--dataset", "synthetic", "--data-root", root, "--runs-dir", str(out / "runs" / name), "--no-progress",
-                "--batch-size", "4", *TINY, *extra]
+        argv = [
+            "--dataset",
+            "synthetic",
+            "--data-root",
+            root,
+            "--runs-dir",
+            str(out / "runs" / name),
+            "--no-progress",
+            "--batch-size",
+            "4",
+            *TINY,
+            *extra,
+        ]
         runs.append({"script": script, "argv": argv, "trace": str(out / "traces" / name)})
     with open(out / "jobs.json", "w") as f:
         json.dump({"out": str(out), "runs": runs}, f)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "tests", "distributed_driver.py"), str(out / "jobs.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(ROOT, "tests", "distributed_driver.py"),
+        str(out / "jobs.json"),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     if proc.returncode != 0:
@@ -126,8 +144,14 @@ def test_replicas_stay_identical(ddp, name):
     assert digests == [s["params"] for s in s1]  # identical parameters after every step
     assert len(set(digests)) == n_steps  # and they did train
     for a, b in zip(s0, s1):
-        for key in ("train/coeff_audio", "train/coeff_visual", "train/drop_exec_frac", "train/clip_factor",
-                    "train/grad_norm_audio", "train/grad_norm_head"):
+        for key in (
+            "train/coeff_audio",
+            "train/coeff_visual",
+            "train/drop_exec_frac",
+            "train/clip_factor",
+            "train/grad_norm_audio",
+            "train/grad_norm_head",
+        ):
             if key in a["step"]:
                 assert a["step"][key] == b["step"][key], key
     assert any(a["step"]["train/loss"] != b["step"]["train/loss"] for a, b in zip(s0, s1))  # different shards
@@ -140,7 +164,7 @@ def arl_c_audio(sums, n_classes, temperature=8.0, floor=0.3):
     """c_a of docs/arl.md from the summed statistics (|z_a| per class, |z_v| per class, entropy sums, count)."""
     s = torch.tensor(sums, dtype=torch.float64)
     n, c = s[-1], n_classes
-    dep_a, dep_v = (s[:c] / n).sum(), (s[c:2 * c] / n).sum()
+    dep_a, dep_v = (s[:c] / n).sum(), (s[c : 2 * c] / n).sum()
     ent_a, ent_v = s[2 * c] / n, s[2 * c + 1] / n
     h_a, h_v = max(ent_a / (ent_a + ent_v), floor), max(ent_v / (ent_a + ent_v), floor)
     w_a = (1 / h_a) / (1 / h_a + 1 / h_v)
@@ -238,7 +262,7 @@ def test_resume_under_torchrun_continues_exactly(ddp, full, stopped, resumed):
     assert [drop_timing(h) for h in a["history"]] == [drop_timing(h) for h in b["history"]]
     for key in ("noise_rng", "added"):  # ogm: the GE noise stream; aug: the classifiers ACA added
         if key in a:
-            assert (torch.equal(a[key], b[key]) if key == "noise_rng" else a[key] == b[key]), key
+            assert torch.equal(a[key], b[key]) if key == "noise_rng" else a[key] == b[key], key
     for r in (0, 1):  # the resumed process's steps are the full run's epoch-1 steps, on both ranks
         (steps_full, _), (steps_resumed, _) = traces(ddp, full)[r], traces(ddp, resumed)[r]
         assert len(steps_resumed) == 2
@@ -253,8 +277,19 @@ def test_amp_and_channels_last_run_on_cpu(script, tiny_data, tmp_path):
     first_loss, runs = {}, {}
     for name, flags in (("fp32", []), ("amp", ["--amp", "--channels-last"])):
         with trace.tracing(str(tmp_path / "trace" / name)):
-            runs[name] = run_inproc(script, tiny_data, tmp_path / name, "--epochs", 1, "--max-steps", 1,
-                                    "--eval-max-steps", 1, *extra, *flags)
+            runs[name] = run_inproc(
+                script,
+                tiny_data,
+                tmp_path / name,
+                "--epochs",
+                1,
+                "--max-steps",
+                1,
+                "--eval-max-steps",
+                1,
+                *extra,
+                *flags,
+            )
         with open(tmp_path / "trace" / name / "rank0.jsonl") as f:
             first_loss[name] = next(r for r in map(json.loads, f) if "step" in r)["step"]["train/loss"]
     assert first_loss["amp"] != first_loss["fp32"]  # the forward pass did run in bfloat16
@@ -264,8 +299,11 @@ def test_amp_and_channels_last_run_on_cpu(script, tiny_data, tmp_path):
         state = torch.load(os.path.join(runs[name], "last.pt"), weights_only=False)["model"]
         kernels = [v for k, v in state.items() if k.startswith(("audio_net", "visual_net")) and v.dim() == 4]
         assert kernels and all(k.dtype == torch.float32 for k in kernels)
-        assert all(k.is_contiguous(memory_format=torch.channels_last) == channels_last for k in kernels
-                   if k.shape[1] > 1 and k.shape[-1] > 1)  # else both layouts count as contiguous
+        assert all(
+            k.is_contiguous(memory_format=torch.channels_last) == channels_last
+            for k in kernels
+            if k.shape[1] > 1 and k.shape[-1] > 1
+        )  # else both layouts count as contiguous
 
 
 def test_cached_data_under_torchrun_gives_the_same_steps(ddp):

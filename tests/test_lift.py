@@ -70,8 +70,11 @@ def trained_toy(dominant, steps=60, seed=0):
 
 
 def encoder_grads(model):
-    return {f"{role}.{n}": p.grad.clone() for role in ("audio_net", "visual_net", "head")
-            for n, p in getattr(model, role).named_parameters()}
+    return {
+        f"{role}.{n}": p.grad.clone()
+        for role in ("audio_net", "visual_net", "head")
+        for n, p in getattr(model, role).named_parameters()
+    }
 
 
 def true_class_prob_sum(z, y):
@@ -82,8 +85,10 @@ def true_class_prob_sum(z, y):
 # load_block itself
 # ----------------------------------------------------------------------------------------------------------------
 def test_load_block_rejects_foreign_imports_missing_markers_and_foreign_names():
-    good = ("x = 1\n# ALGO LOGIC BLOCK: toy\nimport math\n\nimport torch\n\n\ndef f(t):\n    return torch.relu(t) + math.pi\n"
-            "# END ALGO LOGIC BLOCK\n")
+    good = (
+        "x = 1\n# ALGO LOGIC BLOCK: toy\nimport math\n\nimport torch\n\n\n"
+        "def f(t):\n    return torch.relu(t) + math.pi\n# END ALGO LOGIC BLOCK\n"
+    )
     assert exec_block(block_source(good)).f(torch.tensor(-1.0)).item() == pytest.approx(math.pi)
     assert "x = 1" not in block_source(good)
     for bad, why in [
@@ -204,8 +209,9 @@ def test_ogm_ge_target_dominant(ogm_blk, dominant):
     assert (noise_a, noise_v) == ((True, False) if dominant == "audio" else (False, True))
     assert ogm_blk.ge_noise(False, "both", audio_dominant) == (False, False)  # OGM without GE: no noise
     old = encoder_grads(model)
-    ogm_blk.modulate_gradients(model.audio_net, model.visual_net, k_a, k_v, noise_a, noise_v,
-                               torch.Generator().manual_seed(0))
+    ogm_blk.modulate_gradients(
+        model.audio_net, model.visual_net, k_a, k_v, noise_a, noise_v, torch.Generator().manual_seed(0)
+    )
     new = encoder_grads(model)
     weak = "visual_net." if dominant == "audio" else "audio_net."
     k_dom = k_a if dominant == "audio" else k_v
@@ -294,8 +300,9 @@ def test_opm_dropped_samples_send_no_gradient_and_empty_samples_are_removed(opm_
     F.cross_entropy(model.head(torch.cat([a2 * keep_a[:, None] * f, v2 * f], 1)), y).backward()
     torch.testing.assert_close(w, model.audio_net.fc.weight.grad)
     # both sides dropped for a sample: it is removed
-    a_t, v_t, y_t = opm_blk.drop_features(a, v, y, torch.tensor([0.0, 1] * (B // 2)), torch.tensor([0.0, 0] * (B // 2)),
-                                          0.5, 0.5, rescale="none")
+    a_t, v_t, y_t = opm_blk.drop_features(
+        a, v, y, torch.tensor([0.0, 1] * (B // 2)), torch.tensor([0.0, 0] * (B // 2)), 0.5, 0.5, rescale="none"
+    )
     assert torch.equal(y_t, y[1::2]) and a_t.shape == (B // 2, D) and torch.all(v_t == 0)
 
 
@@ -308,8 +315,19 @@ def test_opm_split_batch_draws_the_masks_of_one_big_batch(opm_blk):
     parts = []
     for rank in (0, 1):
         gen.set_state(state)
-        parts.append(opm_blk.opm_drop(a[rank * B:(rank + 1) * B], v[rank * B:(rank + 1) * B],
-                                      y[rank * B:(rank + 1) * B], 0.6, 0.0, 1.0, gen, world_size=2, rank=rank))
+        parts.append(
+            opm_blk.opm_drop(
+                a[rank * B : (rank + 1) * B],
+                v[rank * B : (rank + 1) * B],
+                y[rank * B : (rank + 1) * B],
+                0.6,
+                0.0,
+                1.0,
+                gen,
+                world_size=2,
+                rank=rank,
+            )
+        )
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), whole[0])
     assert not torch.equal(parts[0][0].abs().sum(1) == 0, parts[1][0].abs().sum(1) == 0)  # different rows
 

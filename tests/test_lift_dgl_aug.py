@@ -30,16 +30,45 @@ def aug_blk():
     return load_block("aug.py")
 
 
-@pytest.mark.parametrize("script,names", [("dgl.py", {"dgl_logits", "dgl_loss", "dgl_backward", "grad_norm"}),
-                                          ("aug.py", {"AUGClassifier", "add_classifier", "true_class_prob",
-                                                      "residual_weights", "residual_loss", "boosting_loss",
-                                                      "aug_step", "merge_logits", "aca_check_period",
-                                                      "is_check_epoch", "aca_decision"})])
+@pytest.mark.parametrize(
+    "script,names",
+    [
+        ("dgl.py", {"dgl_logits", "dgl_loss", "dgl_backward", "grad_norm"}),
+        (
+            "aug.py",
+            {
+                "AUGClassifier",
+                "add_classifier",
+                "true_class_prob",
+                "residual_weights",
+                "residual_loss",
+                "boosting_loss",
+                "aug_step",
+                "merge_logits",
+                "aca_check_period",
+                "is_check_epoch",
+                "aca_decision",
+            },
+        ),
+    ],
+)
 def test_block_is_self_contained(script, names):
     blk = load_block(script)  # fails on an import or a name from the rest of the script
     assert names <= set(vars(blk))
-    assert not set(vars(blk)) & {"np", "runs", "distributed", "unimodal_logits", "AVClassifier", "GatedHead",
-                                 "random", "readout", "forward", "init_weights", "AudioEncoder", "VisualEncoder"}
+    assert not set(vars(blk)) & {
+        "np",
+        "runs",
+        "distributed",
+        "unimodal_logits",
+        "AVClassifier",
+        "GatedHead",
+        "random",
+        "readout",
+        "forward",
+        "init_weights",
+        "AudioEncoder",
+        "VisualEncoder",
+    }
 
 
 def toy_data(n=B, seed=0, dominant="audio"):
@@ -98,10 +127,14 @@ def dgl_reference(model, x_a, x_v, y, alpha):
     model = copy.deepcopy(model)
     a, v = model.audio_net(x_a), model.visual_net(x_v)
     w, b = model.head.fc.weight, model.head.fc.bias
-    ref = {"audio_net": torch.autograd.grad(alpha * F.cross_entropy(a @ w[:, :D].T + b, y),
-                                            list(model.audio_net.parameters()), retain_graph=True),
-           "visual_net": torch.autograd.grad(alpha * F.cross_entropy(v @ w[:, D:].T + b, y),
-                                             list(model.visual_net.parameters()), retain_graph=True)}
+    ref = {
+        "audio_net": torch.autograd.grad(
+            alpha * F.cross_entropy(a @ w[:, :D].T + b, y), list(model.audio_net.parameters()), retain_graph=True
+        ),
+        "visual_net": torch.autograd.grad(
+            alpha * F.cross_entropy(v @ w[:, D:].T + b, y), list(model.visual_net.parameters()), retain_graph=True
+        ),
+    }
     features = torch.cat([a, v], 1).detach()
     ref["head"] = torch.autograd.grad(F.cross_entropy(features @ w.T + b, y), list(model.head.parameters()))
     return ref
@@ -185,8 +218,10 @@ def test_aug_boosting_loss_trains_the_new_classifier_on_the_residual(aug_blk):
     with torch.no_grad():  # sharper earlier classifier, so the weights w spread out
         model.audio_classifiers[0].weight.mul_(4)
     assert len(model.classifier_logits(model.audio_net(x_a), "audio")) == 1
-    assert torch.allclose(aug_blk.boosting_loss(model.classifier_logits(model.audio_net(x_a), "audio"), y, lam),
-                          F.cross_entropy(model.head(F.relu(model.audio_classifiers[0](model.audio_net(x_a)))), y))
+    assert torch.allclose(
+        aug_blk.boosting_loss(model.classifier_logits(model.audio_net(x_a), "audio"), y, lam),
+        F.cross_entropy(model.head(F.relu(model.audio_classifiers[0](model.audio_net(x_a)))), y),
+    )
     aug_blk.add_classifier(model, "audio")
     params = list(model.parameters())
 
@@ -214,8 +249,9 @@ def test_aug_boosting_loss_trains_the_new_classifier_on_the_residual(aug_blk):
     logits = model.classifier_logits(model.audio_net(x_a), "audio")
     eps_blk = aug_blk.residual_loss(logits[:-1], logits[-1], y, lam)
     assert eps_blk.item() == pytest.approx(eps.item(), rel=1e-6)
-    g_old, g_new = torch.autograd.grad(eps_blk, [model.audio_classifiers[0].weight, model.audio_classifiers[1].weight],
-                                       allow_unused=True)
+    g_old, g_new = torch.autograd.grad(
+        eps_blk, [model.audio_classifiers[0].weight, model.audio_classifiers[1].weight], allow_unused=True
+    )
     assert (g_old is None or not g_old.any()) and g_new.abs().sum() > 0
 
     # a third classifier fits the residual of the ensemble of the first two: w = 1 - lam sg(softmax(q1 + q2)[y])
@@ -223,8 +259,11 @@ def test_aug_boosting_loss_trains_the_new_classifier_on_the_residual(aug_blk):
     logits = model.classifier_logits(model.audio_net(x_a), "audio")
     q1, q2, q3 = (model.head(F.relu(layer(model.audio_net(x_a)))) for layer in model.audio_classifiers)
     w = 1 - lam * torch.softmax(q1 + q2, 1).gather(1, y[:, None]).squeeze(1).detach()
-    ref = (F.cross_entropy(q1 + q2 + q3, y) + F.cross_entropy(q1 + q2, y)
-           + (-w * F.log_softmax(q3, 1).gather(1, y[:, None]).squeeze(1)).mean())
+    ref = (
+        F.cross_entropy(q1 + q2 + q3, y)
+        + F.cross_entropy(q1 + q2, y)
+        + (-w * F.log_softmax(q3, 1).gather(1, y[:, None]).squeeze(1)).mean()
+    )
     assert aug_blk.boosting_loss(logits, y, lam).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
@@ -252,8 +291,9 @@ def test_aug_step_moves_audio_params_on_the_audio_step_only(aug_blk):
 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     snaps = [(param_snapshot(audio), param_snapshot(visual), param_snapshot(model.head))]
-    opt.register_step_post_hook(lambda o, a, k: snaps.append((param_snapshot(audio), param_snapshot(visual),
-                                                               param_snapshot(model.head))))
+    opt.register_step_post_hook(
+        lambda o, a, k: snaps.append((param_snapshot(audio), param_snapshot(visual), param_snapshot(model.head)))
+    )
     # the second batch: momentum buffers exist, so a stale gradient would move the other side
     out = [aug_blk.aug_step(model, opt, x_a, x_v, y, lam) for _ in range(2)]
     assert len(snaps) == 5 and set(out[0]) == {"audio", "visual"}

@@ -91,8 +91,9 @@ def test_log_spectrogram_is_torchaudio_then_log_bitwise_on_a_clip_and_on_a_batch
     samples, then log(+1e-7): bitwise per clip, and a batch (B, 1, N) gives each clip's bitwise."""
     torch.manual_seed(0)
     x = torch.randn(5, 1, 66150) * 0.4  # some samples beyond [-1, 1]: clipped first
-    ta = torchaudio.transforms.Spectrogram(n_fft=512, hop_length=353, win_length=512, power=1.0, center=True,
-                                           pad_mode="reflect")
+    ta = torchaudio.transforms.Spectrogram(
+        n_fft=512, hop_length=353, win_length=512, power=1.0, center=True, pad_mode="reflect"
+    )
     want = torch.stack([ta(x[b, 0].clamp(-1, 1)).add(1e-7).log() for b in range(5)])[:, None]
     got = LogSpectrogram(512, 353)(x)
     assert got.shape == (5, 1, 257, 188) and torch.equal(got, want)
@@ -168,8 +169,14 @@ def torchvision_on_pil(images, cfg, train):
     return torch.stack([TF.pil_to_tensor(im) for im in out], 1)
 
 
-FRAME_CFGS = [dict(), dict(n_frames=3), dict(n_frames=3, clip_consistent=True),
-              dict(crop_scale=(0.25, 1.0), test_resize="center"), dict(size=40), dict(size=224)]
+FRAME_CFGS = [
+    dict(),
+    dict(n_frames=3),
+    dict(n_frames=3, clip_consistent=True),
+    dict(crop_scale=(0.25, 1.0), test_resize="center"),
+    dict(size=40),
+    dict(size=224),
+]
 
 
 @pytest.mark.parametrize("cfg", FRAME_CFGS)
@@ -239,8 +246,13 @@ def test_load_frame_is_load_image_as_an_array(tmp_path, monkeypatch):
     photo(333, 221, seed=4).save(files[-1], quality=90)
     files.append(tmp_path / "opencv.jpg")
     cv2.imwrite(str(files[-1]), np.array(photo(seed=8))[:, :, ::-1])
-    for name, im in (("noise.jpg", noise), ("grey.jpg", noise.convert("L")), ("rgb.png", photo(seed=5)),
-                     ("grey.png", photo(seed=6).convert("L")), ("rgba.png", photo(seed=7).convert("RGBA"))):
+    for name, im in (
+        ("noise.jpg", noise),
+        ("grey.jpg", noise.convert("L")),
+        ("rgb.png", photo(seed=5)),
+        ("grey.png", photo(seed=6).convert("L")),
+        ("rgba.png", photo(seed=7).convert("RGBA")),
+    ):
         files.append(tmp_path / name)
         im.save(files[-1])
     imdecode, decoded = cv2.imdecode, []
@@ -344,8 +356,9 @@ def test_cached_frames_current_vs_previous(tmp_path):
     tiny_data = str(tmp_path)  # a set of its own: the cache is written into it
     generate(os.path.join(tiny_data, "synthetic"), n_train=8, n_test=4)
     for legacy in ([], ["--legacy-loader"]):
-        cache.main(["--dataset", "synthetic", "--data-root", tiny_data, "--workers", "1", "--frame-side", "24",
-                    *legacy])
+        cache.main(
+            ["--dataset", "synthetic", "--data-root", tiny_data, "--workers", "1", "--frame-side", "24", *legacy]
+        )
     cur = datasets(tiny_data, "--cache", "--cache-frame-side", "24")[0]
     old = datasets(tiny_data, "--cache", "--cache-frame-side", "24", "--legacy-loader")[0]
     assert cur.audio_cache != old.audio_cache  # the resampler is part of the cache key

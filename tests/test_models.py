@@ -29,7 +29,7 @@ def test_visual_folding_is_mean_over_frames():
     enc = VisualEncoder().eval()
     x = torch.randn(2, 3, 3, 64, 64)
     with torch.no_grad():
-        per_frame = torch.stack([enc(x[:, :, t:t + 1]) for t in range(3)]).mean(0)
+        per_frame = torch.stack([enc(x[:, :, t : t + 1]) for t in range(3)]).mean(0)
         assert torch.allclose(enc(x), per_frame, atol=1e-5)
 
 

@@ -20,9 +20,21 @@ from common.models import AVClassifier, unimodal_logits
 from common.synthetic import generate
 from tools import trace
 
-SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "train/coeff_audio",
-               "train/coeff_visual", "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map",
-               "charts/lr", "charts/samples_per_sec"]
+SHARED_KEYS = [
+    "train/loss",
+    "train/loss_audio",
+    "train/loss_visual",
+    "train/ratio",
+    "train/coeff_audio",
+    "train/coeff_visual",
+    "test/acc",
+    "test/acc_audio",
+    "test/acc_visual",
+    "test/macro_f1",
+    "test/map",
+    "charts/lr",
+    "charts/samples_per_sec",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -35,8 +47,7 @@ def no_timing(rows):
 def tiny_batch(b=4, seed=0):
     """Inputs of the synthetic pipeline's shapes: spectrogram (B, 1, 33, 33), one 32 px frame."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, 1, 33, 33, generator=g), torch.randn(b, 3, 1, 32, 32, generator=g),
-            torch.arange(b) % 6)
+    return (torch.randn(b, 1, 33, 33, generator=g), torch.randn(b, 3, 1, 32, 32, generator=g), torch.arange(b) % 6)
 
 
 def model_with_grads(seed=0, b=4):
@@ -243,8 +254,9 @@ def test_ge_target_dominant_leaves_the_weak_encoder_alone():
     assert audio_dominant == (k_a < 1)
     old = grads(model)
     noise_a, noise_v = ogm.ge_noise(True, "dominant", audio_dominant)
-    ogm.modulate_gradients(model.audio_net, model.visual_net, k_a, k_v, noise_a, noise_v,
-                           torch.Generator().manual_seed(0))
+    ogm.modulate_gradients(
+        model.audio_net, model.visual_net, k_a, k_v, noise_a, noise_v, torch.Generator().manual_seed(0)
+    )
     weak = "visual_net." if audio_dominant else "audio_net."
     new = grads(model)
     assert all(torch.equal(g, new[n]) for n, g in old.items() if n.startswith(weak))
@@ -256,8 +268,9 @@ def test_ge_std_source(source, expected):
     conv = torch.nn.Conv2d(64, 64, 3, bias=False)
     conv.weight.grad = torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(1)) * 2.0
     g_old = conv.weight.grad.clone()
-    ogm.modulate_gradients(conv, torch.nn.Identity(), 0.1, 1.0, True, True, torch.Generator().manual_seed(0),
-                           std_source=source)
+    ogm.modulate_gradients(
+        conv, torch.nn.Identity(), 0.1, 1.0, True, True, torch.Generator().manual_seed(0), std_source=source
+    )
     noise = conv.weight.grad - 0.1 * g_old
     assert noise.std().item() / (expected * g_old.std().item()) == pytest.approx(1.0, abs=0.03)
 
@@ -267,8 +280,9 @@ def test_ge_noise_std_of_a_zero_gradient_is_the_epsilon(source):
     """std(g) = 0: the noise is N(0, (1e-8)^2), i.e. the generator's standard normal draw times 1e-8."""
     conv = torch.nn.Conv2d(4, 4, 3, bias=False)
     conv.weight.grad = torch.zeros_like(conv.weight)
-    ogm.modulate_gradients(conv, torch.nn.Identity(), 0.5, 1.0, True, True, torch.Generator().manual_seed(0),
-                           std_source=source)
+    ogm.modulate_gradients(
+        conv, torch.nn.Identity(), 0.5, 1.0, True, True, torch.Generator().manual_seed(0), std_source=source
+    )
     want = torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(0)) * 1e-8
     torch.testing.assert_close(conv.weight.grad, want, rtol=1e-6, atol=0)
 
@@ -277,8 +291,9 @@ def test_ge_noise_std_of_a_zero_gradient_is_the_epsilon(source):
 # end to end: equivalence with the baseline, windows, frozen kernels, heads, resume, smoke
 # ----------------------------------------------------------------------------------------------------------------
 def test_alpha0_ogm_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
-    run = run_inproc("ogm.py", tiny_data, tmp_path / "a0", "--epochs", 2, "--max-steps", 2, "--modulation", "ogm",
-                     "--alpha", 0)
+    run = run_inproc(
+        "ogm.py", tiny_data, tmp_path / "a0", "--epochs", 2, "--max-steps", 2, "--modulation", "ogm", "--alpha", 0
+    )
     assert [r["train/coeff_audio"] for r in history(run)] == [1.0, 1.0]
     c, b = ckpt(run), ckpt(baseline_2ep)
     assert same_state(c["model"], b["model"])
@@ -306,7 +321,8 @@ def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
     k_dominant = 1 - math.tanh(0.8 * max(rho, 1 / rho))
     assert abs(rho - 1) > 1e-3 and first["train/modulated_audio_frac"] == float(rho > 1)
     assert (first["train/coeff_audio"], first["train/coeff_visual"]) == pytest.approx(
-        (k_dominant, 1.0) if rho > 1 else (1.0, k_dominant), rel=1e-5)
+        (k_dominant, 1.0) if rho > 1 else (1.0, k_dominant), rel=1e-5
+    )
     assert second["train/coeff_audio"] == second["train/coeff_visual"] == 1.0
 
 

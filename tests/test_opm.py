@@ -20,9 +20,21 @@ from common.models import AVClassifier, unimodal_logits
 from common.synthetic import generate
 from tools import trace
 
-SHARED_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "train/coeff_audio",
-               "train/coeff_visual", "test/acc", "test/acc_audio", "test/acc_visual", "test/macro_f1", "test/map",
-               "charts/lr", "charts/samples_per_sec"]
+SHARED_KEYS = [
+    "train/loss",
+    "train/loss_audio",
+    "train/loss_visual",
+    "train/ratio",
+    "train/coeff_audio",
+    "train/coeff_visual",
+    "test/acc",
+    "test/acc_audio",
+    "test/acc_visual",
+    "test/macro_f1",
+    "test/map",
+    "charts/lr",
+    "charts/samples_per_sec",
+]
 OPM_KEYS = ["train/drop_exec_frac", "train/drop_frac_audio", "train/drop_frac_visual", "train/rescale"]
 
 
@@ -47,8 +59,19 @@ def baseline_2ep(tiny_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def opm_2ep(tiny_data, tmp_path_factory):
     """OPM on from epoch 0 and executed at every step: the strongest setting for the end-to-end checks."""
-    return run_inproc("opm.py", tiny_data, tmp_path_factory.mktemp("opm"), "--epochs", 2, "--max-steps", 2,
-                      "--warmup-epochs", 0, "--p-exe", 1)
+    return run_inproc(
+        "opm.py",
+        tiny_data,
+        tmp_path_factory.mktemp("opm"),
+        "--epochs",
+        2,
+        "--max-steps",
+        2,
+        "--warmup-epochs",
+        0,
+        "--p-exe",
+        1,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,8 +274,9 @@ def test_empty_batches_skip_the_step(tiny_data, tmp_path, monkeypatch):
     """Every mask all zeros (torch.bernoulli patched): every step is skipped, so the parameters stay at their
     initial values (the script's seed-0 initialisation) and the optimizer never steps."""
     monkeypatch.setattr(torch, "bernoulli", lambda p, generator=None: torch.zeros_like(p))
-    run = run_inproc("opm.py", tiny_data, tmp_path / "o", "--epochs", 1, "--max-steps", 2, "--warmup-epochs", 0,
-                     "--p-exe", 1)
+    run = run_inproc(
+        "opm.py", tiny_data, tmp_path / "o", "--epochs", 1, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 1
+    )
     c = ckpt(run)
     torch.manual_seed(0)
     init = AVClassifier(6, "concat")
@@ -273,8 +297,21 @@ def test_p_exe0_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
 
 
 def test_q_base0_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep, opm_2ep):
-    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 1,
-                     "--q-base", 0)
+    run = run_inproc(
+        "opm.py",
+        tiny_data,
+        tmp_path,
+        "--epochs",
+        2,
+        "--max-steps",
+        2,
+        "--warmup-epochs",
+        0,
+        "--p-exe",
+        1,
+        "--q-base",
+        0,
+    )
     assert all(r["train/drop_exec_frac"] == 1 for r in history(run))  # masks drawn at every step, all ones
     assert same_state(ckpt(run)["model"], ckpt(baseline_2ep)["model"])
     assert shared_only(history(run)) == shared_only(history(baseline_2ep))
@@ -342,15 +379,40 @@ def test_heads(tiny_data, tmp_path, capsys):
         run_inproc("opm.py", tiny_data, tmp_path, "--fusion", "film")
     assert e.value.code == 2 and "--fusion: invalid choice: 'film'" in capsys.readouterr().err
     for extra in (["--fusion", "sum"], ["--fusion", "gated"]):
-        run = run_inproc("opm.py", tiny_data, tmp_path / extra[1], "--epochs", 1, "--max-steps", 2,
-                         "--warmup-epochs", 0, "--p-exe", 1, *extra)
+        run = run_inproc(
+            "opm.py",
+            tiny_data,
+            tmp_path / extra[1],
+            "--epochs",
+            1,
+            "--max-steps",
+            2,
+            "--warmup-epochs",
+            0,
+            "--p-exe",
+            1,
+            *extra,
+        )
         assert history(run)[0]["train/drop_exec_frac"] == 1.0
 
 
 def test_resume_is_exact(tiny_data, tmp_path, opm_2ep):
     """Two epochs in one go == one epoch, stop, --resume (model, optimizer, OPM's generator)."""
-    part = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 2, "--warmup-epochs", 0,
-                      "--p-exe", 1, "--stop-after-epochs", 1)
+    part = run_inproc(
+        "opm.py",
+        tiny_data,
+        tmp_path,
+        "--epochs",
+        2,
+        "--max-steps",
+        2,
+        "--warmup-epochs",
+        0,
+        "--p-exe",
+        1,
+        "--stop-after-epochs",
+        1,
+    )
     assert ckpt(part)["epoch"] == 0
     run_inproc("opm.py", tiny_data, tmp_path, "--resume", part)
     a, b = ckpt(opm_2ep), ckpt(part)
@@ -371,8 +433,22 @@ def test_smoke_cli(tiny_data, tmp_path):
 def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
     """--opm-window 0 0 with --p-exe 1: epoch 0 drops (q > 0 on the dominant side, the drop executed), epoch 1 is
     past the window's end (q = 0 on both sides, nothing executed)."""
-    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 1, "--warmup-epochs", 0,
-                     "--p-exe", 1, "--opm-window", 0, 0)
+    run = run_inproc(
+        "opm.py",
+        tiny_data,
+        tmp_path,
+        "--epochs",
+        2,
+        "--max-steps",
+        1,
+        "--warmup-epochs",
+        0,
+        "--p-exe",
+        1,
+        "--opm-window",
+        0,
+        0,
+    )
     first, second = history(run)
     assert first["train/drop_exec_frac"] == 1.0 and max(first["train/coeff_audio"], first["train/coeff_visual"]) > 0
     assert second["train/drop_exec_frac"] == 0.0
@@ -401,8 +477,9 @@ def test_opm_drop_in_one_process_is_the_composition_of_its_parts():
 
 def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
     """One step, drop executed (--p-exe 1): train/rescale is that step's factor 1 / (1 - (q_a + q_v) / 2)."""
-    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "1", "--warmup-epochs", "0",
-                     "--p-exe", "1")
+    run = run_inproc(
+        "opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "1", "--warmup-epochs", "0", "--p-exe", "1"
+    )
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
     assert row["train/drop_exec_frac"] == 1.0 and row["train/coeff_audio"] + row["train/coeff_visual"] > 0
@@ -412,15 +489,39 @@ def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
     other = "visual" if side == "audio" else "audio"
     assert row[f"train/drop_frac_{side}"] > 0 and row[f"train/drop_frac_{other}"] == 0.0
     # per-modality factors (1 / (1 - q_a), 1 / (1 - q_v)): the logged factor is the larger, the dominant side's
-    run = run_inproc("opm.py", tiny_data, tmp_path / "per", "--epochs", "1", "--max-steps", "1", "--warmup-epochs",
-                     "0", "--p-exe", "1", "--rescale", "per-modality")
+    run = run_inproc(
+        "opm.py",
+        tiny_data,
+        tmp_path / "per",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--p-exe",
+        "1",
+        "--rescale",
+        "per-modality",
+    )
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
     q = max(row["train/coeff_audio"], row["train/coeff_visual"])
     assert q > 0 and row["train/rescale"] == pytest.approx(1 / (1 - q), rel=1e-9)
     # the warm-up: no q, no drop, factor 1
-    run = run_inproc("opm.py", tiny_data, tmp_path / "warm", "--epochs", "1", "--max-steps", "1", "--warmup-epochs",
-                     "1", "--p-exe", "1")
+    run = run_inproc(
+        "opm.py",
+        tiny_data,
+        tmp_path / "warm",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--warmup-epochs",
+        "1",
+        "--p-exe",
+        "1",
+    )
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
     assert (row["train/coeff_audio"], row["train/coeff_visual"], row["train/drop_exec_frac"]) == (0.0, 0.0, 0.0)
@@ -431,8 +532,9 @@ def test_logged_rescale_is_the_mean_over_the_executed_drops(tiny_data, tmp_path)
     """Two steps, both executed: train/rescale is the mean of the two steps' factors 1 / (1 - (q_a + q_v) / 2), read
     from the per-step trace (the steps' q differ, so a sum, a product or the last step's factor would not match)."""
     with trace.tracing(str(tmp_path / "trace")):
-        run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0",
-                         "--p-exe", "1")
+        run = run_inproc(
+            "opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0", "--p-exe", "1"
+        )
     with open(tmp_path / "trace" / "rank0.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f]
     with open(os.path.join(run, "metrics.jsonl")) as f:

@@ -15,9 +15,31 @@ METHODS = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl",
 def test_run_all_tiny(tiny_data, tmp_path):
     out = tmp_path / "runs" / "all"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", "run_all.sh", "--data-root", tiny_data, "--regime", "none", "--out", str(out),
-                           "--seeds", "0", "--", "--epochs", "1", "--max-steps", "1", "--batch-size", "4"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "bash",
+            "run_all.sh",
+            "--data-root",
+            tiny_data,
+            "--regime",
+            "none",
+            "--out",
+            str(out),
+            "--seeds",
+            "0",
+            "--",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = (tmp_path / "runs" / "report" / "results.md").read_text()
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line][
@@ -65,8 +87,12 @@ def test_run_all_reports_a_failing_method_and_keeps_the_others(tiny_data, tmp_pa
 
 
 def test_run_all_unprepared_dataset(tmp_path):
-    proc = subprocess.run(["bash", "run_all.sh", "--dataset", "cremad", "--data-root", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", "run_all.sh", "--dataset", "cremad", "--data-root", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and "cremad not found: prepare cremad first" in proc.stderr
 
 
@@ -74,10 +100,35 @@ def test_run_all_study_regimes_tiny(tmp_path):
     """--study regimes: each of the four regimes written under --data-root/regimes/, its runs under --out/<regime>,
     a report per regime and study.md with one table per regime (aug_trained = aug.py --train-new-heads)."""
     out = tmp_path / "study"
-    proc = subprocess.run(["bash", "run_all.sh", "--study", "regimes", "--data-root", str(tmp_path / "data"), "--out",
-                           str(out), "--seeds", "0", "--methods", "baseline_visual,aug_trained", "--", "--epochs", "1",
-                           "--max-steps", "1", "--eval-max-steps", "1", "--batch-size", "4"],
-                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "bash",
+            "run_all.sh",
+            "--study",
+            "regimes",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--seeds",
+            "0",
+            "--methods",
+            "baseline_visual,aug_trained",
+            "--",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--eval-max-steps",
+            "1",
+            "--batch-size",
+            "4",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     regimes = ["audio-dominant", "dominant-absent", "weak-absent", "visual-dominant"]
     for regime in regimes:
@@ -95,8 +146,12 @@ def test_run_all_study_regimes_tiny(tmp_path):
 
 
 def test_run_all_refuses_an_unknown_study_or_regime(tmp_path):
-    for flags, msg in ((["--study", "seeds"], "--study must be regimes"), (["--regime", "loud"], "--regime must be"),
-                       (["--study", "regimes", "--dataset", "cremad"], "runs on the synthetic regimes")):
-        proc = subprocess.run(["bash", "run_all.sh", "--data-root", str(tmp_path), *flags], cwd=ROOT,
-                              capture_output=True, text=True)
+    for flags, msg in (
+        (["--study", "seeds"], "--study must be regimes"),
+        (["--regime", "loud"], "--regime must be"),
+        (["--study", "regimes", "--dataset", "cremad"], "runs on the synthetic regimes"),
+    ):
+        proc = subprocess.run(
+            ["bash", "run_all.sh", "--data-root", str(tmp_path), *flags], cwd=ROOT, capture_output=True, text=True
+        )
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr

@@ -22,10 +22,29 @@ def n_clips(root):
 def test_torchrun_on_an_empty_data_root(tmp_path):
     """Both processes of a fresh torchrun run find the whole set (no clip skipped, no missing root)."""
     root = tmp_path / "data"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "ogm.py"), "--dataset", "synthetic", "--data-root", str(root), "--runs-dir",
-           str(tmp_path / "runs"), "--no-progress", "--batch-size", "4", "--epochs", "1", "--max-steps", "2",
-           "--eval-max-steps", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(ROOT, "ogm.py"),
+        "--dataset",
+        "synthetic",
+        "--data-root",
+        str(root),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--eval-max-steps",
+        "1",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     out = proc.stdout + proc.stderr
@@ -40,8 +59,17 @@ def test_independent_processes_started_together(tmp_path):
     """Two processes on an empty root: one generates, both return with the complete set."""
     root = str(tmp_path / "synthetic")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    procs = [subprocess.Popen([sys.executable, "-c", ENSURE, root], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ENSURE, root],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "".join(outs).count("generating the synthetic dataset") == 1, outs
@@ -67,19 +95,27 @@ def test_a_set_being_read_is_never_replaced(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     with open(f"{root}.readers", "a") as other_run:
         fcntl.flock(other_run, fcntl.LOCK_SH)  # another run reading the set (a separate open file)
-        proc = subprocess.run([sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT,
-                              env=env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+        )
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
         assert root in proc.stderr and "another run is reading it" in proc.stderr
         with open(meta_path) as f:
             assert json.load(f)["n_train"] == 599  # untouched
         assert sorted(os.listdir(os.path.join(root, "AudioWAV"))) == before
-        gen = subprocess.run([sys.executable, "-m", "preprocess.synthetic", "--out", root], capture_output=True,
-                             text=True, cwd=ROOT, env=env, timeout=300)
+        gen = subprocess.run(
+            [sys.executable, "-m", "preprocess.synthetic", "--out", root],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=300,
+        )
         assert gen.returncode != 0 and "a run is reading" in gen.stderr and "Traceback" not in gen.stderr
-    proc = subprocess.run([sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert "regenerating" in proc.stdout
     with open(meta_path) as f:
@@ -99,7 +135,8 @@ def test_a_current_or_custom_set_is_used_as_it_is(tmp_path, custom):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     with open(f"{root}.readers", "a") as other_run:
         fcntl.flock(other_run, fcntl.LOCK_SH)
-        proc = subprocess.run([sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT,
-                              env=env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+        )
     assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
     assert n_clips(root) == 18  # the small set, not regenerated

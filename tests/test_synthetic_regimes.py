@@ -84,8 +84,7 @@ def test_noise_scales_both_modalities(tmp_path):
     stds = {}
     for noise in (1.0, 0.5):
         root = str(tmp_path / f"n{noise}")
-        generate(root, n_train=6, n_test=6, frame_px=32, uninformative_audio=1.0, uninformative_visual=1.0,
-                 noise=noise)
+        generate(root, n_train=6, n_test=6, frame_px=32, uninformative_audio=1.0, uninformative_visual=1.0, noise=noise)
         clips = [os.path.basename(p)[:-4] for p in glob.glob(os.path.join(root, "AudioWAV", "*.wav"))]
         a = np.concatenate([wav(root, c) for c in clips]).std()
         v = np.mean([f.std() for fs in frames_by_clip(root).values() for f in fs])
@@ -96,23 +95,61 @@ def test_noise_scales_both_modalities(tmp_path):
 
 def test_cli_regime_then_knobs_then_low_level_flags(tmp_path):
     out = tmp_path / "r" / "synthetic"
-    proc = subprocess.run([sys.executable, "-m", "preprocess.synthetic", "--out", str(out), "--regime", "weak-absent",
-                           "--weak-absent", "0.2", "--uninformative-audio", "0.1", "--n-train", "6", "--n-test", "6"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "preprocess.synthetic",
+            "--out",
+            str(out),
+            "--regime",
+            "weak-absent",
+            "--weak-absent",
+            "0.2",
+            "--uninformative-audio",
+            "0.1",
+            "--n-train",
+            "6",
+            "--n-test",
+            "6",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     with open(out / "meta.json") as f:
         meta = json.load(f)
     assert (meta["uninformative_visual"], meta["uninformative_audio"], meta["n_train"]) == (0.2, 0.1, 6)
     assert (meta["audio_snr"], meta["visual_strength"], meta["custom"]) == (*CUES["audio"], True)
-    proc = subprocess.run([sys.executable, "-m", "preprocess.synthetic", "--out", str(out), "--regime",
-                           "visual-dominant", "--n-train", "6", "--n-test", "6"], cwd=ROOT, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "preprocess.synthetic",
+            "--out",
+            str(out),
+            "--regime",
+            "visual-dominant",
+            "--n-train",
+            "6",
+            "--n-test",
+            "6",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     with open(out / "meta.json") as f:
         meta = json.load(f)
     assert (meta["audio_snr"], meta["visual_strength"]) == CUES["visual"]
     for flag, value in (("--weak-absent", "1.5"), ("--noise", "0"), ("--dominant-absent", "-0.1")):
-        proc = subprocess.run([sys.executable, "-m", "preprocess.synthetic", "--out", str(out), flag, value],
-                              cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "preprocess.synthetic", "--out", str(out), flag, value],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2 and proc.stderr.strip().startswith(f"synthetic.py: error: {flag} must be")
 
 

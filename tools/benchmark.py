@@ -57,13 +57,20 @@ from preprocess import cache
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["baseline", "ogm", "opm", "arl", "dgl", "aug"]
 METHOD_ARGS = {"opm": ["--warmup-epochs", "0"], "arl": ["--warmup-epochs", "0"]}  # the method active from step 0
-# size -> (--dataset for --in-memory, loader flags for the on-disk synthetic set, generator settings or None)
+# size -> (--dataset for --in-memory, loader flags for the on-disk synthetic set, generator settings or None); the
+# CREMA-D-size wavs are then cut to 1-3.5 s (DURATIONS)
 SIZES = {
     "synthetic": ("synthetic", [], None),
-    "cremad": ("cremad", ["--audio-pipeline", "cremad", "--n-frames", "1", "--frame-size", "224"],
-               dict(sample_rate=16000, audio_seconds=3.5, min_frames=2, max_frames=3)),  # cut to 1-3.5 s: DURATIONS
-    "vggsound": ("vggsound", ["--audio-pipeline", "stft16k", "--n-frames", "3", "--frame-size", "224"],
-                 dict(sample_rate=16000, audio_seconds=10.0, min_frames=3, max_frames=4)),
+    "cremad": (
+        "cremad",
+        ["--audio-pipeline", "cremad", "--n-frames", "1", "--frame-size", "224"],
+        dict(sample_rate=16000, audio_seconds=3.5, min_frames=2, max_frames=3),
+    ),
+    "vggsound": (
+        "vggsound",
+        ["--audio-pipeline", "stft16k", "--n-frames", "3", "--frame-size", "224"],
+        dict(sample_rate=16000, audio_seconds=10.0, min_frames=3, max_frames=4),
+    ),
 }
 
 
@@ -73,28 +80,46 @@ DURATIONS = {"cremad": (1.0, 3.5)}  # CREMA-D's clips last 1 to 3.5 s: each wav 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="input sizes to measure")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
-                   help="method scripts to time (baseline first)")
+    p.add_argument(
+        "--methods", nargs="+", default=METHODS, choices=METHODS, help="method scripts to time (baseline first)"
+    )
     p.add_argument("--batch-size", type=int, default=4, help="global batch of every run")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per run (after one untimed step)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat the model-only and end-to-end runs (interleaved); the fastest counts")
-    p.add_argument("--loader-rounds", type=int, default=5,
-                   help="repeat the loader measurements (CPU per clip, stages, decoders: seconds each); fastest counts")
-    p.add_argument("--data-batches", type=int, default=12,
-                   help="timed batches of the data-loading measurement (after the warm-up)")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="loader workers of the end-to-end runs (default: the scripts')")
-    p.add_argument("--frames", default="natural", choices=["natural", "noise"],
-                   help="natural: a 480x360 photograph (a video still); noise: the generator's noise frames")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the model-only and end-to-end runs (interleaved); the fastest counts",
+    )
+    p.add_argument(
+        "--loader-rounds",
+        type=int,
+        default=5,
+        help="repeat the loader measurements (CPU per clip, stages, decoders: seconds each); fastest counts",
+    )
+    p.add_argument(
+        "--data-batches", type=int, default=12, help="timed batches of the data-loading measurement (after the warm-up)"
+    )
+    p.add_argument(
+        "--num-workers", type=int, default=None, help="loader workers of the end-to-end runs (default: the scripts')"
+    )
+    p.add_argument(
+        "--frames",
+        default="natural",
+        choices=["natural", "noise"],
+        help="natural: a 480x360 photograph (a video still); noise: the generator's noise frames",
+    )
     p.add_argument("--frame-px", type=int, default=360, help="side of the noise frames (--frames noise)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the runs")
-    p.add_argument("--script-args", default="", help="extra flags for every script run, e.g. \"--amp --channels-last\"")
+    p.add_argument("--script-args", default="", help='extra flags for every script run, e.g. "--amp --channels-last"')
     p.add_argument("--e2e-all", action="store_true", help="end-to-end runs of every method, not only baseline.py")
     p.add_argument("--work-dir", default=None, help="keep data and runs here (default: a temporary folder, removed)")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
-    p.add_argument("--loading-only", action="store_true",
-                   help="only the loader measurements (CPU per clip, stages, worker memory): no script runs")
+    p.add_argument(
+        "--loading-only",
+        action="store_true",
+        help="only the loader measurements (CPU per clip, stages, worker memory): no script runs",
+    )
     p.add_argument("--clips", type=int, default=64, help="clips per CPU-per-clip and stage measurement")
     return p.parse_args(argv)
 
@@ -108,8 +133,13 @@ def write_data(size, work, args):
     elif not os.path.isfile(os.path.join(root, "synthetic", "meta.json")):
         warm = 2 * max(4, args.num_workers or 0) + 1  # untimed loader batches (loading_throughput)
         n_train = max(32, args.batch_size * (max(args.steps, warm + args.data_batches) + 2))
-        generate(os.path.join(root, "synthetic"), n_train=n_train, n_test=args.batch_size, frame_px=args.frame_px,
-                 **SIZES[size][2])
+        generate(
+            os.path.join(root, "synthetic"),
+            n_train=n_train,
+            n_test=args.batch_size,
+            frame_px=args.frame_px,
+            **SIZES[size][2],
+        )
         if args.frames == "natural":
             natural_frames(os.path.join(root, "synthetic", "Image-01-FPS"))
         if size in DURATIONS:
@@ -119,7 +149,6 @@ def write_data(size, work, args):
 
 def cut_wavs(audio_dir, lo, hi, seed=0):
     """Cut every wav under `audio_dir` to a duration drawn uniformly in [lo, hi] seconds (they are written longer)."""
-
 
     rng = np.random.default_rng(seed)
     for name in sorted(os.listdir(audio_dir)):
@@ -181,14 +210,24 @@ def loading_throughput(size, data_root, args, num_workers, cached=False):
 
 def loader_args(args, num_workers):
     """The loader flags of make_loaders: the benchmark's batch size, `num_workers`, the defaults of the rest."""
-    return SimpleNamespace(batch_size=args.batch_size, num_workers=num_workers, pin_memory="auto",
-                           persistent_workers=False)
+    return SimpleNamespace(
+        batch_size=args.batch_size, num_workers=num_workers, pin_memory="auto", persistent_workers=False
+    )
 
 
 def datasets(size, data_root, legacy, cached):
 
-    a = baseline.parse_args(["--dataset", "synthetic", "--data-root", data_root, *SIZES[size][1],
-                             *(["--cache"] if cached else []), *(["--legacy-loader"] if legacy else [])])
+    a = baseline.parse_args(
+        [
+            "--dataset",
+            "synthetic",
+            "--data-root",
+            data_root,
+            *SIZES[size][1],
+            *(["--cache"] if cached else []),
+            *(["--legacy-loader"] if legacy else []),
+        ]
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         train_set, test_set, _ = build_datasets(a)
     return train_set, test_set
@@ -272,11 +311,9 @@ def decoders(size, data_root, args):
     PIL's open + convert("RGB") (the previous loader), OpenCV's imdecode, and simplejpeg (the current loader). All
     three give the same pixels (tests/test_loader_paths.py)."""
 
-
     ds, _ = datasets(size, data_root, False, False)
     paths = [os.path.join(c.frame_dir, n) for c in ds.clips for n in list_frames(c.frame_dir)][: args.clips]
-    ways = {"PIL": load_image, "OpenCV": lambda p: decode_opencv(np.fromfile(p, np.uint8)),
-            "simplejpeg": load_frame}
+    ways = {"PIL": load_image, "OpenCV": lambda p: decode_opencv(np.fromfile(p, np.uint8)), "simplejpeg": load_frame}
     out = {}
     for name, decode in ways.items():
         decode(paths[0])  # untimed: first-call set-up
@@ -337,9 +374,28 @@ def run_script(method, flags, work, tag, args):
     time, and the fastest step's CPU time of the training process) and the peak memory in MB."""
     trace = os.path.join(work, "traces", tag)
     shutil.rmtree(trace, ignore_errors=True)
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "trace.py"), trace, os.path.join(ROOT, f"{method}.py"), *flags, "--runs-dir", os.path.join(work, "runs", tag),
-           "--no-progress", "--batch-size", str(args.batch_size), "--epochs", "1", "--max-steps", str(args.steps + 1),
-           "--eval-max-steps", "1", "--device", args.device, *METHOD_ARGS.get(method, []), *args.script_args.split()]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "trace.py"),
+        trace,
+        os.path.join(ROOT, f"{method}.py"),
+        *flags,
+        "--runs-dir",
+        os.path.join(work, "runs", tag),
+        "--no-progress",
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        "1",
+        "--max-steps",
+        str(args.steps + 1),
+        "--eval-max-steps",
+        "1",
+        "--device",
+        args.device,
+        *METHOD_ARGS.get(method, []),
+        *args.script_args.split(),
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
@@ -358,8 +414,10 @@ def main(argv=None):
     work = args.work_dir or tempfile.mkdtemp(prefix="bml_bench_")
     os.makedirs(work, exist_ok=True)
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    print(f"device {args.device}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, global batch {args.batch_size}, "
-          f"{args.steps} timed steps, script flags: {args.script_args or '(none)'}")
+    print(
+        f"device {args.device}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, global batch {args.batch_size}, "
+        f"{args.steps} timed steps, script flags: {args.script_args or '(none)'}"
+    )
     results = {}
     try:
         for size in args.sizes:
@@ -385,7 +443,7 @@ def main(argv=None):
                         m, ["--dataset", dataset, "--in-memory", "--num-workers", "0"], work, f"{size}_{m}_model", args
                     )
                     model[m] = {k: min(v, model[m][k]) for k, v in t.items()} if m in model else t
-                for m in (args.methods if args.e2e_all else args.methods[:1]):
+                for m in args.methods if args.e2e_all else args.methods[:1]:
                     flags = [
                         "--dataset",
                         "synthetic",
@@ -418,36 +476,50 @@ def main(argv=None):
 def report_loader(size, r, model, args):
     """The loader table: CPU ms per clip per core, previous vs current, files and cache; the stages; worker memory;
     and the model-only step per clip beside it (baseline.py, this device)."""
-    print(f"\n== {size}: loading alone, CPU ms per clip on one core (0 workers, 1 thread; fastest of "
-          f"{args.loader_rounds} round(s), {args.clips} clips) ==")
+    print(
+        f"\n== {size}: loading alone, CPU ms per clip on one core (0 workers, 1 thread; fastest of "
+        f"{args.loader_rounds} round(s), {args.clips} clips) =="
+    )
     print(f"{'loader':<22}{'train':>8}{'test':>8}{'x previous (train)':>20}")
     for key, v in r["cpu"].items():
         ref = r["cpu"]["previous --cache" if "--cache" in key else "previous"]["train"]
         print(f"{key:<22}{v['train']:>8.2f}{v['test']:>8.2f}{ref / v['train']:>19.2f}x")
     cur, cached = r["cpu"]["current"]["train"], r["cpu"]["current --cache"]["train"]
-    print(f"current --cache vs current: {cur / cached:.2f}x; current vs previous: "
-          f"{r['cpu']['previous']['train'] / cur:.2f}x")
+    print(
+        f"current --cache vs current: {cur / cached:.2f}x; current vs previous: "
+        f"{r['cpu']['previous']['train'] / cur:.2f}x"
+    )
     stages = list(next(iter(r["stages"].values())))
     print(f"{'stages, ms/clip':<22}" + "".join(f"{k:>10}" for k in stages) + f"{'sum':>8}")
     for key, v in r["stages"].items():
         print(f"{key:<22}" + "".join(f"{v[k]:>10.2f}" for k in stages) + f"{sum(v.values()):>8.2f}")
-    print("JPEG decode alone, ms per frame: " + ", ".join(f"{k} {v:.2f}" for k, v in r["decoders"].items())
-          + " (the current loader: simplejpeg; the previous: PIL)")
-    print(f"the current loader's STFT, on the model's side (CPU, batches of {args.batch_size}): "
-          f"{r['model_stft']:.2f} ms per clip (in the model step below; free on a GPU)")
+    print(
+        "JPEG decode alone, ms per frame: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r["decoders"].items())
+        + " (the current loader: simplejpeg; the previous: PIL)"
+    )
+    print(
+        f"the current loader's STFT, on the model's side (CPU, batches of {args.batch_size}): "
+        f"{r['model_stft']:.2f} ms per clip (in the model step below; free on a GPU)"
+    )
     print("loader worker peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in r["worker_mb"].items()))
     if model:
         per_clip = 1000 * model["cpu" if args.device == "cpu" else "wall"] / args.batch_size
-        print(f"model-only step (baseline.py, {args.device}): {per_clip:.1f} ms per clip "
-              f"({'CPU' if args.device == 'cpu' else 'wall'}); loader/model = {cur / per_clip:.2f} on one core "
-              f"per {args.device} process")
+        print(
+            f"model-only step (baseline.py, {args.device}): {per_clip:.1f} ms per clip "
+            f"({'CPU' if args.device == 'cpu' else 'wall'}); loader/model = {cur / per_clip:.2f} on one core "
+            f"per {args.device} process"
+        )
 
 
 def report(size, r, args):
 
     b = args.batch_size
-    shape = {"synthetic": "audio 33x33, frames 1x32x32", "cremad": "audio 257x188, frames 1x224x224",
-             "vggsound": "audio 129x626, frames 3x224x224"}[size]
+    shape = {
+        "synthetic": "audio 33x33, frames 1x32x32",
+        "cremad": "audio 257x188, frames 1x224x224",
+        "vggsound": "audio 129x626, frames 3x224x224",
+    }[size]
     print(f"\n== {size} ({shape}; {DATASETS[SIZES[size][0]]['num_classes']} classes in the model-only runs) ==")
     print(
         "data loading alone: "

@@ -23,8 +23,12 @@ from common import cli
 ORDER = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug", "aug_trained"]
 STUDY_REGIMES = ["audio-dominant", "dominant-absent", "weak-absent", "visual-dominant"]  # run_all.sh --study regimes
 SIGNAL = {  # what train/coeff_* means for each script (logged metric keys)
-    "ogm": "OGM coefficient k", "opm": "OPM drop probability q", "arl": "ARL weight 1+c", "dgl": "DGL (none: 1)",
-    "aug": "AUG number of classifiers", "aug_trained": "AUG number of classifiers",
+    "ogm": "OGM coefficient k",
+    "opm": "OPM drop probability q",
+    "arl": "ARL weight 1+c",
+    "dgl": "DGL (none: 1)",
+    "aug": "AUG number of classifiers",
+    "aug_trained": "AUG number of classifiers",
     "baseline": "joint training (none: 1)",
 }
 
@@ -71,8 +75,16 @@ def sort_key(name):
 
 def table(runs, failed):
     cols = ["best acc", "last acc", "best audio", "last audio", "best visual", "last visual", "best F1", "last F1"]
-    keys = ["test/acc", "test/acc", "test/acc_audio", "test/acc_audio", "test/acc_visual", "test/acc_visual",
-            "test/macro_f1", "test/macro_f1"]
+    keys = [
+        "test/acc",
+        "test/acc",
+        "test/acc_audio",
+        "test/acc_audio",
+        "test/acc_visual",
+        "test/acc_visual",
+        "test/macro_f1",
+        "test/macro_f1",
+    ]
     lines = ["| method | seeds | " + " | ".join(cols) + " | s/epoch |", "|" + "---|" * (len(cols) + 3)]
     for name in sorted(set(runs) | set(failed), key=sort_key):
         rs = runs.get(name, [])
@@ -161,7 +173,7 @@ def plots(runs, out):
         ax.set(title=f"{name}: {SIGNAL[name]}", xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(signal):]:
+    for ax in list(axes.flat)[len(signal) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "modulation.png"), dpi=120)
@@ -193,8 +205,10 @@ def write_study(study_dir, out=None):
     os.makedirs(out, exist_ok=True)
     regimes = [r for r in STUDY_REGIMES if os.path.isdir(os.path.join(study_dir, r))]
     if not regimes:
-        raise SystemExit(f"no regime folders ({', '.join(STUDY_REGIMES)}) under {study_dir}: run "
-                         "`bash run_all.sh --study regimes` first")
+        raise SystemExit(
+            f"no regime folders ({', '.join(STUDY_REGIMES)}) under {study_dir}: run "
+            "`bash run_all.sh --study regimes` first"
+        )
     parts, loaded = [f"Regime study from `{study_dir}` (accuracy and macro-F1 in %, mean ± std over seeds)", ""], {}
     for regime in regimes:
         runs, failed = load_runs(os.path.join(study_dir, regime)), load_failures(os.path.join(study_dir, regime))
@@ -217,11 +231,22 @@ def write_study(study_dir, out=None):
         alone = runs.get("baseline_audio" if regime == "visual-dominant" else "baseline_visual", [])
         for k, (key, label) in enumerate([("test/acc", "fused"), (weak, f"weak branch ({weak.split('_')[-1]})")]):
             vals = [[r["last"].get(key) for r in runs[n] if r["last"].get(key) is not None] for n in names]
-            ax.bar(np.arange(len(names)) + (k - 0.5) * 0.4, [100 * np.mean(v) if v else 0 for v in vals], 0.4,
-                   yerr=[100 * np.std(v) if len(v) > 1 else 0 for v in vals], capsize=2, label=label)
+            ax.bar(
+                np.arange(len(names)) + (k - 0.5) * 0.4,
+                [100 * np.mean(v) if v else 0 for v in vals],
+                0.4,
+                yerr=[100 * np.std(v) if len(v) > 1 else 0 for v in vals],
+                capsize=2,
+                label=label,
+            )
         if alone:
-            ax.axhline(100 * np.mean([r["last"]["test/acc"] for r in alone]), color="k", ls="--", lw=1,
-                       label="weak modality trained alone")
+            ax.axhline(
+                100 * np.mean([r["last"]["test/acc"] for r in alone]),
+                color="k",
+                ls="--",
+                lw=1,
+                label="weak modality trained alone",
+            )
         ax.set_xticks(np.arange(len(names)), names, rotation=25, ha="right")
         ax.set(title=regime, ylabel="last-epoch test accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
@@ -237,8 +262,12 @@ def write_study(study_dir, out=None):
 if __name__ == "__main__":
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
     p.add_argument("runs_dir", nargs="?", default=None, help="folder searched recursively for results.json")
-    p.add_argument("--study", default=None, metavar="STUDY_DIR",
-                   help="the regime study's folder (run_all.sh --study regimes): one table per regime")
+    p.add_argument(
+        "--study",
+        default=None,
+        metavar="STUDY_DIR",
+        help="the regime study's folder (run_all.sh --study regimes): one table per regime",
+    )
     p.add_argument("--out", default=None, help="output folder (default: runs/report next to runs_dir)")
     a = p.parse_args()
     if a.study:

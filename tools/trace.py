@@ -64,8 +64,12 @@ def install(trace_dir, params=False):
             peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         else:
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-        record = {"step": {k: float(v) for k, v in logs.items()}, "time": time.perf_counter(),
-                  "cpu": time.process_time(), "peak_mb": peak_mb}
+        record = {
+            "step": {k: float(v) for k, v in logs.items()},
+            "time": time.perf_counter(),
+            "cpu": time.process_time(),
+            "peak_mb": peak_mb,
+        }
         if _STATE["params"]:
             record["params"] = digest(model)
         _write(record)
