@@ -16,8 +16,6 @@ import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -80,6 +78,8 @@ class FrameTransform:
     torchvision on PIL, and the output is float32 ImageNet-normalised here."""
 
     def __init__(self, cfg: FrameConfig):
+        import torchvision.transforms as T  # here, not at the top: torchvision imports torch._dynamo (about 1 s)
+
         self.cfg = cfg
         self.norm = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         self.rrc = T.RandomResizedCrop(cfg.size, scale=cfg.crop_scale)
@@ -90,6 +90,8 @@ class FrameTransform:
             self.test_tf = T.Compose([T.Resize(cfg.size), T.CenterCrop(cfg.size)])
 
     def __call__(self, frames, train):
+        import torchvision.transforms.functional as TF  # loaded by __init__ already: a lookup
+
         if self.cfg.legacy:
             return self.legacy(frames, train)
         s = self.cfg.size
@@ -103,7 +105,7 @@ class FrameTransform:
                 y = TF.center_crop(resize_short_side(x, s), [s, s])
             else:
                 if k == 0 or not self.cfg.clip_consistent:  # one draw per frame, or one per clip
-                    box = T.RandomResizedCrop.get_params(x, self.rrc.scale, self.rrc.ratio)
+                    box = self.rrc.get_params(x, self.rrc.scale, self.rrc.ratio)
                     flip = bool(torch.rand(1) < 0.5)
                 i, j, h, w = box
                 y = resize_uint8(x[:, i : i + h, j : j + w], (s, s))
@@ -113,10 +115,12 @@ class FrameTransform:
 
     def legacy(self, images, train):
         """The previous loader: torchvision on PIL images, then ToTensor + Normalize."""
+        import torchvision.transforms.functional as TF
+
         if not train:
             out = [self.test_tf(im) for im in images]
         elif self.cfg.clip_consistent:
-            i, j, h, w = T.RandomResizedCrop.get_params(images[0], self.rrc.scale, self.rrc.ratio)
+            i, j, h, w = self.rrc.get_params(images[0], self.rrc.scale, self.rrc.ratio)
             flip = bool(torch.rand(1) < 0.5)
             out = [TF.resized_crop(im, i, j, h, w, [self.cfg.size, self.cfg.size]) for im in images]
             out = [TF.hflip(im) for im in out] if flip else out

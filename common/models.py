@@ -7,7 +7,6 @@ Nothing here is method logic: every method builds `AVClassifier(...)` and reads 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from common.frames import normalize_frames
 
@@ -19,6 +18,8 @@ class ResNet18Trunk(nn.Module):
 
     def __init__(self, in_channels: int):
         super().__init__()
+        import torchvision  # here, not at the top: torchvision imports torch._dynamo (about 1 s), after the checks
+
         r = torchvision.models.resnet18(weights=None)
         if in_channels != 3:
             r.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)

@@ -20,6 +20,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the timeout of a test's subprocess: a hang, never a slow machine (the whole suite takes 17 minutes on 2 cores beside
+# several training jobs), so that no result depends on the machine's load
+HANG = 3600
 sys.path.insert(0, ROOT)
 
 from common.synthetic import generate  # noqa: E402

@@ -3,11 +3,10 @@ side by side (CPU ms per clip, train and test, files and cache), the stage profi
 left to the model and the loader workers' memory."""
 
 import json
-import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import HANG, ROOT
 
 
 def test_loading_only_reports_every_table(tmp_path):
@@ -28,7 +27,7 @@ def test_loading_only_reports_every_table(tmp_path):
         "--json",
         str(out),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())["synthetic"]["loader"]
     assert set(r["cpu"]) == {"previous", "current", "previous --cache", "current --cache"}

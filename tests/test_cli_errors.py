@@ -229,3 +229,26 @@ def test_check_skips_preset_values_and_lists_every_element():
     check(SimpleNamespace(alpha=None), "alpha", lambda x: x >= 0, ">= 0")  # left to the preset
     with pytest.raises(SystemExit, match=r"^--lr must be a finite number, got inf$"):
         check(SimpleNamespace(lr=float("inf")), "lr", lambda x: x > 0, "positive")
+
+
+CHECK_IMPORTS = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+slow = ("torch._dynamo", "torch._inductor", "torchvision", "torch.utils.tensorboard")
+print(sorted(m for m in slow if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("script", sorted(CARDS))
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--dataset", "cremad"]], ids=["range", "path"])
+def test_an_error_comes_before_the_slow_imports(script, argv, tmp_path):
+    """A flag or path error ends the run before torch._dynamo and inductor (imported by torchvision: about 1 s), the
+    rest of torchvision and TensorBoard are imported: only --compile asks for the compiler, and only after the checks
+    are the model and the logger built (README, "Errors and valid ranges"; the latency is measured, not timed here)."""
+    cmd = [sys.executable, "-c", CHECK_IMPORTS, script, *argv, "--data-root", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr

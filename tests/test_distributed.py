@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_results, run_inproc
+from conftest import HANG, ROOT, read_results, run_inproc
 from distributed_driver import global_batch  # noqa: E402
 
 import arl  # noqa: E402
@@ -94,7 +94,7 @@ def ddp(tiny_data, tmp_path_factory):
         str(out / "jobs.json"),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=HANG)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return out

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import HANG, ROOT
 
-ENSURE = "import sys; from common.data import ensure_synthetic; ensure_synthetic(sys.argv[1])"
+ENSURE = "import sys; from common.synthetic import ensure_synthetic; ensure_synthetic(sys.argv[1])"
 
 
 def n_clips(root):
@@ -46,7 +46,7 @@ def test_torchrun_on_an_empty_data_root(tmp_path):
         "1",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=HANG)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert out.count("generating the synthetic dataset") == 1, out[-4000:]
@@ -70,7 +70,7 @@ def test_independent_processes_started_together(tmp_path):
         )
         for _ in range(2)
     ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    outs = [p.communicate(timeout=HANG)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "".join(outs).count("generating the synthetic dataset") == 1, outs
     assert n_clips(root) == 900
@@ -96,7 +96,7 @@ def test_a_set_being_read_is_never_replaced(tmp_path):
     with open(f"{root}.readers", "a") as other_run:
         fcntl.flock(other_run, fcntl.LOCK_SH)  # another run reading the set (a separate open file)
         proc = subprocess.run(
-            [sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+            [sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT, env=env, timeout=HANG
         )
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
@@ -110,11 +110,11 @@ def test_a_set_being_read_is_never_replaced(tmp_path):
             text=True,
             cwd=ROOT,
             env=env,
-            timeout=300,
+            timeout=HANG,
         )
         assert gen.returncode != 0 and "a run is reading" in gen.stderr and "Traceback" not in gen.stderr
     proc = subprocess.run(
-        [sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+        [sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT, env=env, timeout=HANG
     )
     assert proc.returncode == 0, proc.stderr
     assert "regenerating" in proc.stdout
@@ -136,7 +136,7 @@ def test_a_current_or_custom_set_is_used_as_it_is(tmp_path, custom):
     with open(f"{root}.readers", "a") as other_run:
         fcntl.flock(other_run, fcntl.LOCK_SH)
         proc = subprocess.run(
-            [sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+            [sys.executable, "-c", ENSURE, root], capture_output=True, text=True, cwd=ROOT, env=env, timeout=HANG
         )
     assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
     assert n_clips(root) == 18  # the small set, not regenerated
