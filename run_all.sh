@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run joint training (joint, audio-only, visual-only) and the five methods, then write the report.
 #
+#   bash run_all.sh --quick                           # joint training and the visual encoder alone: the imbalance (~1 min)
 #   bash run_all.sh                                   # the demo: synthetic audio-dominant regime, 3 seeds (< 10 min, 2 CPUs)
 #   bash run_all.sh --study regimes                   # the regime study: 4 regimes x 9 runs x 3 seeds (about 1 h)
 #   bash run_all.sh --dataset cremad --seeds 0,1,2    # the real comparison, each script with its official settings
@@ -12,11 +13,14 @@
 # --regime R (synthetic: a named regime of common/synthetic.py written to DATA_ROOT/regimes/R; default
 # audio-dominant; none = DATA_ROOT/synthetic as it is), --study regimes, --jobs N (runs in parallel, default 2 on
 # synthetic, 1 otherwise), --data-root DIR (default data), --out DIR (default runs/all, the study runs/study; the
-# report goes to runs/report, the study's to runs/study/report).
+# report goes to runs/report, the study's to runs/study/report), --checkpoints (keep each run's last.pt, 179 MB a run;
+# by default the runs write none: --no-save), --quick (the demo's first two methods, baseline and baseline_visual,
+# seed 0, into runs/quick: the imbalance the methods address, in about a minute).
 set -uo pipefail
 cd "$(dirname "$0")"
 
-DATASET=synthetic SEEDS="" METHODS="" JOBS="" DATA_ROOT=data OUT="" EXTRA=() REGIME=audio-dominant STUDY=""
+DATASET=synthetic SEEDS="" METHODS="" JOBS="" DATA_ROOT=data OUT="" EXTRA=() REGIME=audio-dominant STUDY="" SAVE=(--no-save)
+QUICK=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dataset) DATASET=$2; shift 2 ;;
@@ -27,8 +31,10 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --regime) REGIME=$2; shift 2 ;;
     --study) STUDY=$2; shift 2 ;;
+    --checkpoints) SAVE=(); shift ;;
+    --quick) QUICK=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,21p "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -65,6 +71,13 @@ if [ "$DATASET" = synthetic ] && [ ${#EXTRA[@]} -eq 0 ]; then
   if [ -n "$STUDY" ]; then EXTRA=(--epochs 8 --lr-milestones 7 --audio-seconds 0.5 --frame-size 24)
   else EXTRA=(--epochs 4 --lr-milestones 3 --audio-seconds 0.5 --frame-size 24); fi
 fi
+if [ -n "$QUICK" ]; then
+  [ -n "$STUDY" ] && { echo "run_all.sh: --quick runs the demo's first two methods; drop --study" >&2; exit 2; }
+  [ "$DATASET" != synthetic ] && { echo "run_all.sh: --quick runs on the synthetic set; drop --dataset" >&2; exit 2; }
+  [ -z "$METHODS" ] && METHODS=baseline,baseline_visual
+  [ -z "$SEEDS" ] && SEEDS=0
+  [ -z "$OUT" ] && OUT=runs/quick
+fi
 if [ -z "$JOBS" ]; then [ "$DATASET" = synthetic ] && JOBS=2 || JOBS=1; fi
 if [ -z "$SEEDS" ]; then [ "$DATASET" = synthetic ] && SEEDS=0,1,2 || SEEDS=0; fi
 if [ -z "$METHODS" ]; then
@@ -77,7 +90,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / J
 
 prepare_regime() {  # regime -> the data root holding its synthetic/ (written once, regenerated if it differs)
   local root="$DATA_ROOT/regimes/$1"
-  python -c "import sys; from common.data import ensure_synthetic; from common.synthetic import regime_args
+  python -c "import sys; from common.synthetic import ensure_synthetic, regime_args
 ensure_synthetic(sys.argv[1] + '/synthetic', regime_args(sys.argv[2]))" "$root" "$1" >&2 || return 1
   echo "$root"
 }
@@ -95,7 +108,7 @@ run_one() {  # method seed data_root out
   fi
   local log="$out/logs/${method}__${seed}.log" t0=$SECONDS
   if python "$script" --dataset "$DATASET" --data-root "$root" --seed "$seed" --runs-dir "$out/$method" \
-      --no-progress "${args[@]}" "${EXTRA[@]}" > "$log" 2>&1; then
+      --no-progress "${SAVE[@]}" "${args[@]}" "${EXTRA[@]}" > "$log" 2>&1; then
     echo "done   $method seed $seed ($((SECONDS - t0)) s): $(grep '^last epoch' "$log")"
   else
     echo "$method seed=$seed log:$log" >> "$out/failed.txt"
@@ -103,8 +116,8 @@ run_one() {  # method seed data_root out
   fi
 }
 
-run_set() {  # data_root out report_dir: every method x seed, JOBS at a time, then the report
-  local root=$1 out=$2 report=$3
+run_set() {  # data_root out: every method x seed, JOBS at a time
+  local root=$1 out=$2
   mkdir -p "$out/logs"
   rm -f "$out/failed.txt"
   for seed in ${SEEDS//,/ }; do
@@ -114,7 +127,6 @@ run_set() {  # data_root out report_dir: every method x seed, JOBS at a time, th
     done
   done
   wait
-  python -m tools.report "$out" --out "$report"
 }
 
 T0=$SECONDS
@@ -124,13 +136,17 @@ if [ -n "$STUDY" ]; then
   for regime in $(python -c "from tools.report import STUDY_REGIMES; print(' '.join(STUDY_REGIMES))"); do
     echo "regime $regime"
     root=$(prepare_regime "$regime") || exit 1
-    run_set "$root" "$OUT/$regime" "$OUT/report/$regime"
+    run_set "$root" "$OUT/$regime"
+  done
+  echo "all runs finished in $((SECONDS - T0)) s"
+  for regime in $(python -c "from tools.report import STUDY_REGIMES; print(' '.join(STUDY_REGIMES))"); do
+    python -m tools.report "$OUT/$regime" --out "$OUT/report/$regime" > /dev/null
   done
   python -m tools.report --study "$OUT" --out "$OUT/report"
 else
   if [ "$DATASET" = synthetic ]; then  # generate once before runs start in parallel
     if [ "$REGIME" = none ]; then
-      python -c "from common.data import ensure_synthetic; ensure_synthetic('$DATA_ROOT/synthetic')" || exit 1
+      python -c "from common.synthetic import ensure_synthetic; ensure_synthetic('$DATA_ROOT/synthetic')" || exit 1
       root=$DATA_ROOT
     else
       root=$(prepare_regime "$REGIME") || exit 1
@@ -138,6 +154,8 @@ else
   else
     root=$DATA_ROOT
   fi
-  run_set "$root" "$OUT" "$(dirname "$OUT")/report"
+  run_set "$root" "$OUT"
+  echo "all runs finished in $((SECONDS - T0)) s"
+  if [ -n "$QUICK" ]; then python -m tools.report "$OUT" --out "$OUT/report"
+  else python -m tools.report "$OUT" --out "$(dirname "$OUT")/report"; fi
 fi
-echo "all runs finished in $((SECONDS - T0)) s"

@@ -26,10 +26,8 @@ SIGNAL = {  # what train/coeff_* means for each script (logged metric keys)
     "ogm": "OGM coefficient k",
     "opm": "OPM drop probability q",
     "arl": "ARL weight 1+c",
-    "dgl": "DGL (none: 1)",
     "aug": "AUG number of classifiers",
     "aug_trained": "AUG number of classifiers",
-    "baseline": "joint training (none: 1)",
 }
 
 
@@ -98,6 +96,31 @@ def table(runs, failed):
         for f in failed.get(name, []):
             lines.append(f"| {name} | FAILED ({f}) |" + " |" * (len(cols) + 1))
     return "\n".join(lines)
+
+
+def imbalance(runs):
+    """One line per weak branch whose unimodal baseline was run: joint training's branch against the same encoder
+    trained alone, last epoch, per seed (the seeds both have)."""
+    lines = []
+    for modality in ("visual", "audio"):
+        joint = {r["seed"]: r["last"].get(f"test/acc_{modality}") for r in runs.get("baseline", [])}
+        alone = {r["seed"]: r["last"].get("test/acc") for r in runs.get(f"baseline_{modality}", [])}
+        seeds = sorted(s for s in joint if s in alone and joint[s] is not None)
+        if not seeds:
+            continue
+        below = all(joint[s] < alone[s] for s in seeds)
+        per_seed = ", ".join(f"seed {s}: {100 * joint[s]:.1f}% vs {100 * alone[s]:.1f}%" for s in seeds)
+        gap = 100 * np.mean([alone[s] - joint[s] for s in seeds])
+        verdict = (
+            f"below in every seed, by {gap:.1f} points on average"
+            if below
+            else "NOT below in every seed (no imbalance)"
+        )
+        lines.append(
+            f"Imbalance: joint training's {modality} branch against the {modality} encoder trained alone, last epoch "
+            f"({per_seed}): {verdict}."
+        )
+    return lines
 
 
 def curve(rs, key):
@@ -186,15 +209,18 @@ def write_report(runs_dir, out=None):
     runs, failed = load_runs(runs_dir), load_failures(runs_dir)
     if not runs and not failed:
         raise SystemExit(f"no results.json under {runs_dir}: run a script or run_all.sh first")
+    summary = imbalance(runs)
     text = "\n".join(
         [f"Results from `{runs_dir}` (accuracy and macro-F1 in %, mean ± std over seeds)", "", table(runs, failed), ""]
+        + [*summary, ""] * bool(summary)
     )
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     if runs:
         plots(runs, out)
-    print(text)
+    print(text.rstrip().removesuffix("\n".join(summary)).rstrip() + "\n")
     print(f"wrote {out}/results.md" + (", test_acc.png, branches.png, modalities.png, modulation.png" if runs else ""))
+    print("\n".join(summary))  # last: what the runs show
     return out
 
 
