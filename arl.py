@@ -10,8 +10,6 @@ entering encoder m by 1 + c_m, where c = softmax(T * [d_v w_a, d_a w_v]) pushes 
 import random
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import distributed, runs
@@ -19,8 +17,16 @@ from common.data import build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
 
+# the ALGO LOGIC BLOCK below brings its own imports
+# isort: split
 
-# ALGO LOGIC BLOCK: ARL (ICCV 2025 paper): GradScale, the coefficients, the loss. Needs only torch: copy it as is.
+
+# ALGO LOGIC BLOCK: ARL (ICCV 2025 paper): GradScale, the coefficients, the loss. Brings its imports (torch, F):
+# copy it as is.
+import torch
+import torch.nn.functional as F
+
+
 class GradScale(torch.autograd.Function):
     """Identity in the forward pass; multiplies the gradient by (1 + w) in the backward pass (w a constant, no
     gradient). `w` is read when the gradient arrives: a number, or a Coefficient set after the forward pass."""

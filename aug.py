@@ -11,9 +11,6 @@ Test-time fusion: z = 0.4 P_a + 0.6 P_v. `diff baseline.py aug.py` shows it.
 import random
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import distributed, runs
@@ -21,9 +18,17 @@ from common.data import build_datasets, make_loaders
 from common.evaluate import evaluate, macro_f1, mean_average_precision
 from common.models import AudioEncoder, VisualEncoder, init_weights
 
+# the ALGO LOGIC BLOCK below brings its own imports
+# isort: split
+
 
 # ALGO LOGIC BLOCK: AUG (NeurIPS 2025 paper): the classifiers, the boosting loss, the step and ACA.
-# Needs only torch: copy it as is.
+# Brings its imports (torch, nn, F): copy it as is.
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
 class AUGClassifier(nn.Module):
     """Roles: `audio_net`, `visual_net` (any encoders giving (B, dim) features), the per-modality lists of first
     layers `audio_classifiers` / `visual_classifiers` (L_j: dim -> hidden; [0] is the release's embedding_a /

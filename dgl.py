@@ -7,12 +7,9 @@ alpha. One backward pass of L = CE(z) + alpha (CE(z_a) + CE(z_v)) gives exactly 
 passes (`--dgl-impl two-pass`). `diff baseline.py dgl.py` shows the method.
 """
 
-import copy
 import random
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import distributed, runs
@@ -20,8 +17,18 @@ from common.data import build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, GatedHead, unimodal_logits
 
+# the ALGO LOGIC BLOCK below brings its own imports
+# isort: split
 
-# ALGO LOGIC BLOCK: DGL (ICCV 2025 paper): the two truncations, the loss, the backward. Needs only copy and torch.
+
+# ALGO LOGIC BLOCK: DGL (ICCV 2025 paper): the two truncations, the loss, the backward. Brings its imports
+# (copy, torch, F): copy it as is.
+import copy
+
+import torch
+import torch.nn.functional as F
+
+
 def dgl_logits(head, a, v, readout, impl="single-pass", fused=None):
     """(z, z_a, z_v): fused logits on detached encoder features, unimodal logits that reach only the encoders.
 

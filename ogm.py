@@ -7,11 +7,9 @@ after backward its encoder's conv-kernel gradients are multiplied by k, and with
 conv gradients get Gaussian noise with the std of the unscaled gradient. `--preset tpami` gives the journal release.
 """
 
-import math
 import random
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -20,8 +18,16 @@ from common.data import build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
 
+# the ALGO LOGIC BLOCK below brings its own imports
+# isort: split
 
-# ALGO LOGIC BLOCK: OGM-GE (CVPR 2022 paper, Eq. 8-10 and Sec. 3.3). Needs only `math` and `torch`: copy it as is.
+
+# ALGO LOGIC BLOCK: OGM-GE (CVPR 2022 paper, Eq. 8-10 and Sec. 3.3). Brings its imports (math, torch): copy it as is.
+import math
+
+import torch
+
+
 @torch.no_grad()
 def ogm_scores(z_a, z_v, label):
     """Eq. 8: s_m = sum over the batch of softmax(z_m)[y], no gradient. Returns the tensor [s_a, s_v]; when the

@@ -7,11 +7,9 @@ steps its pooled feature vector is zeroed per sample with probability q, both mo
 1 / (1 - mean(q)), and samples that lost every modality are removed. Nothing is dropped at evaluation.
 """
 
-import math
 import random
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -20,8 +18,16 @@ from common.data import build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
 
+# the ALGO LOGIC BLOCK below brings its own imports
+# isort: split
 
-# ALGO LOGIC BLOCK: OPM (T-PAMI 2024 paper, Sec. 4). Needs only `math` and `torch`: copy it as is.
+
+# ALGO LOGIC BLOCK: OPM (T-PAMI 2024 paper, Sec. 4). Brings its imports (math, torch): copy it as is.
+import math
+
+import torch
+
+
 @torch.no_grad()
 def opm_scores(z_a, z_v, label):
     """s_m = sum over the batch of softmax(z_m)[y], no gradient. Returns the tensor [s_a, s_v]; when the batch is

@@ -3,11 +3,8 @@ this process, and `load_block`, which lifts a script's ALGO LOGIC BLOCK out on i
 
 import ast
 import builtins
-import contextlib
-import copy
 import glob
 import json
-import math
 import os
 import runpy
 import shutil
@@ -20,9 +17,6 @@ import types
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -93,8 +87,10 @@ def read_results(run_dir):
 # the ALGO LOGIC BLOCK of a method script, executed on its own
 # ----------------------------------------------------------------------------------------------------------------
 BLOCK_START, BLOCK_END = "# ALGO LOGIC BLOCK", "# END ALGO LOGIC BLOCK"
-# everything a block may use besides builtins: torch and three standard-library modules
-BLOCK_NAMES = {"math": math, "copy": copy, "contextlib": contextlib, "torch": torch, "nn": nn, "F": F}
+# what a block may import (its own import statements, at its top): torch and its submodules, and these modules of
+# the standard library; nothing of this project, no other package, nothing that loads or runs code
+BLOCK_IMPORTS = ("torch", "math", "copy", "contextlib", "functools", "itertools", "collections", "dataclasses",
+                 "typing")
 
 
 def block_source(text, name="<block>"):
@@ -109,9 +105,17 @@ def block_source(text, name="<block>"):
     return "\n".join(lines[starts[0] + 1:ends[0]]) + "\n"
 
 
+def import_bindings(node):
+    """{bound name: module} of one import statement (`import torch.nn.functional as F` binds F; `import torch.nn`
+    binds torch)."""
+    if isinstance(node, ast.ImportFrom):
+        return {a.asname or a.name: f"{node.module}.{a.name}" for a in node.names}
+    return {a.asname or a.name.split(".")[0]: a.name if a.asname else a.name.split(".")[0] for a in node.names}
+
+
 def _bound_names(tree):
-    """Every name the block itself binds anywhere (defs, classes, arguments, assignments, loop and with targets;
-    scopes ignored, so this is an over-approximation)."""
+    """Every name the block itself binds anywhere (defs, classes, arguments, assignments, loop and with targets,
+    imports; scopes ignored, so this is an over-approximation)."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -122,34 +126,64 @@ def _bound_names(tree):
             names.add(node.id)
         elif isinstance(node, ast.ExceptHandler) and node.name:
             names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= set(import_bindings(node))
     return names
 
 
+def block_imports(tree, name="<block>"):
+    """{bound name: module} of the block's import statements. They must come first (before any other statement),
+    at module level, and import only torch (or a submodule) or one of BLOCK_IMPORTS' standard-library modules."""
+    body_imports = []
+    for node in tree.body:
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            break
+        body_imports.append(node)
+    bound = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        what = ", ".join(a.name for a in node.names)
+        if isinstance(node, ast.ImportFrom):
+            what = f"from {node.module or '.' * node.level} import {what}"
+        else:
+            what = f"import {what}"
+        if node not in body_imports:
+            pytest.fail(f"{name}, line {node.lineno}: '{what}' is not at the top of the ALGO LOGIC BLOCK; a block "
+                        "starts with all of its imports", pytrace=False)
+        if isinstance(node, ast.ImportFrom):
+            modules = ["." * node.level + (node.module or "")]  # a relative import names no allowed module
+        else:
+            modules = [a.name for a in node.names]
+        for module in modules:
+            if not (module.split(".")[0] == "torch" or module in BLOCK_IMPORTS):
+                pytest.fail(f"{name}, line {node.lineno}: the ALGO LOGIC BLOCK imports {module!r} ({what}); it may "
+                            f"import only torch and {sorted(BLOCK_IMPORTS[1:])}", pytrace=False)
+        bound.update(import_bindings(node))
+    return bound
+
+
 def exec_block(source, name="<block>"):
-    """Execute block source in a namespace holding only `math`, `torch`, `nn`, `F` and the builtins; return the
-    namespace as an object (`blk.ogm_coefficients(...)`). Fails on an import statement, on `__import__`/`importlib`,
-    and on any name the block reads but neither binds nor finds in that namespace (so a block that leans on the
-    rest of its script fails here, not only when the offending line happens to run)."""
+    """Execute block source in a namespace holding nothing but the builtins (the block's own import statements
+    bring torch and the rest); return the namespace as an object (`blk.ogm_coefficients(...)`). Fails on an import
+    that is not at the block's top or not of torch / BLOCK_IMPORTS, on `__import__`/`importlib`/`exec`/`eval`, and
+    on any name the block reads but neither binds nor finds among the builtins (so a block that leans on the rest of
+    its script fails here, not only when the offending line happens to run)."""
     try:
         tree = ast.parse(source, filename=name)
     except SyntaxError as e:
         pytest.fail(f"{name}: the ALGO LOGIC BLOCK does not parse on its own: {e}", pytrace=False)
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            what = ", ".join(a.name for a in node.names)
-            if isinstance(node, ast.ImportFrom):
-                what = f"from {node.module} import {what}"
-            pytest.fail(f"{name}, line {node.lineno}: the ALGO LOGIC BLOCK imports ({what}); it may use only "
-                        f"{sorted(BLOCK_NAMES)} and the builtins", pytrace=False)
+    block_imports(tree, name)
     loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    for forbidden in ("__import__", "importlib", "exec", "eval"):
-        if forbidden in loads:
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    for forbidden in ("__import__", "importlib", "exec", "eval", "compile", "globals", "__builtins__"):
+        if forbidden in loads or forbidden in attrs:
             pytest.fail(f"{name}: the ALGO LOGIC BLOCK uses {forbidden}", pytrace=False)
-    free = loads - _bound_names(tree) - set(BLOCK_NAMES) - set(dir(builtins))
+    free = loads - _bound_names(tree) - set(dir(builtins))
     if free:
-        pytest.fail(f"{name}: the ALGO LOGIC BLOCK reads names it does not define: {sorted(free)} (only "
-                    f"{sorted(BLOCK_NAMES)} and the builtins are available)", pytrace=False)
-    namespace = {"__builtins__": builtins, "__name__": f"algo_block[{name}]", **BLOCK_NAMES}
+        pytest.fail(f"{name}: the ALGO LOGIC BLOCK reads names it neither imports nor defines: {sorted(free)} (only "
+                    "the builtins are there before its own imports)", pytrace=False)
+    namespace = {"__builtins__": builtins, "__name__": f"algo_block[{name}]"}
     exec(compile(tree, name, "exec"), namespace)
     return types.SimpleNamespace(**{k: v for k, v in namespace.items() if not k.startswith("__")})
 

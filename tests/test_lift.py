@@ -1,6 +1,7 @@
-"""Each method's ALGO LOGIC BLOCK, lifted out of its script with `conftest.load_block` (executed with only `math`,
-`torch`, `nn` and `F` in scope), applied to a toy two-encoder model written here: the property of the method
-(docs/ogm.md, docs/opm.md, docs/arl.md) holds through the lifted functions alone, as it would in another project.
+"""Each method's ALGO LOGIC BLOCK, lifted out of its script with `conftest.load_block` (executed with nothing but
+the builtins in scope, so it runs on its own imports), applied to a toy two-encoder model written here: the
+property of the method (docs/ogm.md, docs/opm.md, docs/arl.md) holds through the lifted functions alone, as it
+would in another project.
 
 The toy: two small encoders (a 3x3 conv then a linear layer, so the 4-D "conv kernel" path of OGM is exercised),
 a concat linear head to C classes, and a batch in which one modality's input carries the label and the other's is
@@ -81,18 +82,29 @@ def true_class_prob_sum(z, y):
 # ----------------------------------------------------------------------------------------------------------------
 # load_block itself
 # ----------------------------------------------------------------------------------------------------------------
-def test_load_block_rejects_imports_missing_markers_and_foreign_names():
-    good = "x = 1\n# ALGO LOGIC BLOCK: toy\ndef f(t):\n    return torch.relu(t) + math.pi\n# END ALGO LOGIC BLOCK\n"
-    assert exec_block(block_source(good)).f(torch.tensor(-1.0)).item() == pytest.approx(math.pi)
+def test_load_block_rejects_missing_imports_foreign_imports_missing_markers_and_foreign_names():
+    good = ("x = 1\n# ALGO LOGIC BLOCK: toy\nimport math\n\nimport torch\n\n\ndef f(t):\n"
+            "    return torch.relu(t) + math.pi\n# END ALGO LOGIC BLOCK\n")
+    blk = exec_block(block_source(good))
+    assert blk.f(torch.tensor(-1.0)).item() == pytest.approx(math.pi)
+    assert set(vars(blk)) == {"f", "math", "torch"}  # nothing but what the block imports and defines
     assert "x = 1" not in block_source(good)
     for bad, why in [
         (good.replace("# END ALGO LOGIC BLOCK\n", ""), "marker"),
         (good.replace("# ALGO LOGIC BLOCK: toy\n", ""), "marker"),
         (good + "# ALGO LOGIC BLOCK: again\n# END ALGO LOGIC BLOCK\n", "marker"),
-        (good.replace("def f", "import numpy as np\ndef f"), "imports"),
-        (good.replace("def f", "from common.models import unimodal_logits\ndef f"), "imports"),
-        (good.replace("math.pi", "np.pi"), "does not define"),  # a name from the rest of the script
+        (good.replace("import math\n", ""), "neither imports nor defines: \\['math'\\]"),  # only builtins given
+        (good.replace("import torch\n", ""), "neither imports nor defines: \\['torch'\\]"),
+        (good.replace("import torch\n", "import numpy as np\nimport torch\n"), "imports 'numpy'"),
+        (good.replace("import torch\n", "import torch\nfrom common.models import unimodal_logits\n"),
+         "imports 'common.models'"),
+        (good.replace("import torch\n", "import torch\nfrom . import ogm\n"), "imports '.'"),
+        (good.replace("import torch\n", "import torch\nimport importlib\n"), "imports 'importlib'"),
+        (good.replace("def f(t):\n", "def f(t):\n    import copy\n"), "not at the top"),
+        (good.replace("math.pi", "np.pi"), "neither imports nor defines"),  # a name from the rest of the script
         (good.replace("math.pi", "__import__('numpy').pi"), "__import__"),
+        (good.replace("math.pi", "eval('1')"), "eval"),
+        (good.replace("math.pi", "exec('y = 1') or 0"), "exec"),
     ]:
         with pytest.raises(pytest.fail.Exception, match=why):
             exec_block(block_source(bad))
@@ -100,7 +112,8 @@ def test_load_block_rejects_imports_missing_markers_and_foreign_names():
 
 @pytest.mark.parametrize("script", ["ogm.py", "opm.py", "arl.py"])
 def test_block_is_self_contained(script):
-    """The block runs with nothing but math/torch/nn/F: no name is taken from the rest of the script."""
+    """The block runs with nothing but the builtins and its own imports: no name is taken from the rest of the
+    script."""
     blk = load_block(script)
     assert not set(vars(blk)) & {"np", "runs", "distributed", "unimodal_logits", "AVClassifier", "random"}
 
