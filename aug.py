@@ -33,16 +33,19 @@ class AUGClassifier(nn.Module):
     """Roles: `audio_net`, `visual_net` (any encoders giving (B, dim) features), the per-modality lists of first
     layers `audio_classifiers` / `visual_classifiers` (L_j: dim -> hidden; [0] is the release's embedding_a /
     embedding_v), and `head` (h: hidden -> C), the one output layer shared by every classifier of both modalities.
-    q_j = h(ReLU(L_j u)); P = sum_j q_j."""
+    q_j = h(ReLU(L_j u)); P = sum_j q_j. dim: the encoders' feature width, or (audio width, visual width)."""
 
     def __init__(self, audio_net, visual_net, num_classes, dim=512, hidden=256):
         super().__init__()
+        dim_a, dim_v = (dim, dim) if isinstance(dim, int) else dim
         self.audio_net, self.visual_net = audio_net, visual_net
-        self.audio_classifiers = nn.ModuleList([nn.Linear(dim, hidden)])
-        self.visual_classifiers = nn.ModuleList([nn.Linear(dim, hidden)])
+        self.audio_classifiers = nn.ModuleList([nn.Linear(dim_a, hidden)])
+        self.visual_classifiers = nn.ModuleList([nn.Linear(dim_v, hidden)])
         self.head = nn.Linear(hidden, num_classes)
 
     def classifiers(self, modality):
+        if modality not in ("audio", "visual"):
+            raise ValueError(f"AUGClassifier: modality {modality!r} selects no classifiers; use 'audio' or 'visual'")
         return self.audio_classifiers if modality == "audio" else self.visual_classifiers
 
     def classifier_logits(self, u, modality):

@@ -61,14 +61,20 @@ def modulate_gradients(audio_net, visual_net, k_a, k_v, noise_a, noise_v, genera
     """After backward: g <- k_m g (+ N(0, (std(g) + 1e-8)^2) if noise_m) for each encoder's conv-kernel gradients.
 
     Only parameters with a 4-D gradient (params="nonbias": any non-1-D gradient) are touched, so BatchNorm and the
-    head never are. The std is that of the unscaled gradient (std_source="scaled": of k g), unbiased; fresh noise
-    for every tensor from `generator`.
+    head never are; conv encoders: "conv" (the release), encoders without convolutions (MLPs): "nonbias". An encoder
+    with no gradient of that kind raises ValueError instead of being left unmodulated. The std is that of the
+    unscaled gradient (std_source="scaled": of k g), unbiased; fresh noise for every tensor from `generator`.
     """
-    for encoder, k, noise in ((audio_net, k_a, noise_a), (visual_net, k_v, noise_v)):
-        for p in encoder.parameters():
-            if p.grad is None or (p.grad.dim() != 4 if params == "conv" else p.grad.dim() < 2):
-                continue
-            g = p.grad  # edited in place (the same values as g * k + noise * std, without temporary copies)
+    if params not in ("conv", "nonbias"):
+        raise ValueError(f"modulate_gradients: params={params!r}; use 'conv' (4-D gradients) or 'nonbias' (non-1-D)")
+    for name, encoder, k, noise in (("audio_net", audio_net, k_a, noise_a), ("visual_net", visual_net, k_v, noise_v)):
+        grads = [p.grad for p in encoder.parameters()
+                 if p.grad is not None and (p.grad.dim() == 4 if params == "conv" else p.grad.dim() >= 2)]
+        if not grads:
+            raise ValueError(f"modulate_gradients: params={params!r} selects no gradient of {name} (no "
+                             f"{'4-D' if params == 'conv' else 'non-1-D'} gradient; call it after backward(), and "
+                             "pass params='nonbias' for encoders without convolutions)")
+        for g in grads:  # edited in place (the same values as g * k + noise * std, without temporary copies)
             std = g.std() + 1e-8 if noise and std_source == "unscaled" else None
             g.mul_(k)
             if noise:
