@@ -67,13 +67,15 @@ def modulate_gradients(audio_net, visual_net, k_a, k_v, noise_a, noise_v, genera
     """
     if params not in ("conv", "nonbias"):
         raise ValueError(f"modulate_gradients: params={params!r}; use 'conv' (4-D gradients) or 'nonbias' (non-1-D)")
-    for name, encoder, k, noise in (("audio_net", audio_net, k_a, noise_a), ("visual_net", visual_net, k_v, noise_v)):
-        grads = [p.grad for p in encoder.parameters()
-                 if p.grad is not None and (p.grad.dim() == 4 if params == "conv" else p.grad.dim() >= 2)]
-        if not grads:
+    selected = []
+    for name, encoder in (("audio_net", audio_net), ("visual_net", visual_net)):
+        selected.append([p.grad for p in encoder.parameters()
+                         if p.grad is not None and (p.grad.dim() == 4 if params == "conv" else p.grad.dim() >= 2)])
+        if not selected[-1]:  # checked for both encoders before either is edited
             raise ValueError(f"modulate_gradients: params={params!r} selects no gradient of {name} (no "
                              f"{'4-D' if params == 'conv' else 'non-1-D'} gradient; call it after backward(), and "
                              "pass params='nonbias' for encoders without convolutions)")
+    for grads, k, noise in zip(selected, (k_a, k_v), (noise_a, noise_v)):
         for g in grads:  # edited in place (the same values as g * k + noise * std, without temporary copies)
             std = g.std() + 1e-8 if noise and std_source == "unscaled" else None
             g.mul_(k)
