@@ -1,21 +1,23 @@
 """Learning-rate sweep on the lift tests' toy MLP model (tests/mlp_toy.py): the largest learning rate at which joint
 training and each method train without a dead encoder. A measurement, not a test (pytest does not collect it):
 
-    python tests/lr_sweep.py                       # every method, the default grid and seeds (a few minutes)
+    python tests/lr_sweep.py                       # every method, the default grid and seeds (about 2 minutes)
     python tests/lr_sweep.py --methods joint arl --lrs 0.01 0.05 --seeds 0 1
-    python tests/lr_sweep.py --aug-periods 1 2 3 4 6 12   # AUG with fixed ACA check periods instead
+    python tests/lr_sweep.py --aug-periods 1 2 3 5 10 12   # AUG with fixed ACA check periods instead
+    python tests/lr_sweep.py --scale                 # the first step's loss and gradient norms vs joint training's
 
 Each run is the user's loop of the method's docs page ("Use it in your own project") on the toy: 512 training
 samples, batch 32, SGD (momentum 0.9, weight decay 1e-4) at a constant LR, 12 epochs, the block's functions
 imported from the method's script, the method's default values (those of the docs snippets).
 
-A run TRAINS when its loss stays finite and neither encoder is dead. An encoder is DEAD when a linear probe on its
-frozen features (softmax regression on the 512 training samples, tested on 512 others) is at chance: accuracy
-<= 1/C + 0.10 (0.35 for the 4 classes). A ReLU encoder whose every output unit is 0 on every input (the way a too
-large step kills these encoders) gives the probe a constant input, so it is dead by this rule; the table also
-gives the share of output units that are 0 on every test input ("zero units"). The table: per method and LR, how
-many seeds trained, the mean test accuracy (fused; AUG: its merged 0.4 / 0.6 prediction) and the mean probe
-accuracies; then per method the largest LR of the grid at which every seed trained.
+A run TRAINS when its loss stays finite and neither encoder is dead (a diverged run, or one whose OPM score sum
+underflows to 0, does not train). An encoder is DEAD when a linear probe on its frozen features (softmax
+regression on the 512 training samples, tested on 512 others) is at chance: accuracy <= 1/C + 0.10 (0.35 for the 4
+classes). A ReLU encoder whose every output unit is 0 on every input (the way a too large step kills these
+encoders) gives the probe a constant input, so it is dead by this rule; the table also gives the share of output
+units that are 0 on every test input ("zero units"). The table: per method and LR, how many seeds trained, the mean
+test accuracy (fused; AUG: its merged 0.4 / 0.6 prediction) and the mean probe accuracies; then per method the
+largest LR of the grid up to which every seed trained at every LR.
 """
 
 import argparse
@@ -44,6 +46,10 @@ import opm  # noqa: E402
 METHODS = ["joint", "ogm", "opm", "arl", "dgl", "aug"]
 N_TRAIN, N_TEST, BATCH, EPOCHS = 512, 512, 32, 12
 DEAD_PROBE = 1 / C + 0.10
+
+
+class Diverged(Exception):
+    pass
 
 
 class ConcatHead(nn.Module):
@@ -75,11 +81,11 @@ def sgd(params, lr):
 
 
 def train(method, lr, seed, epochs=EPOCHS, aug_period=None):
-    """One run; returns (model-like object with audio_net / visual_net, predict(x_a, x_v) -> logits, finite?,
-    classifiers added by AUG)."""
+    """One run; returns (the MLP model (its encoders are the run's), predict(x_a, x_v) -> logits, classifiers added
+    by AUG). A non-finite loss raises Diverged."""
     train_data = make_data(N_TRAIN, seed=100 + seed)
     model = MLPModel(seed=seed)
-    finite, added = True, 0
+    added = 0
     if method == "aug":  # AUG replaces the head: its classifiers on the encoders' features, widths from the model
         net = aug.AUGClassifier(model.audio_net, model.visual_net, C,
                                 dim=(model.audio_net[-2].out_features, model.visual_net[-2].out_features))
@@ -90,8 +96,9 @@ def train(method, lr, seed, epochs=EPOCHS, aug_period=None):
             for x_a, x_v, y in batches(train_data, epoch, seed):
                 out = aug.aug_step(net, opt, x_a, x_v, y, lam=0.5)
                 score = [score[0] + out["audio"][2], score[1] + out["visual"][2], score[2] + len(y)]
-                finite &= math.isfinite(out["audio"][0] + out["visual"][0])
-            if aug.is_check_epoch(epoch, period) and epoch < epochs - 1 and finite:
+                if not math.isfinite(out["audio"][0] + out["visual"][0]):
+                    raise Diverged
+            if aug.is_check_epoch(epoch, period) and epoch < epochs - 1:
                 action = aug.aca_decision(score[0] / score[2], score[1] / score[2], sigma=1.0, tau=0.01)
                 if action:
                     aug.add_classifier(net, "visual" if action > 0 else "audio")
@@ -102,7 +109,7 @@ def train(method, lr, seed, epochs=EPOCHS, aug_period=None):
             p_v = sum(net.classifier_logits(net.visual_net(x_v), "visual"))
             return aug.merge_logits(p_a, p_v, 0.4)
 
-        return model, predict, finite, added
+        return model, predict, added
 
     head = model.head
     params = list(model.parameters())
@@ -143,7 +150,8 @@ def train(method, lr, seed, epochs=EPOCHS, aug_period=None):
                 loss = losses[0]
             else:
                 raise SystemExit(f"--methods: unknown method {method!r}; choose from {METHODS}")
-            finite &= math.isfinite(loss.item())
+            if not math.isfinite(loss.item()):
+                raise Diverged
             opt.zero_grad()
             if method == "dgl":
                 dgl.dgl_backward(dgl_head, *losses, alpha=4.0)
@@ -160,12 +168,16 @@ def train(method, lr, seed, epochs=EPOCHS, aug_period=None):
     def predict(x_a, x_v):
         return model(x_a, x_v)[2]
 
-    return model, predict, finite, added
+    return model, predict, added
 
 
 def measure(method, lr, seed, aug_period=None):
     torch.manual_seed(seed)
-    model, predict, finite, added = train(method, lr, seed, aug_period=aug_period)
+    try:
+        model, predict, added = train(method, lr, seed, aug_period=aug_period)
+    except (Diverged, ZeroDivisionError):  # a non-finite loss; or a score sum of exactly 0 (OPM divides by it)
+        nan = float("nan")
+        return dict(acc=nan, probe_a=nan, probe_v=nan, zero_a=nan, zero_v=nan, trained=False, added=nan)
     tr, te = make_data(N_TRAIN, seed=100 + seed), make_data(N_TEST, seed=200 + seed)
     with torch.no_grad():
         logits = predict(te[0], te[1])
@@ -173,10 +185,74 @@ def measure(method, lr, seed, aug_period=None):
         zero = [(net(x) == 0).all(0).float().mean().item() for net, x in ((model.audio_net, te[0]),
                                                                           (model.visual_net, te[1]))]
     probe = [probe_accuracy(model.audio_net, (tr[0], tr[2]), (te[0], te[2])),
-             probe_accuracy(model.visual_net, (tr[1], tr[2]), (te[1], te[2]))] if finite else [float("nan")] * 2
-    trained = finite and all(p > DEAD_PROBE for p in probe)
+             probe_accuracy(model.visual_net, (tr[1], tr[2]), (te[1], te[2]))]
+    trained = all(p > DEAD_PROBE for p in probe)
     return dict(acc=acc, probe_a=probe[0], probe_v=probe[1], zero_a=zero[0], zero_v=zero[1], trained=trained,
                 added=added)
+
+
+def grad_norm(module):
+    return math.sqrt(sum(p.grad.pow(2).sum().item() for p in module.parameters() if p.grad is not None))
+
+
+def first_step(method, seed):
+    """The loss and the gradient norms (audio encoder, visual encoder, head) of the method's first step after its
+    warm-up, from the toy's initialisation, on the first batch of epoch 0 (OGM with GE noise; OPM's drop executed;
+    ARL with its starting coefficients 0.5, 0.5; AUG: the sum of its two steps' losses, each encoder's gradient in
+    its own step, and no head row: it has none of the user's)."""
+    model = MLPModel(seed=seed)
+    x_a, x_v, y = next(batches(make_data(N_TRAIN, seed=100 + seed), 0, seed))
+    head, gen = model.head, torch.Generator().manual_seed(seed + 1)
+    if method == "aug":
+        net = aug.AUGClassifier(model.audio_net, model.visual_net, C, dim=(24, 40))
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)  # LR 0: the step only reads the gradients
+        norms = []
+        opt.register_step_pre_hook(lambda o, a, k: norms.append((grad_norm(net.audio_net), grad_norm(net.visual_net))))
+        out = aug.aug_step(net, opt, x_a, x_v, y, lam=0.5)
+        return out["audio"][0] + out["visual"][0], norms[0][0], norms[1][1], float("nan")
+    a, v = model.audio_net(x_a), model.visual_net(x_v)
+    z = head(torch.cat([a, v], 1))
+    if method in ("joint", "ogm"):
+        loss = F.cross_entropy(z, y)
+    elif method == "opm":
+        with torch.no_grad():
+            s_a, s_v = opm.opm_scores(*split_logits(head, a, v, "half"), y).tolist()
+        q_a, q_v = opm.drop_probabilities(s_a, s_v, q_base=0.5, lam=0.5)
+        a, v, y, _, _ = opm.opm_drop(a, v, y, q_a, q_v, 1.0, gen)
+        loss = F.cross_entropy(head(torch.cat([a, v], 1)), y)
+    elif method == "arl":
+        a, v = arl.GradScale.apply(a, 0.5), arl.GradScale.apply(v, 0.5)
+        z = head(torch.cat([a, v], 1))
+        loss = arl.arl_loss(z, *split_logits(head, a, v, "full"), y, 4.0)[0]
+    else:
+        dgl_head = ConcatHead(head)
+        losses = dgl.dgl_loss(*dgl.dgl_logits(dgl_head, a, v, zero_fill), y, alpha=4.0)
+        loss = losses[0]
+    if method == "dgl":
+        dgl.dgl_backward(dgl_head, *losses, alpha=4.0)
+    else:
+        loss.backward()
+    if method == "ogm":
+        with torch.no_grad():
+            s = ogm.ogm_scores(*split_logits(head, model.audio_net(x_a), model.visual_net(x_v), "half"), y)
+        k_a, k_v, audio_dominant = ogm.ogm_coefficients(s[0], s[1], alpha=0.8)
+        ogm.modulate_gradients(model.audio_net, model.visual_net, k_a, k_v, *ogm.ge_noise(True, "both", audio_dominant),
+                               gen, params="nonbias")
+    return loss.item(), grad_norm(model.audio_net), grad_norm(model.visual_net), grad_norm(head)
+
+
+def scale_table(methods, seeds):
+    print("first step after the warm-up, from the same initialisation and batch; ratios to joint training's, mean "
+          f"over seeds {seeds}")
+    print("| method | loss | loss / joint | audio encoder gradient / joint | visual encoder gradient / joint | "
+          "head gradient / joint |")
+    print("|---|---|---|---|---|---|")
+    ref = [first_step("joint", s) for s in seeds]
+    for method in methods:
+        r = [first_step(method, s) for s in seeds]
+        ratios = [mean([x[i] / j[i] for x, j in zip(r, ref)]) for i in range(4)]
+        cells = " | ".join("–" if math.isnan(x) else f"{x:.2f}" for x in ratios)
+        print(f"| {method} | {mean([x[0] for x in r]):.2f} | {cells} |")
 
 
 def mean(xs):
@@ -191,9 +267,13 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--aug-periods", nargs="+", type=int, default=None,
                    help="AUG only: one row per fixed ACA check period (default: aca_check_period(12))")
+    p.add_argument("--scale", action="store_true",
+                   help="only the first-step table: loss and gradient norms relative to joint training's")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     start = time.time()
+    if args.scale:
+        return scale_table(args.methods, args.seeds)
     print(f"toy: MLP encoders 24 / 40 wide, nn.Linear head, {N_TRAIN} training samples, batch {BATCH}, SGD momentum "
           f"0.9, {EPOCHS} epochs; dead = linear-probe accuracy <= {DEAD_PROBE:.2f}")
     print("| method | LR | seeds trained | test acc | probe audio | probe visual | zero units a / v | AUG added |")
