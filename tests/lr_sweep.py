@@ -15,9 +15,10 @@ underflows to 0, does not train). An encoder is DEAD when a linear probe on its 
 regression on the 512 training samples, tested on 512 others) is at chance: accuracy <= 1/C + 0.10 (0.35 for the 4
 classes). A ReLU encoder whose every output unit is 0 on every input (the way a too large step kills these
 encoders) gives the probe a constant input, so it is dead by this rule; the table also gives the share of output
-units that are 0 on every test input ("zero units"). The table: per method and LR, how many seeds trained, the mean
-test accuracy (fused; AUG: its merged 0.4 / 0.6 prediction) and the mean probe accuracies; then per method the
-largest LR of the grid up to which every seed trained at every LR.
+units that are 0 on every test input ("zero units"). The table: per method and LR, how many seeds trained and how
+many diverged, the mean over the seeds that did not diverge of the test accuracy (fused; AUG: its merged 0.4 / 0.6
+prediction) and of the probe accuracies; then per method the largest LR of the grid up to which every seed trained
+at every LR.
 """
 
 import argparse
@@ -177,7 +178,7 @@ def measure(method, lr, seed, aug_period=None):
         model, predict, added = train(method, lr, seed, aug_period=aug_period)
     except (Diverged, ZeroDivisionError):  # a non-finite loss; or a score sum of exactly 0 (OPM divides by it)
         nan = float("nan")
-        return dict(acc=nan, probe_a=nan, probe_v=nan, zero_a=nan, zero_v=nan, trained=False, added=nan)
+        return dict(acc=nan, probe_a=nan, probe_v=nan, zero_a=nan, zero_v=nan, trained=False, added=nan, diverged=True)
     tr, te = make_data(N_TRAIN, seed=100 + seed), make_data(N_TEST, seed=200 + seed)
     with torch.no_grad():
         logits = predict(te[0], te[1])
@@ -188,7 +189,7 @@ def measure(method, lr, seed, aug_period=None):
              probe_accuracy(model.visual_net, (tr[1], tr[2]), (te[1], te[2]))]
     trained = all(p > DEAD_PROBE for p in probe)
     return dict(acc=acc, probe_a=probe[0], probe_v=probe[1], zero_a=zero[0], zero_v=zero[1], trained=trained,
-                added=added)
+                added=added, diverged=False)
 
 
 def grad_norm(module):
@@ -276,8 +277,9 @@ def main(argv=None):
         return scale_table(args.methods, args.seeds)
     print(f"toy: MLP encoders 24 / 40 wide, nn.Linear head, {N_TRAIN} training samples, batch {BATCH}, SGD momentum "
           f"0.9, {EPOCHS} epochs; dead = linear-probe accuracy <= {DEAD_PROBE:.2f}")
-    print("| method | LR | seeds trained | test acc | probe audio | probe visual | zero units a / v | AUG added |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | LR | seeds trained | diverged | test acc | probe audio | probe visual | zero units a / v | "
+          "AUG added |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = [(m, None) for m in args.methods] if args.aug_periods is None else [("aug", k) for k in args.aug_periods]
     best, failed = {}, set()
     for method, period in rows:
@@ -289,7 +291,8 @@ def main(argv=None):
                 failed.add(name)
             elif name not in failed:  # every LR of the grid up to this one trained
                 best[name] = lr
-            print(f"| {name} | {lr:g} | {ok}/{len(r)} | {mean([x['acc'] for x in r]):.3f} | "
+            print(f"| {name} | {lr:g} | {ok}/{len(r)} | {sum(x['diverged'] for x in r)} | "
+                  f"{mean([x['acc'] for x in r]):.3f} | "
                   f"{mean([x['probe_a'] for x in r]):.3f} | {mean([x['probe_v'] for x in r]):.3f} | "
                   f"{mean([x['zero_a'] for x in r]):.2f} / {mean([x['zero_v'] for x in r]):.2f} | "
                   f"{mean([x['added'] for x in r]):.1f} |", flush=True)
