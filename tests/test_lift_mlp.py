@@ -86,9 +86,11 @@ def test_ogm_mlp_conv_selects_nothing_and_says_so(blocks):
     it raises a one-line error naming the encoder and the fix, and edits nothing."""
     blk = blocks["ogm"]
     model, batch = dominant_model("audio")
-    with pytest.raises(ValueError, match="selects no gradient of audio_net .*after backward") as e:
+    with pytest.raises(ValueError, match=r"of audio_net \(no 4-D gradient; call it after backward") as e:
         blk.modulate_gradients(model.audio_net, model.visual_net, 0.3, 1.0, True, True)  # before backward()
     assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"params='nonbias' selects no gradient of audio_net \(no non-1-D gradient"):
+        blk.modulate_gradients(model.audio_net, model.visual_net, 0.3, 1.0, True, True, params="nonbias")
     F.cross_entropy(model(batch[0], batch[1])[2], batch[2]).backward()
     old = grads(model)
     with pytest.raises(ValueError, match="params='conv' selects no gradient of audio_net .*params='nonbias'") as e:
