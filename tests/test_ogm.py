@@ -267,8 +267,8 @@ def test_ge_target_dominant_leaves_the_weak_encoder_alone():
 def other_conv():
     """A second encoder with a conv-kernel gradient (modulate_gradients refuses an encoder it selects nothing of); its
     noise is drawn after the first encoder's, so the first one's draws are those of a fresh generator."""
-    conv = torch.nn.Conv2d(1, 1, 1, bias=False)
-    conv.weight.grad = torch.ones_like(conv.weight)
+    conv = torch.nn.Conv2d(1, 1, 2, bias=False)
+    conv.weight.grad = torch.arange(4.0).view_as(conv.weight)
     return conv
 
 
