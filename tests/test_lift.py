@@ -88,6 +88,8 @@ def test_load_block_rejects_missing_imports_foreign_imports_missing_markers_and_
     blk = exec_block(block_source(good))
     assert blk.f(torch.tensor(-1.0)).item() == pytest.approx(math.pi)
     assert set(vars(blk)) == {"f", "math", "torch"}  # nothing but what the block imports and defines
+    method_named_eval = good.replace("return torch.relu(t)", "return torch.nn.Identity().eval()(torch.relu(t))")
+    assert exec_block(block_source(method_named_eval)).f(torch.tensor(-1.0)).item() == pytest.approx(math.pi)
     assert "x = 1" not in block_source(good)
     for bad, why in [
         (good.replace("# END ALGO LOGIC BLOCK\n", ""), "marker"),
@@ -105,6 +107,7 @@ def test_load_block_rejects_missing_imports_foreign_imports_missing_markers_and_
         (good.replace("math.pi", "__import__('numpy').pi"), "__import__"),
         (good.replace("math.pi", "eval('1')"), "eval"),
         (good.replace("math.pi", "exec('y = 1') or 0"), "exec"),
+        (good.replace("math.pi", "math.__builtins__"), "__builtins__"),
     ]:
         with pytest.raises(pytest.fail.Exception, match=why):
             exec_block(block_source(bad))
