@@ -5,7 +5,8 @@ c = softmax(T * [d_v w_a, d_a w_v]) pushes the dependence share d_a (mean |logit
 w_a (inverse mean entropy). Docs: docs/arl.md.
 """
 
-# ALGO LOGIC BLOCK: ARL (ICCV 2025 paper): GradScale, the coefficients, the loss. It imports what it needs: copy it.
+# ALGO LOGIC BLOCK: ARL (ICCV 2025 paper): GradScale, the coefficients, the loss. Brings its imports (torch, F):
+# copy it as is.
 import torch
 import torch.nn.functional as F
 

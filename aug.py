@@ -1,13 +1,13 @@
 """AUG: sustained boosting with adaptive classifier assignment (Jiang, Huang, Yang, NeurIPS 2025). No fusion head and
 no fused loss: each modality has a list of classifiers q_j = h(ReLU(L_j u)) that share one output layer h; its output
 is the sum of their logits. Every mini-batch makes two optimizer steps, audio then visual, each on that modality's
-sustained-boosting loss (the newest classifier fits the residual of the previous ones). After epoch 0 and every E // 10
-epochs, adaptive classifier assignment (ACA) appends a classifier to the less confident modality. Test-time fusion:
-z = 0.4 P_a + 0.6 P_v. Docs: docs/aug.md.
+sustained-boosting loss (the newest classifier fits the residual of the previous ones). After epoch 0 and every
+max(10, E // 10) epochs, adaptive classifier assignment (ACA) appends a classifier to the less confident modality.
+Test-time fusion: z = 0.4 P_a + 0.6 P_v. Docs: docs/aug.md.
 """
 
-# ALGO LOGIC BLOCK: AUG (NeurIPS 2025 paper): the classifiers, the boosting loss, the step and ACA. It imports what it
-# needs: copy it as is.
+# ALGO LOGIC BLOCK: AUG (NeurIPS 2025 paper): the classifiers, the boosting loss, the step and ACA.
+# Brings its imports (torch, nn, F): copy it as is.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,16 +17,19 @@ class AUGClassifier(nn.Module):
     """Roles: `audio_net`, `visual_net` (any encoders giving (B, dim) features), the per-modality lists of first
     layers `audio_classifiers` / `visual_classifiers` (L_j: dim -> hidden; [0] is the release's embedding_a /
     embedding_v), and `head` (h: hidden -> C), the one output layer shared by every classifier of both modalities.
-    q_j = h(ReLU(L_j u)); P = sum_j q_j."""
+    q_j = h(ReLU(L_j u)); P = sum_j q_j. dim: the encoders' feature width, or (audio width, visual width)."""
 
     def __init__(self, audio_net, visual_net, num_classes, dim=512, hidden=256):
         super().__init__()
+        dim_a, dim_v = (dim, dim) if isinstance(dim, int) else dim
         self.audio_net, self.visual_net = audio_net, visual_net
-        self.audio_classifiers = nn.ModuleList([nn.Linear(dim, hidden)])
-        self.visual_classifiers = nn.ModuleList([nn.Linear(dim, hidden)])
+        self.audio_classifiers = nn.ModuleList([nn.Linear(dim_a, hidden)])
+        self.visual_classifiers = nn.ModuleList([nn.Linear(dim_v, hidden)])
         self.head = nn.Linear(hidden, num_classes)
 
     def classifiers(self, modality):
+        if modality not in ("audio", "visual"):
+            raise ValueError(f"AUGClassifier: modality {modality!r} selects no classifiers; use 'audio' or 'visual'")
         return self.audio_classifiers if modality == "audio" else self.visual_classifiers
 
     def classifier_logits(self, u, modality):
@@ -126,8 +129,9 @@ def merge_logits(p_a, p_v, alpha):
 
 
 def aca_check_period(epochs):
-    """The release's check period: E // 10 epochs (20 for CREMA-D's 200, 10 for KS's 100), at least 1."""
-    return max(1, epochs // 10)
+    """Epochs between ACA checks: the release's E // 10 (20 for CREMA-D's 200 epochs, 10 for KS's 100), but never
+    fewer than 10, the paper's shortest period; a run of fewer than 100 epochs checks as the release's first 100 do."""
+    return max(10, epochs // 10)
 
 
 def is_check_epoch(epoch, check_every):
@@ -169,6 +173,9 @@ PRESETS = {
     "vggsound": dict(optimizer="sgd", lr=1e-2, lr_milestones=[69], batch_size=16, epochs=100),
     "synthetic": dict(optimizer="sgd", lr=1e-2, lr_milestones=[8], batch_size=32, epochs=10),
 }
+# ALGO LOGIC: AUG's values per dataset: the ACA period of the release, max(10, epochs // 10) (None: computed from
+# --epochs); synthetic: scaled as the other methods' epoch counts (100 -> 10 epochs: every 10 epochs -> every epoch)
+AUG_PRESETS = {"cremad": {}, "ks": {}, "vggsound": {}, "synthetic": dict(aca_check_every=1)}
 
 
 def parse_args(argv=None):
@@ -178,7 +185,7 @@ def parse_args(argv=None):
     p.add_argument("--lam-res", type=share, default=0.5, help="lambda of the residual label (earlier KS release: 0.2)")
     p.add_argument("--aca-sigma", type=nonneg, default=1.0, help="ACA centre sigma")
     p.add_argument("--aca-tau", type=nonneg, default=0.01, help="ACA dead zone tau")
-    p.add_argument("--aca-check-every", type=flags.positive(int), help="ACA period in epochs (default: epochs // 10)")
+    p.add_argument("--aca-check-every", type=flags.positive(int), help="ACA period (default: max(10, epochs // 10))")
     p.add_argument("--aca-rule", default="ratio", choices=["ratio", "difference"], help="the release's or the paper's")
     p.add_argument("--residual-source", default="ensemble", choices=["ensemble", "sum-probs"], help="release, paper")
     p.add_argument("--train-new-heads", action="store_true", help="train the added classifiers (the release does not)")
@@ -186,8 +193,8 @@ def parse_args(argv=None):
     p.add_argument("--merge-alpha", type=share, default=0.4, help="audio weight a of the test fusion a P_a + (1-a) P_v")
     p.add_argument("--legacy-zero-grad", action="store_true", help="PyTorch 1.11's zero_grad, as the release ran")
     args = p.parse_args(argv)
-    flags.fill(args, PRESETS[args.dataset])
-    args.aca_check_every = args.aca_check_every or aca_check_period(args.epochs)  # ALGO LOGIC: E // 10
+    flags.fill(args, {**PRESETS[args.dataset], **AUG_PRESETS[args.dataset]})
+    args.aca_check_every = args.aca_check_every or aca_check_period(args.epochs)  # ALGO LOGIC: max(10, E // 10)
     return args
 
 

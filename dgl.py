@@ -4,7 +4,8 @@ the shared head (zero-fill, full bias) and weighted by alpha. One backward pass 
 CE(z_v)) gives exactly the gradients of the release's two passes (`--dgl-impl two-pass`). Docs: docs/dgl.md.
 """
 
-# ALGO LOGIC BLOCK: DGL (ICCV 2025 paper): the two truncations, the loss, the backward. It imports what it needs.
+# ALGO LOGIC BLOCK: DGL (ICCV 2025 paper): the two truncations, the loss, the backward. Brings its imports
+# (copy, torch, F): copy it as is.
 import copy
 
 import torch

@@ -5,7 +5,7 @@ multiplied by k and, with GE (the default), both encoders' conv gradients get Ga
 unscaled gradient. `--preset tpami` gives the journal release. Docs: docs/ogm.md.
 """
 
-# ALGO LOGIC BLOCK: OGM-GE (CVPR 2022 paper, Eq. 8-10 and Sec. 3.3). It imports what it needs: copy it as is.
+# ALGO LOGIC BLOCK: OGM-GE (CVPR 2022 paper, Eq. 8-10 and Sec. 3.3). Brings its imports (math, torch): copy it as is.
 import math
 
 import torch
@@ -45,14 +45,29 @@ def modulate_gradients(
     """After backward: g <- k_m g (+ N(0, (std(g) + 1e-8)^2) if noise_m) for each encoder's conv-kernel gradients.
 
     Only parameters with a 4-D gradient (params="nonbias": any non-1-D gradient) are touched, so BatchNorm and the
-    head never are. The std is that of the unscaled gradient (std_source="scaled": of k g), unbiased; fresh noise
-    for every tensor from `generator`.
+    head never are; conv encoders: "conv" (the release), encoders without convolutions (MLPs): "nonbias". An encoder
+    with no gradient of that kind raises ValueError instead of being left unmodulated. The std is that of the
+    unscaled gradient (std_source="scaled": of k g), unbiased; fresh noise for every tensor from `generator`.
     """
-    for encoder, k, noise in ((audio_net, k_a, noise_a), (visual_net, k_v, noise_v)):
-        for p in encoder.parameters():
-            if p.grad is None or (p.grad.dim() != 4 if params == "conv" else p.grad.dim() < 2):
-                continue
-            g = p.grad  # edited in place (the same values as g * k + noise * std, without temporary copies)
+    if params not in ("conv", "nonbias"):
+        raise ValueError(f"modulate_gradients: params={params!r}; use 'conv' (4-D gradients) or 'nonbias' (non-1-D)")
+    selected = []
+    for name, encoder in (("audio_net", audio_net), ("visual_net", visual_net)):
+        selected.append(
+            [
+                p.grad
+                for p in encoder.parameters()
+                if p.grad is not None and (p.grad.dim() == 4 if params == "conv" else p.grad.dim() >= 2)
+            ]
+        )
+        if not selected[-1]:  # checked for both encoders before either is edited
+            raise ValueError(
+                f"modulate_gradients: params={params!r} selects no gradient of {name} (no "
+                f"{'4-D' if params == 'conv' else 'non-1-D'} gradient; call it after backward(), and "
+                "pass params='nonbias' for encoders without convolutions)"
+            )
+    for grads, k, noise in zip(selected, (k_a, k_v), (noise_a, noise_v)):
+        for g in grads:  # edited in place (the same values as g * k + noise * std, without temporary copies)
             std = g.std() + 1e-8 if noise and std_source == "unscaled" else None
             g.mul_(k)
             if noise:

@@ -5,7 +5,7 @@ with probability q, both modalities' features are rescaled by 1 / (1 - mean(q)),
 are removed. Nothing is dropped at evaluation. Docs: docs/opm.md.
 """
 
-# ALGO LOGIC BLOCK: OPM (T-PAMI 2024 paper, Sec. 4). It imports what it needs: copy it as is.
+# ALGO LOGIC BLOCK: OPM (T-PAMI 2024 paper, Sec. 4). Brings its imports (math, torch): copy it as is.
 import math
 
 import torch
@@ -46,21 +46,26 @@ def feature_masks(q_a, q_v, batch_size, generator):
     return keep_a, keep_v
 
 
-def rescale_factors(q_a, q_v, rescale="mean"):
-    """mean: 1 / (1 - theta) for both, theta = (q_a + q_v) / 2 (d_a = d_v = 512); per-modality: 1 / (1 - q_m);
-    none: 1."""
+def rescale_factors(q_a, q_v, rescale="mean", dims=(1, 1)):
+    """mean (the release): 1 / (1 - theta) for both, theta = (d_a q_a + d_v q_v) / (d_a + d_v) with (d_a, d_v) =
+    dims, the two feature widths (only their ratio matters; equal widths, the default: theta = (q_a + q_v) / 2);
+    per-modality: 1 / (1 - q_m); none: 1."""
     if rescale == "mean":
-        theta = (q_a + q_v) / 2
+        d_a, d_v = dims
+        theta = d_a / (d_a + d_v) * q_a + d_v / (d_a + d_v) * q_v  # equal widths: exactly (q_a + q_v) / 2
         return (1.0 / (1.0 - theta),) * 2 if theta < 1 else (0.0, 0.0)  # theta = 1: every row is dropped anyway
     if rescale == "per-modality":
         return tuple(1.0 / (1.0 - q) if q < 1 else 0.0 for q in (q_a, q_v))
-    return 1.0, 1.0
+    if rescale == "none":
+        return 1.0, 1.0
+    raise ValueError(f"rescale_factors: rescale={rescale!r}; use 'mean', 'per-modality' or 'none'")
 
 
 def drop_features(a, v, label, keep_a, keep_v, q_a, q_v, rescale="mean"):
-    """a~ = keep_a a / (1 - theta), v~ likewise (plain products, so autograd scales the gradient the same way);
-    then keep only the samples with at least one modality left. Returns the kept (a~, v~, label)."""
-    f_a, f_v = rescale_factors(q_a, q_v, rescale)
+    """a~ = keep_a a / (1 - theta), v~ likewise (plain products, so autograd scales the gradient the same way; theta
+    weighs q_a, q_v by the widths of a (B, d_a) and v (B, d_v)); then keep only the samples with at least one
+    modality left. Returns the kept (a~, v~, label)."""
+    f_a, f_v = rescale_factors(q_a, q_v, rescale, (a.shape[1], v.shape[1]))
     a = a * (keep_a[:, None] * f_a)
     v = v * (keep_v[:, None] * f_v)
     keep = (keep_a + keep_v) > 0
@@ -201,8 +206,9 @@ if __name__ == "__main__":
                 a, v, y, executed, dropped = opm_drop(
                     a, v, label, q_a, q_v, args.p_exe, opm_gen, args.rescale, world, rank
                 )
-                if executed:
-                    rescale_sum, n_exec = rescale_sum + max(rescale_factors(q_a, q_v, args.rescale)), n_exec + 1
+                if executed:  # the logged factor: the mean over the executed drops
+                    factor = max(rescale_factors(q_a, q_v, args.rescale, (a.shape[1], v.shape[1])))
+                    rescale_sum, n_exec = rescale_sum + factor, n_exec + 1
                 if y.shape[0] == 0:  # every sample lost both modalities: skip the step (never with two modalities)
                     continue
             f_a, f_v, z = train_forward(lambda m: m.head(a, v))

@@ -10,6 +10,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
 import types
 
 # one OpenMP thread per process unless the caller chose otherwise: the suite runs two pytest-xdist workers and
@@ -26,6 +27,20 @@ HANG = 3600
 sys.path.insert(0, ROOT)
 
 from common.synthetic import generate  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmp_path factory reads the option
+def pytest_configure(config):
+    """A temporary folder of this run's own (unless --basetemp names one): pytest's default, /tmp/pytest-of-<user>/
+    pytest-<N>, keeps only the newest three runs, so a run started meanwhile elsewhere on the machine deleted this
+    run's folders under it (a test that failed only on a busy machine)."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):  # xdist workers get theirs from here
+        config.option.basetemp = config._bml_basetemp = tempfile.mkdtemp(prefix="bml-tests-")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_bml_basetemp", None):
+        shutil.rmtree(config._bml_basetemp, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -136,12 +151,19 @@ def read_results(run_dir):
 # the ALGO LOGIC BLOCK of a method script, executed on its own
 # ----------------------------------------------------------------------------------------------------------------
 BLOCK_START, BLOCK_END = "# ALGO LOGIC BLOCK", "# END ALGO LOGIC BLOCK"
-
-
-def _allowed_import(module):
-    """A block may import torch and the standard library: what any PyTorch project has."""
-    root = module.split(".")[0]
-    return root == "torch" or root in sys.stdlib_module_names
+# what a block may import (its own import statements, at its top): torch and its submodules, and these modules of
+# the standard library; nothing of this project, no other package, nothing that loads or runs code
+BLOCK_IMPORTS = (
+    "torch",
+    "math",
+    "copy",
+    "contextlib",
+    "functools",
+    "itertools",
+    "collections",
+    "dataclasses",
+    "typing",
+)
 
 
 def block_source(text, name="<block>"):
@@ -159,9 +181,17 @@ def block_source(text, name="<block>"):
     return "\n".join(lines[starts[0] + 1 : ends[0]]) + "\n"
 
 
+def import_bindings(node):
+    """{bound name: module} of one import statement (`import torch.nn.functional as F` binds F; `import torch.nn`
+    binds torch)."""
+    if isinstance(node, ast.ImportFrom):
+        return {a.asname or a.name: f"{node.module}.{a.name}" for a in node.names}
+    return {a.asname or a.name.split(".")[0]: a.name if a.asname else a.name.split(".")[0] for a in node.names}
+
+
 def _bound_names(tree):
-    """Every name the block itself binds anywhere (defs, classes, arguments, assignments, loop and with targets;
-    scopes ignored, so this is an over-approximation)."""
+    """Every name the block itself binds anywhere (defs, classes, arguments, assignments, loop and with targets,
+    imports; scopes ignored, so this is an over-approximation)."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -172,43 +202,71 @@ def _bound_names(tree):
             names.add(node.id)
         elif isinstance(node, ast.ExceptHandler) and node.name:
             names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= set(import_bindings(node))
     return names
 
 
+def block_imports(tree, name="<block>"):
+    """{bound name: module} of the block's import statements. They must come first (before any other statement),
+    at module level, and import only torch (or a submodule) or one of BLOCK_IMPORTS' standard-library modules."""
+    body_imports = []
+    for node in tree.body:
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            break
+        body_imports.append(node)
+    bound = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        what = ", ".join(a.name for a in node.names)
+        if isinstance(node, ast.ImportFrom):
+            what = f"from {node.module or '.' * node.level} import {what}"
+        else:
+            what = f"import {what}"
+        if node not in body_imports:
+            pytest.fail(
+                f"{name}, line {node.lineno}: '{what}' is not at the top of the ALGO LOGIC BLOCK; a block "
+                "starts with all of its imports",
+                pytrace=False,
+            )
+        if isinstance(node, ast.ImportFrom):
+            modules = ["." * node.level + (node.module or "")]  # a relative import names no allowed module
+        else:
+            modules = [a.name for a in node.names]
+        for module in modules:
+            if not (module.split(".")[0] == "torch" or module in BLOCK_IMPORTS):
+                pytest.fail(
+                    f"{name}, line {node.lineno}: the ALGO LOGIC BLOCK imports {module!r} ({what}); it may "
+                    f"import only torch and {sorted(BLOCK_IMPORTS[1:])}",
+                    pytrace=False,
+                )
+        bound.update(import_bindings(node))
+    return bound
+
+
 def exec_block(source, name="<block>"):
-    """Execute block source in a namespace holding nothing but the builtins, as a user's file that pastes it would;
-    return the namespace as an object (`blk.ogm_coefficients(...)`). The block brings its own imports, of torch and
-    the standard library only. Fails on any other import, on `__import__`/`importlib`/exec/eval, and on any name the
-    block reads but neither binds nor imports (so a block that leans on the rest of its script fails here, not only
-    when the offending line happens to run)."""
+    """Execute block source in a namespace holding nothing but the builtins (the block's own import statements
+    bring torch and the rest); return the namespace as an object (`blk.ogm_coefficients(...)`). Fails on an import
+    that is not at the block's top or not of torch / BLOCK_IMPORTS, on `__import__`/`importlib`/`exec`/`eval`, and
+    on any name the block reads but neither binds nor finds among the builtins (so a block that leans on the rest of
+    its script fails here, not only when the offending line happens to run)."""
     try:
         tree = ast.parse(source, filename=name)
     except SyntaxError as e:
         pytest.fail(f"{name}: the ALGO LOGIC BLOCK does not parse on its own: {e}", pytrace=False)
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            bad = [m for m in modules if not _allowed_import(m)]
-            if bad:
-                pytest.fail(
-                    f"{name}, line {node.lineno}: the ALGO LOGIC BLOCK imports {', '.join(bad)}; it may "
-                    "import only torch and the standard library",
-                    pytrace=False,
-                )
+    block_imports(tree, name)
     loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    for forbidden in ("__import__", "importlib", "exec", "eval"):
-        if forbidden in loads:
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}  # (`model.eval()` is fine)
+    for forbidden in ("__import__", "importlib", "exec", "eval", "compile", "globals", "__builtins__"):
+        if forbidden in loads or (forbidden.startswith("__") and forbidden in attrs):
             pytest.fail(f"{name}: the ALGO LOGIC BLOCK uses {forbidden}", pytrace=False)
-    imported = {
-        (a.asname or a.name).split(".")[0]
-        for n in ast.walk(tree)
-        if isinstance(n, (ast.Import, ast.ImportFrom))
-        for a in n.names
-    }
-    free = loads - _bound_names(tree) - imported - set(dir(builtins))
+    free = loads - _bound_names(tree) - set(dir(builtins))
     if free:
         pytest.fail(
-            f"{name}: the ALGO LOGIC BLOCK reads names it neither defines nor imports: {sorted(free)}", pytrace=False
+            f"{name}: the ALGO LOGIC BLOCK reads names it neither imports nor defines: {sorted(free)} (only "
+            "the builtins are there before its own imports)",
+            pytrace=False,
         )
     namespace = {"__builtins__": builtins, "__name__": f"algo_block[{name}]"}
     exec(compile(tree, name, "exec"), namespace)

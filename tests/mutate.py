@@ -45,12 +45,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests of those files for this method (the imbalance smoke tests and the subprocess CLI smoke tests are left out)
 SLOW = "not imbalance and not smoke_cli"
 AMP = "tests/test_amp_gradients.py"  # the gradient surgery under --amp, measured against an unscaled step
+LIFT_MLP = "tests/test_lift_mlp.py"  # the blocks on an MLP model with a plain linear head (unequal widths)
 TESTS = {
-    "ogm": (["tests/test_lift.py", "tests/test_ogm.py", AMP], f"(ogm or block) and {SLOW}"),
-    "opm": (["tests/test_lift.py", "tests/test_opm.py"], f"(opm or block) and {SLOW}"),
-    "arl": (["tests/test_lift.py", "tests/test_arl.py", AMP], f"(arl or block) and {SLOW}"),
-    "dgl": (["tests/test_lift_dgl_aug.py", "tests/test_dgl.py", AMP], f"(dgl or block) and {SLOW}"),
-    "aug": (["tests/test_lift_dgl_aug.py", "tests/test_aug.py", AMP], f"(aug or aca or block) and {SLOW}"),
+    "ogm": (["tests/test_lift.py", LIFT_MLP, "tests/test_ogm.py", AMP], f"(ogm or block) and {SLOW}"),
+    "opm": (["tests/test_lift.py", LIFT_MLP, "tests/test_opm.py"], f"(opm or block) and {SLOW}"),
+    "arl": (["tests/test_lift.py", LIFT_MLP, "tests/test_arl.py", AMP], f"(arl or block) and {SLOW}"),
+    "dgl": (["tests/test_lift_dgl_aug.py", LIFT_MLP, "tests/test_dgl.py", AMP], f"(dgl or block) and {SLOW}"),
+    "aug": (["tests/test_lift_dgl_aug.py", LIFT_MLP, "tests/test_aug.py", AMP], f"(aug or aca or block) and {SLOW}"),
 }
 
 # method lines besides the markers: statements with a line matching one of these (the loops' gradient clipping,

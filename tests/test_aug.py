@@ -183,15 +183,23 @@ def test_aca_decision_and_check_epochs():
     assert aug.aca_decision(0.48, 0.5, 1.0, 0.01, "difference") == -1
     assert aug.aca_decision(0.505, 0.5, 1.0, 0.01, "difference") == 0
     assert aug.aca_decision(0.051, 0.05, 1.0, 0.01, "difference") == 0  # ratio 1.02, but a difference of 0.001
-    assert aug.aca_check_period(200) == 20 and aug.aca_check_period(100) == 10 and aug.aca_check_period(10) == 1
-    assert aug.aca_check_period(5) == 1
+    # the period: the release's E // 10 for its 100 and 200 epochs, never below the paper's shortest, 10 epochs
+    assert aug.aca_check_period(200) == 20 and aug.aca_check_period(100) == 10 and aug.aca_check_period(150) == 15
+    assert [aug.aca_check_period(e) for e in (1, 4, 10, 12, 99, 109, 110)] == [10] * 6 + [11]
     for epochs, expected in (
         (200, {0} | set(range(19, 200, 20))),
         (100, {0} | set(range(9, 100, 10))),
-        (10, set(range(10))),
+        (12, {0, 9}),
+        (10, {0, 9}),
+        (4, {0}),
     ):
         assert {e for e in range(epochs) if aug.is_check_epoch(e, aug.aca_check_period(epochs))} == expected
     assert len({e for e in range(200) if aug.is_check_epoch(e, 20)}) == 11
+    # the synthetic preset scales the period as the epochs (100 -> 10: every epoch); the real datasets use the rule
+    assert aug.AUG_PRESETS["synthetic"]["aca_check_every"] == 1 and aug.parse_args([]).aca_check_every == 1
+    assert not any("aca_check_every" in row for d, row in aug.AUG_PRESETS.items() if d != "synthetic")
+    assert aug.parse_args(["--dataset", "ks"]).aca_check_every == 10
+    assert aug.parse_args(["--dataset", "cremad", "--epochs", "12"]).aca_check_every == 10
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Each method's ALGO LOGIC BLOCK, lifted out of its script with `conftest.load_block` (executed with only `math`,
-`torch`, `nn` and `F` in scope), applied to a toy two-encoder model written here: the property of the method
-(docs/ogm.md, docs/opm.md, docs/arl.md) holds through the lifted functions alone, as it would in another project.
+"""Each method's ALGO LOGIC BLOCK, lifted out of its script with `conftest.load_block` (executed with nothing but
+the builtins in scope, so it runs on its own imports), applied to a toy two-encoder model written here: the
+property of the method (docs/ogm.md, docs/opm.md, docs/arl.md) holds through the lifted functions alone, as it
+would in another project.
 
 The toy: two small encoders (a 3x3 conv then a linear layer, so the 4-D "conv kernel" path of OGM is exercised),
 a concat linear head to C classes, and a batch in which one modality's input carries the label and the other's is
@@ -84,22 +85,36 @@ def true_class_prob_sum(z, y):
 # ----------------------------------------------------------------------------------------------------------------
 # load_block itself
 # ----------------------------------------------------------------------------------------------------------------
-def test_load_block_rejects_foreign_imports_missing_markers_and_foreign_names():
+def test_load_block_rejects_missing_imports_foreign_imports_missing_markers_and_foreign_names():
     good = (
-        "x = 1\n# ALGO LOGIC BLOCK: toy\nimport math\n\nimport torch\n\n\n"
-        "def f(t):\n    return torch.relu(t) + math.pi\n# END ALGO LOGIC BLOCK\n"
+        "x = 1\n# ALGO LOGIC BLOCK: toy\nimport math\n\nimport torch\n\n\ndef f(t):\n"
+        "    return torch.relu(t) + math.pi\n# END ALGO LOGIC BLOCK\n"
     )
-    assert exec_block(block_source(good)).f(torch.tensor(-1.0)).item() == pytest.approx(math.pi)
+    blk = exec_block(block_source(good))
+    assert blk.f(torch.tensor(-1.0)).item() == pytest.approx(math.pi)
+    assert set(vars(blk)) == {"f", "math", "torch"}  # nothing but what the block imports and defines
+    method_named_eval = good.replace("return torch.relu(t)", "return torch.nn.Identity().eval()(torch.relu(t))")
+    assert exec_block(block_source(method_named_eval)).f(torch.tensor(-1.0)).item() == pytest.approx(math.pi)
     assert "x = 1" not in block_source(good)
     for bad, why in [
         (good.replace("# END ALGO LOGIC BLOCK\n", ""), "marker"),
         (good.replace("# ALGO LOGIC BLOCK: toy\n", ""), "marker"),
         (good + "# ALGO LOGIC BLOCK: again\n# END ALGO LOGIC BLOCK\n", "marker"),
-        (good.replace("def f", "import numpy as np\ndef f"), "imports numpy"),
-        (good.replace("def f", "from common.models import unimodal_logits\ndef f"), "imports common.models"),
-        (good.replace("import math\n", ""), "neither defines nor imports"),  # a name from the rest of the script
-        (good.replace("math.pi", "np.pi"), "neither defines nor imports"),
+        (good.replace("import math\n", ""), "neither imports nor defines: \\['math'\\]"),  # only builtins given
+        (good.replace("import torch\n", ""), "neither imports nor defines: \\['torch'\\]"),
+        (good.replace("import torch\n", "import numpy as np\nimport torch\n"), "imports 'numpy'"),
+        (
+            good.replace("import torch\n", "import torch\nfrom common.models import unimodal_logits\n"),
+            "imports 'common.models'",
+        ),
+        (good.replace("import torch\n", "import torch\nfrom . import ogm\n"), "imports '.'"),
+        (good.replace("import torch\n", "import torch\nimport importlib\n"), "imports 'importlib'"),
+        (good.replace("def f(t):\n", "def f(t):\n    import copy\n"), "not at the top"),
+        (good.replace("math.pi", "np.pi"), "neither imports nor defines"),  # a name from the rest of the script
         (good.replace("math.pi", "__import__('numpy').pi"), "__import__"),
+        (good.replace("math.pi", "eval('1')"), "eval"),
+        (good.replace("math.pi", "exec('y = 1') or 0"), "exec"),
+        (good.replace("math.pi", "math.__builtins__"), "__builtins__"),
     ]:
         with pytest.raises(pytest.fail.Exception, match=why):
             exec_block(block_source(bad))

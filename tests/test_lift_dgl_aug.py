@@ -1,5 +1,5 @@
 """The ALGO LOGIC BLOCKs of dgl.py and aug.py, lifted out of their scripts with `conftest.load_block` (executed with
-only `math`, `copy`, `contextlib`, `torch`, `nn` and `F` in scope), applied to toy two-encoder models written here:
+nothing but the builtins in scope, so they run on their own imports), applied to toy two-encoder models written here:
 the properties of the methods (docs/dgl.md, docs/aug.md) hold through the lifted code alone, as they would in another
 project.
 

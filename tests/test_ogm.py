@@ -263,13 +263,21 @@ def test_ge_target_dominant_leaves_the_weak_encoder_alone():
     assert not all(torch.equal(g, new[n]) for n, g in old.items())
 
 
+def other_conv():
+    """A second encoder with a conv-kernel gradient (modulate_gradients refuses an encoder it selects nothing of); its
+    noise is drawn after the first encoder's, so the first one's draws are those of a fresh generator."""
+    conv = torch.nn.Conv2d(1, 1, 2, bias=False)
+    conv.weight.grad = torch.arange(4.0).view_as(conv.weight)
+    return conv
+
+
 @pytest.mark.parametrize("source,expected", [("unscaled", 1.0), ("scaled", 0.1)])
 def test_ge_std_source(source, expected):
     conv = torch.nn.Conv2d(64, 64, 3, bias=False)
     conv.weight.grad = torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(1)) * 2.0
     g_old = conv.weight.grad.clone()
     ogm.modulate_gradients(
-        conv, torch.nn.Identity(), 0.1, 1.0, True, True, torch.Generator().manual_seed(0), std_source=source
+        conv, other_conv(), 0.1, 1.0, True, True, torch.Generator().manual_seed(0), std_source=source
     )
     noise = conv.weight.grad - 0.1 * g_old
     assert noise.std().item() / (expected * g_old.std().item()) == pytest.approx(1.0, abs=0.03)
@@ -281,7 +289,7 @@ def test_ge_noise_std_of_a_zero_gradient_is_the_epsilon(source):
     conv = torch.nn.Conv2d(4, 4, 3, bias=False)
     conv.weight.grad = torch.zeros_like(conv.weight)
     ogm.modulate_gradients(
-        conv, torch.nn.Identity(), 0.5, 1.0, True, True, torch.Generator().manual_seed(0), std_source=source
+        conv, other_conv(), 0.5, 1.0, True, True, torch.Generator().manual_seed(0), std_source=source
     )
     want = torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(0)) * 1e-8
     torch.testing.assert_close(conv.weight.grad, want, rtol=1e-6, atol=0)
