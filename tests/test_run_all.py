@@ -50,6 +50,32 @@ def test_run_all_tiny(tiny_data, tmp_path):
     for png in ("test_acc.png", "branches.png", "modalities.png", "modulation.png"):
         data = (tmp_path / "runs" / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert not glob.glob(str(out / "**" / "*.pt"), recursive=True)  # no checkpoint unless --checkpoints
+
+
+def test_quick_ends_with_the_imbalance_line_and_checkpoints_only_when_asked(tiny_data, tmp_path):
+    """`run_all.sh --quick` (README's first command) runs joint training and the visual encoder alone and ends with
+    the line comparing them; here at test size (tiny data, 1 epoch), where the numbers mean nothing."""
+    cmd = ["bash", "run_all.sh", "--quick", "--data-root", tiny_data, "--regime", "none", "--out", str(tmp_path / "q")]
+    tiny = ["--", "--epochs", "1", "--max-steps", "1", "--batch-size", "4"]
+    proc = subprocess.run(
+        cmd + tiny, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("Imbalance: joint training's visual branch against the visual encoder trained alone"), last
+    done = sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("done"))
+    assert done == ["baseline", "baseline_visual"] and "seeds 0," in proc.stdout
+    assert not glob.glob(str(tmp_path / "q" / "**" / "*.pt"), recursive=True)
+    proc = subprocess.run(
+        cmd + ["--checkpoints", "--methods", "baseline"] + tiny,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(glob.glob(str(tmp_path / "q" / "**" / "last.pt"), recursive=True)) == 1
 
 
 def test_run_all_reports_a_failing_method_and_keeps_the_others(tiny_data, tmp_path):
