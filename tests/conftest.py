@@ -16,6 +16,10 @@ import types
 # one OpenMP thread per process unless the caller chose otherwise: the suite runs two pytest-xdist workers and
 # subprocess runs on 2 cores, and more threads than cores makes the scripts crawl (set before torch is imported)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# blocks of 1 MB and more straight from and back to the OS: without it glibc keeps the memory of the in-process runs'
+# models and checkpoints, and an xdist worker grew to 6-12 GB over the suite (read by the workers and subprocesses,
+# which inherit it; this process started without it)
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
 
 import pytest
 import torch
