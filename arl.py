@@ -132,6 +132,7 @@ def parse_args(argv=None):
     p.add_argument("--arl-weights", default="computed", choices=["computed", "fixed"], help="the paper or the release")
     p.add_argument("--arl-coeff-timing", default="previous", choices=["previous", "current"], help="c of step t-1 or t")
     p.add_argument("--select-after", type=flags.at_least(-1, int), default=-1, help="best epoch among epochs > N only")
+
     args = p.parse_args(argv)
     flags.fill(args, {**PRESETS[args.dataset], **ARL_PRESETS[args.dataset]})
     if args.select_after >= args.epochs - 1:
@@ -203,7 +204,6 @@ if __name__ == "__main__":
             scale = (Coefficient(applied[0]), Coefficient(applied[1]))  # read by GradScale in the backward pass
             f_a, f_v, z, z_a, z_v = train_forward(lambda m: forward(m, audio, visual, scale))
             loss, loss_f, loss_a, loss_v = arl_loss(z, z_a, z_v, label, args.gamma if arl_on else 1.0)
-            logs = {"train/loss": loss.item(), **runs.branch_logs(z_a, z_v, label)}
             reduce = distributed.all_reduce_sum  # the statistics of the global batch
             arl = arl_coefficients(z_a.detach(), z_v.detach(), args.temperature, args.entropy_floor, reduce=reduce)
             if arl_on and args.arl_weights == "computed":
@@ -211,6 +211,8 @@ if __name__ == "__main__":
             if arl_on and args.arl_coeff_timing == "current":  # the same batch's coefficients, before the backward
                 applied = coeff
                 scale[0].value, scale[1].value = applied
+
+            logs = {"train/loss": loss.item(), **runs.branch_logs(z_a, z_v, label)}
 
             optimizer.zero_grad()
             loss.backward()
@@ -231,6 +233,7 @@ if __name__ == "__main__":
                     "train/entropy_visual": arl["entropy_v"].item(),
                 }
             )
+
             run.log_step(logs, label.shape[0])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = run.train_metrics(optimizer)

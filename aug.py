@@ -192,6 +192,7 @@ def parse_args(argv=None):
     p.add_argument("--max-classifiers", type=flags.at_least(0, int), default=0, help="per modality (0 = unlimited)")
     p.add_argument("--merge-alpha", type=share, default=0.4, help="audio weight a of the test fusion a P_a + (1-a) P_v")
     p.add_argument("--legacy-zero-grad", action="store_true", help="PyTorch 1.11's zero_grad, as the release ran")
+
     args = p.parse_args(argv)
     flags.fill(args, {**PRESETS[args.dataset], **AUG_PRESETS[args.dataset]})
     args.aca_check_every = args.aca_check_every or aca_check_period(args.epochs)  # ALGO LOGIC: max(10, E // 10)
@@ -235,6 +236,7 @@ if __name__ == "__main__":
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_milestones, args.lr_gamma)
     # ALGO LOGIC: two optimizer steps per batch, which DDP cannot follow: aug_step averages the gradients (sync_grads)
     train_forward = distributed.ddp(speed.train_forward(model, args), args, enabled=False)
+
     test_labels = np.array([clip.label for clip in test_set.clips])  # the test loader is not shuffled
     test_logits = []  # ALGO LOGIC: (P_a, P_v) of each test batch, for the unimodal F1 and mAP
 

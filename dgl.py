@@ -88,6 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=flags.positive(), default=None, help="weight of the unimodal losses (the encoders')")
     p.add_argument("--dgl-impl", default="single-pass", choices=["single-pass", "two-pass"], help="same gradients")
     p.add_argument("--gated-release-quirk", action="store_true", help="the release's gated head: fc_x, fc_y frozen")
+
     args = p.parse_args(argv)
     flags.fill(args, {**PRESETS[args.dataset], **DGL_PRESETS[args.dataset]})
     if args.gated_release_quirk and args.fusion != "gated":
@@ -167,14 +168,14 @@ if __name__ == "__main__":
             # ALGO LOGIC: fused loss -> head only, alpha-weighted unimodal losses -> encoders only
             z, z_a, z_v = train_forward(lambda m: forward(m, audio, visual, args.dgl_impl, args.gated_release_quirk))
             loss, loss_f, loss_a, loss_v = dgl_loss(z, z_a, z_v, label, args.alpha)
+
             logs = {"train/loss": loss.item(), **runs.branch_logs(z_a, z_v, label)}
 
             optimizer.zero_grad()
             dgl_backward(model.head, loss, loss_f, loss_a, loss_v, args.alpha, args.dgl_impl)  # ALGO LOGIC
             if not single:
                 distributed.sync_grads(model)  # ALGO LOGIC: torchrun: average the gradients of both passes
-            # ALGO LOGIC: the gradient norms before clipping
-            norms = {f"train/grad_norm_{k}": grad_norm(getattr(model, m)) for k, m in ROLES.items()}
+            norms = {f"train/grad_norm_{k}": grad_norm(getattr(model, m)) for k, m in ROLES.items()}  # ALGO LOGIC
             clip_factor = 1.0
             if args.clip_grad > 0:
                 total = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)

@@ -137,6 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--ge-std-source", default="unscaled", choices=["unscaled", "scaled"], help="std of g or of k g")
     p.add_argument("--ge-target", default="both", choices=["both", "dominant"], help="GE noise on both encoders or one")
     p.add_argument("--modulate-params", default="conv", choices=["conv", "nonbias"], help="4-D or all non-1-D grads")
+
     args = p.parse_args(argv)
     optimisation = TPAMI_PRESETS if args.preset == "tpami" else PRESETS
     flags.fill(args, {**optimisation[args.dataset], **OGM_PRESETS[args.preset][args.dataset]})
@@ -192,9 +193,8 @@ if __name__ == "__main__":
         run.begin_epoch()
         model.train()
         seed_epoch(train_loader, args.seed * 100_003 + epoch)  # shuffle and augmentation: (seed, epoch) only
-        # ALGO LOGIC: the modulation window
-        window = ogm_active(epoch, args.modulation_starts, args.modulation_ends, args.warmup_epochs)
-        modulate = args.modulation != "none" and window
+        window = ogm_active(epoch, args.modulation_starts, args.modulation_ends, args.warmup_epochs)  # ALGO LOGIC
+        modulate = args.modulation != "none" and window  # ALGO LOGIC: the modulation window
         bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=args.no_progress)
         for step, (spec, frames, label) in enumerate(bar):
             if args.max_steps and step >= args.max_steps:
@@ -210,22 +210,19 @@ if __name__ == "__main__":
 
             optimizer.zero_grad()
             loss.backward()
-            # ALGO LOGIC: scale the dominant encoder's conv gradients and add GE noise (under torchrun DDP has averaged
-            # the gradients in backward: the modulation edits synchronised ones)
-            if modulate:
-                noise_a, noise_v = ge_noise(args.modulation == "ogm_ge", args.ge_target, audio_dominant)
+            # under torchrun DDP has averaged the gradients in backward: the modulation edits synchronised ones
+            if modulate:  # ALGO LOGIC: scale the dominant encoder's conv gradients and add GE noise
+                noise = ge_noise(args.modulation == "ogm_ge", args.ge_target, audio_dominant)  # (noise_a, noise_v)
                 std, params = args.ge_std_source, args.modulate_params
-                modulate_gradients(
-                    model.audio_net, model.visual_net, k_a, k_v, noise_a, noise_v, noise_gen, std, params
-                )
+                modulate_gradients(model.audio_net, model.visual_net, k_a, k_v, *noise, noise_gen, std, params)
             else:
                 k_a, k_v = 1.0, 1.0  # logged: the applied coefficient
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
-            # ALGO LOGIC: the global ratio, k and the modulated side
-            logs.update({"train/ratio": (s[0] / s[1]).item(), "train/coeff_audio": k_a, "train/coeff_visual": k_v})
-            logs["train/modulated_audio_frac"] = float(audio_dominant)
+            logs["train/ratio"] = (s[0] / s[1]).item()  # ALGO LOGIC: the global batch's ratio
+            logs.update({"train/coeff_audio": k_a, "train/coeff_visual": k_v})  # ALGO LOGIC: the applied k
+            logs["train/modulated_audio_frac"] = float(audio_dominant)  # ALGO LOGIC: the modulated side
             run.log_step(logs, label.shape[0])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = run.train_metrics(optimizer)

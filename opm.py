@@ -131,6 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=epoch, default=None, help="epochs 0..N-1 are plain joint training")
     p.add_argument("--opm-window", type=epoch, nargs=2, metavar=("START", "END"), help="drop only in these epochs")
     p.add_argument("--rescale", default="mean", choices=["mean", "per-modality", "none"], help="the dropout rescale")
+
     args = p.parse_args(argv)
     flags.fill(args, {**PRESETS[args.dataset], **OPM_PRESETS[args.dataset]})
     if args.opm_window and args.opm_window[0] > args.opm_window[1]:
@@ -167,7 +168,7 @@ if __name__ == "__main__":
     # augmentation are unchanged by it
     opm_gen = torch.Generator().manual_seed(args.seed + 1_000_000)
 
-    # ALGO LOGIC: no drop at evaluation
+    # no drop at evaluation: OPM acts in training only
     def eval_logits(audio, visual):
         f_a, f_v, z = model(audio, visual)
         z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
@@ -198,9 +199,8 @@ if __name__ == "__main__":
             with torch.no_grad():  # ALGO LOGIC: the scores come from the full batch, before any drop
                 z_a, z_v = unimodal_logits(model.head, *model.head(a, v)[:2], bias="half")
             s = distributed.all_reduce_sum(opm_scores(z_a, z_v, label))  # ALGO LOGIC: over the global batch
-            # ALGO LOGIC: drop probabilities; with probability p_exe the drop (mask, rescale, remove empty samples)
-            q_a, q_v, executed, y, dropped = 0.0, 0.0, False, label, (0.0, 0.0)
-            if opm_on:
+            q_a, q_v, executed, y, dropped = 0.0, 0.0, False, label, (0.0, 0.0)  # ALGO LOGIC: no drop by default
+            if opm_on:  # ALGO LOGIC: drop probabilities; with probability p_exe mask, rescale, remove empty samples
                 q_a, q_v = drop_probabilities(s[0].item(), s[1].item(), args.q_base, args.lam)
                 world, rank = distributed.world_size(), distributed.rank()  # every process draws the global masks
                 a, v, y, executed, dropped = opm_drop(
@@ -211,7 +211,7 @@ if __name__ == "__main__":
                     rescale_sum, n_exec = rescale_sum + factor, n_exec + 1
                 if y.shape[0] == 0:  # every sample lost both modalities: skip the step (never with two modalities)
                     continue
-            f_a, f_v, z = train_forward(lambda m: m.head(a, v))
+            f_a, f_v, z = train_forward(lambda m: m.head(a, v))  # ALGO LOGIC: the head on the kept features
             loss = F.cross_entropy(z, y)  # ALGO LOGIC: the mean over the kept samples
             logs = {"train/loss": loss.item(), **runs.branch_logs(z_a, z_v, label)}
 
@@ -220,10 +220,10 @@ if __name__ == "__main__":
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
-            # ALGO LOGIC: the global ratio, q and the drops
-            logs.update({"train/ratio": (s[0] / s[1]).item(), "train/coeff_audio": q_a, "train/coeff_visual": q_v})
-            logs.update({"train/drop_exec_frac": float(executed), "train/drop_frac_audio": dropped[0]})
-            logs["train/drop_frac_visual"] = dropped[1]
+            logs["train/ratio"] = (s[0] / s[1]).item()  # ALGO LOGIC: the global batch's ratio
+            logs.update({"train/coeff_audio": q_a, "train/coeff_visual": q_v})  # ALGO LOGIC: q
+            logs.update({"train/drop_exec_frac": float(executed), "train/drop_frac_audio": dropped[0]})  # ALGO LOGIC
+            logs["train/drop_frac_visual"] = dropped[1]  # ALGO LOGIC: the drops
             run.log_step(logs, label.shape[0])
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = run.train_metrics(optimizer)
