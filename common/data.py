@@ -225,6 +225,8 @@ def add_data_args(parser):
     g.add_argument("--legacy-loader", action="store_true",
                    help="the previous loader: torchaudio resampling, PIL frames normalised in the worker "
                    "(docs/data.md)")
+    g.add_argument("--recheck-clips", action="store_true",
+                   help="check every file of every clip at start-up and rewrite the clip index (docs/data.md)")
     g.add_argument(
         "--in-memory",
         action="store_true",
@@ -334,12 +336,13 @@ def build_datasets(args):
             if not distributed.is_main():
                 ensure_synthetic(root)  # the set is there now: this takes the readers' lock
         for split, train in (("train", True), ("test", False)):
+            index = "recheck" if getattr(args, "recheck_clips", False) else "use"  # the clip index (clip_index.py)
             if facts["layout"] == "cremad":
-                clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"])
+                clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"], index=index)
                 classes = facts["classes"]
             else:
                 clips, skipped, classes = flat_clips(root, split, n_frames, args.dataset, facts["classes"],
-                                                     prepare=facts["prepare"])
+                                                     prepare=facts["prepare"], index=index)
             ds = AVDataset(clips, audio_cfg, frame_cfg, train, classes)
             ds.skipped = skipped
             sets.append(ds)
