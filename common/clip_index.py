@@ -54,11 +54,14 @@ def check_clip(wav, frame_dir):
     return None, len(names), next((p for p in (check_image(os.path.join(frame_dir, n)) for n in names) if p), None)
 
 
+_CHECK = (check_clip, check_wav, audio._data_chunk, check_image, list_frames)  # the code check_code digests
+
+
 @functools.cache
 def check_code():
     """A digest of the check's code: an index written by another version of the check is not used."""
     try:
-        parts = [inspect.getsource(f) for f in (check_clip, check_wav, audio._data_chunk, check_image, list_frames)]
+        parts = [inspect.getsource(f) for f in _CHECK]
     except (OSError, TypeError):  # no source files (a frozen build): the format number alone
         parts = ["no source"]
     return hashlib.sha256("\n".join([*parts, repr(frames._MARKERS), str(frames.TAIL)]).encode()).hexdigest()[:16]
