@@ -79,6 +79,7 @@ def _check_root(root, prepare=None):
         raise FileNotFoundError(f"dataset root {root} not found; {how} or pass --data-root")
 
 
+@clip_index.gc_paused
 def cremad_clips(root, split, n_frames, fps=1, prepare="python -m preprocess.cremad", index="use"):
     """CREMA-D layout (docs/data.md): AudioWAV/<id>.wav, Image-01-FPS/<id>/*.jpg, {train,test}.csv rows `<id>,<EMO>`.
     `index`: the clip index <root>/clip_index.<split>.json, "use" (default), "recheck" or "off" (clip_index.py)."""
@@ -109,6 +110,7 @@ def read_classes(path):
         return [line.strip() for line in f if line.strip()]
 
 
+@clip_index.gc_paused
 def flat_clips(root, split, n_frames, dataset, default_classes=None, prepare=None, index="use"):
     """Flat layout (docs/data.md), used for Kinetics-Sounds and VGGSound.
 
