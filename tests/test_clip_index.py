@@ -4,6 +4,7 @@ only the changed clips are checked again; what it cannot see (shown, and found b
 is damaged, outdated or cannot be written; several processes starting together, alone and under torchrun."""
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -192,6 +193,18 @@ def _junk_header(path):
         f.write(b"JUNK")
 
 
+def _rewrite_folder(root, c):
+    """The clip's frame folder deleted and written again (as preprocess/video.py extracts a clip again), its last
+    frame cut."""
+    d = os.path.join(root, "Image-01-FPS", c)
+    frames = {os.path.basename(p): open(p, "rb").read() for p in frames_of(root, c)}
+    shutil.rmtree(d)
+    os.mkdir(d)
+    for k, (name, data) in enumerate(sorted(frames.items())):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data[:300] if k == len(frames) - 1 else data)
+
+
 def _relabel(rows, k):
     clip_id, emo = rows[k].strip().split(",")
     return rows[:k] + [f"{clip_id},{'NEU' if emo != 'NEU' else 'HAP'}\r\n"] + rows[k + 1:]
@@ -209,6 +222,7 @@ CHANGES = {  # name -> (change(root, train ids), clips checked again); each chan
     "frame added": (lambda r, ids: shutil.copyfile(frames_of(r, ids[10])[0], os.path.join(
         r, "Image-01-FPS", _with_frames(r, ids, 2), "99999.jpg")), 1),
     "frame replaced by a renamed file": (lambda r, ids: _replace_frame(r, _with_frames(r, ids, 3)), 1),
+    "frame folder written again": (lambda r, ids: _rewrite_folder(r, _with_frames(r, ids, 3)), 1),
     "clip's files deleted": (lambda r, ids: (os.remove(os.path.join(r, "AudioWAV", f"{ids[12]}.wav")),
                                              shutil.rmtree(os.path.join(r, "Image-01-FPS", ids[12]))), 1),
     "missing clip's files written": (lambda r, ids: _copy_clip(r, ids[13], "9999_SYN_HAP_XX"), 1),
@@ -417,3 +431,27 @@ def test_torchrun_ranks_read_the_index_rank_0_validated(root, tmp_path, case):
             assert r1[k][0] == dict(checked=0, trusted=True, written=False)
         else:
             assert r0[k][0] == r1[k][0] == dict(checked=n, trusted=False, written=False)
+
+
+def test_the_split_builders_pause_the_garbage_collector(root, monkeypatch):
+    """cremad_clips and flat_clips run with the cyclic collector paused (clip_index.gc_paused), which they leave as
+    they found it, also when they fail."""
+    seen, check = [], clip_index.check_clip
+
+    def spy(*a):
+        seen.append(gc.isenabled())
+        return check(*a)
+
+    monkeypatch.setattr(clip_index, "check_clip", spy)
+    run(root, index="off")
+    assert seen and not any(seen) and gc.isenabled()
+    os.remove(os.path.join(root, "test.csv"))
+    with pytest.raises(FileNotFoundError):
+        cremad_clips(root, "test", 1)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        run(root, index="off")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
