@@ -281,7 +281,7 @@ def test_a_change_just_before_the_index_was_written_is_checked_again(root):
     """Stamps younger than RACY_NS when the index was written are not trusted: a wav rewritten in place within the
     file system's timestamp granularity keeps its size and mtime, and is still found at the next start."""
     wav = os.path.join(root, "AudioWAV", f"{split_ids(root)[10]}.wav")
-    recent = time.time_ns() + 60 * 10**9  # (in the future: recent whenever the index is written)
+    recent = time.time_ns() + 86_400 * 10**9  # a day ahead: recent whenever the index is written
     os.utime(wav, ns=(recent, recent))
     same_as_full_check(root)
     with open(wav, "r+b") as f:
@@ -290,6 +290,8 @@ def test_a_change_just_before_the_index_was_written_is_checked_again(root):
     clips, skipped = same_as_full_check(root)[:2]
     assert skipped["unreadable wav"] == [split_ids(root)[2], split_ids(root)[10]]
     assert clip_index.LAST["checked"] == 1  # the recent clip only: the others' stamps are an hour old
+    same_as_full_check(root)
+    assert clip_index.LAST["checked"] == 1  # dated in the future: checked at every start
 
 
 # ---- a damaged, outdated or unwritable index --------------------------------------------------------------------
