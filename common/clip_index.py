@@ -105,6 +105,7 @@ def _load(path, want):
     try:
         ok = (all(data[k] == v for k, v in want.items()) and type(data["time"]) is int
               and len(data["clips"]) == len(data["stamps"]) == len(data["frame_files"])
+              and all(type(c) is str for c in data["clips"])
               and all(type(v) is list and len(v) == 2 and all(x is None or type(x) is str for x in v)
                       for v in data["problems"].values()))
     except (TypeError, KeyError, AttributeError):
@@ -152,12 +153,13 @@ def _write(path, data):
         os.replace(tmp, path)
         return True
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         print(f"note: cannot write the clip index {path} ({e.strerror or e}); until it can be written, every "
               "start-up checks the files of the clips it does not vouch for (docs/data.md, \"The clip index\")",
               file=sys.stderr)
         return False
+    finally:  # a write that failed or was interrupted leaves nothing behind (after os.replace there is no tmp)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def _refresh(path, paths, layout, recheck):

@@ -295,7 +295,8 @@ def test_a_change_just_before_the_index_was_written_is_checked_again(root):
 
 
 # ---- a damaged, outdated or unwritable index --------------------------------------------------------------------
-@pytest.mark.parametrize("damage", ["garbage", "cut short", "other check code", "other layout", "bad entry"])
+@pytest.mark.parametrize("damage", ["garbage", "cut short", "other check code", "other layout", "bad entry",
+                                    "bad clip id"])
 def test_a_damaged_or_outdated_index_is_checked_again(root, damage):
     path = os.path.join(root, "clip_index.train.json")
     same_as_full_check(root)
@@ -309,8 +310,11 @@ def test_a_damaged_or_outdated_index_is_checked_again(root, damage):
         text = json.dumps(dict(data, check="0" * 16))
     elif damage == "other layout":
         text = json.dumps(dict(data, wav="audio/\u0000.wav"))
-    else:
+    elif damage == "bad entry":
         data["frame_files"][3] = "three"
+        text = json.dumps(data)
+    else:
+        data["clips"][3] = ["not", "an", "id"]
         text = json.dumps(data)
     with open(path, "w") as f:
         f.write(text)
@@ -338,6 +342,17 @@ def test_read_only_folder_falls_back_to_the_full_check_with_a_note(root, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("note: cannot write the clip index ") and "Permission denied" in err[0]
     assert not [f for f in os.listdir(root) if f.startswith("clip_index")]
+
+
+def test_an_index_that_cannot_be_replaced_leaves_no_temporary_file(root, capsys):
+    """A real failure, no patch: a folder where the index file should be. The write fails at the rename; the note is
+    printed, the temporary file removed, the clips are the full check's."""
+    os.mkdir(os.path.join(root, "clip_index.train.json"))
+    same_as_full_check(root)
+    assert clip_index.LAST == dict(checked=17, trusted=False, written=False)
+    assert capsys.readouterr().err.count("note: cannot write the clip index") == 1
+    assert sorted(f for f in os.listdir(root) if f.startswith("clip_index")) == ["clip_index.lock",
+                                                                                 "clip_index.train.json"]
 
 
 def test_read_only_folder_with_a_valid_index_uses_it(root, monkeypatch, capsys):
