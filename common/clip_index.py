@@ -233,8 +233,9 @@ def clip_facts(path, paths, layout, mode="use"):
 
 def gc_paused(fn):
     """fn with Python's cyclic garbage collector paused while it runs. A split of 200,000 clips allocates about a
-    million small objects, and the collector's passes over them were a third of the start-up with a valid index
-    (docs/data.md, "The clip index"); none of them is in a reference cycle, so reference counting frees them all."""
+    million small objects, and the collector's passes over them were about a quarter of the start-up with a valid
+    index (docs/data.md, "The clip index"); none of them is in a reference cycle, so reference counting frees them
+    all."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
