@@ -45,23 +45,25 @@ def index_clips(rows, split_path, label_of, wav_of, frames_of, n_frames, index=N
     """Pair audio and frames by clip id; drop (with one warning counting each reason) clips whose files are missing,
     short, or fail the start-up check of their headers (common/clip_index.py check_clip), found through the clip
     index at `index` (None: every clip's files checked; `mode`: common/clip_index.py clip_facts)."""
-    labelled = [label_of(line, row) for line, row in rows]  # every row's label, before any file is looked at
-    paths = {c: (wav_of(c), frames_of(c)) for c, _ in labelled}
-    facts = clip_index.clip_facts(index, paths, (wav_of("\0"), frames_of("\0")), mode)
-    clips, skipped, seen = [], {}, set()
-    for clip_id, label in labelled:
-        if clip_id in seen:
-            skipped.setdefault("duplicate row", []).append(clip_id)
-            continue
-        seen.add(clip_id)
-        problem, n_found, frame_problem = facts[clip_id]
-        problem = problem or (f"fewer than {n_frames} frames" if n_found < n_frames else frame_problem)
-        if problem:
-            skipped.setdefault(problem, []).append(clip_id)
-            continue
-        wav, frame_dir = paths[clip_id]
-        assert os.path.splitext(os.path.basename(wav))[0] == os.path.basename(os.path.normpath(frame_dir)) == clip_id
-        clips.append(Clip(clip_id, wav, frame_dir, label))
+    with clip_index.gc_paused():  # a million small objects at 200k clips (docs/data.md, "The clip index")
+        labelled = [label_of(line, row) for line, row in rows]  # every row's label, before any file is looked at
+        paths = {c: (wav_of(c), frames_of(c)) for c, _ in labelled}
+        facts = clip_index.clip_facts(index, paths, (wav_of("\0"), frames_of("\0")), mode)
+        clips, skipped, seen = [], {}, set()
+        for clip_id, label in labelled:
+            if clip_id in seen:
+                skipped.setdefault("duplicate row", []).append(clip_id)
+                continue
+            seen.add(clip_id)
+            problem, n_found, frame_problem = facts[clip_id]
+            problem = problem or (f"fewer than {n_frames} frames" if n_found < n_frames else frame_problem)
+            if problem:
+                skipped.setdefault(problem, []).append(clip_id)
+                continue
+            wav, frame_dir = paths[clip_id]
+            wav_name = os.path.splitext(os.path.basename(wav))[0]
+            assert wav_name == os.path.basename(os.path.normpath(frame_dir)) == clip_id
+            clips.append(Clip(clip_id, wav, frame_dir, label))
     if skipped:
         total = sum(len(v) for v in skipped.values())
         parts = "; ".join(f"{k}: {len(v)} (first: {', '.join(v[:3])})" for k, v in skipped.items())
@@ -79,7 +81,6 @@ def _check_root(root, prepare=None):
         raise FileNotFoundError(f"dataset root {root} not found; {how} or pass --data-root")
 
 
-@clip_index.gc_paused
 def cremad_clips(root, split, n_frames, fps=1, prepare="python -m preprocess.cremad", index="use"):
     """CREMA-D layout (docs/data.md): AudioWAV/<id>.wav, Image-01-FPS/<id>/*.jpg, {train,test}.csv rows `<id>,<EMO>`.
     `index`: the clip index <root>/clip_index.<split>.json, "use" (default), "recheck" or "off" (clip_index.py)."""
@@ -110,7 +111,6 @@ def read_classes(path):
         return [line.strip() for line in f if line.strip()]
 
 
-@clip_index.gc_paused
 def flat_clips(root, split, n_frames, dataset, default_classes=None, prepare=None, index="use"):
     """Flat layout (docs/data.md), used for Kinetics-Sounds and VGGSound.
 

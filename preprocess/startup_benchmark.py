@@ -32,7 +32,7 @@ import time
 import warnings
 
 from common import clip_index, distributed
-from common.data import add_data_args, build_datasets
+from common.data import DATASETS, add_data_args, build_datasets
 from common.splits import CREMAD_LABELS
 
 LINKS_PER_FILE = 50_000
@@ -58,8 +58,9 @@ def parse_args(argv=None):
     if a.full_runs < 0:
         p.error(f"--full-runs must be 0 or more, got {a.full_runs}")
     a.frames = a.frames or LAYOUTS[a.layout][2]
-    if a.frames < 1:
-        p.error(f"--frames must be at least 1, got {a.frames}")
+    least = DATASETS[LAYOUTS[a.layout][0]]["n_frames"]  # fewer and the runs would skip every clip
+    if a.frames < least:
+        p.error(f"--frames must be at least {least} (the {a.layout} default --n-frames), got {a.frames}")
     return a
 
 

@@ -53,11 +53,14 @@ def reference(root, split, n_frames):
 
 
 def run(root, split="train", n_frames=2, index="use"):
-    """(clips, skipped, the SkippedClipsWarning messages) of cremad_clips."""
+    """(clips, skipped, the SkippedClipsWarning messages) of cremad_clips; each warning names the line that called
+    cremad_clips, as before the index (stacklevel 3 of index_clips: no frame added between)."""
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         clips, skipped = cremad_clips(str(root), split, n_frames, index=index)
-    return clips, skipped, [str(x.message) for x in w if issubclass(x.category, SkippedClipsWarning)]
+    warned = [x for x in w if issubclass(x.category, SkippedClipsWarning)]
+    assert all(x.filename == __file__ for x in warned), [x.filename for x in warned]
+    return clips, skipped, [str(x.message) for x in warned]
 
 
 def same_as_full_check(root, split="train", n_frames=2, full_check_warned=None):
@@ -451,8 +454,8 @@ def test_torchrun_ranks_read_the_index_rank_0_validated(root, tmp_path, case):
 
 
 def test_the_split_builders_pause_the_garbage_collector(root, monkeypatch):
-    """cremad_clips and flat_clips run with the cyclic collector paused (clip_index.gc_paused), which they leave as
-    they found it, also when they fail."""
+    """index_clips runs with the cyclic collector paused (clip_index.gc_paused), which it leaves as it found it,
+    also when it fails."""
     seen, check = [], clip_index.check_clip
 
     def spy(*a):
@@ -462,8 +465,9 @@ def test_the_split_builders_pause_the_garbage_collector(root, monkeypatch):
     monkeypatch.setattr(clip_index, "check_clip", spy)
     run(root, index="off")
     assert seen and not any(seen) and gc.isenabled()
-    os.remove(os.path.join(root, "test.csv"))
-    with pytest.raises(FileNotFoundError):
+    with open(os.path.join(root, "test.csv"), "a") as f:
+        f.write("1234_SYN_XYZ_XX,XYZ\n")
+    with pytest.raises(ValueError, match="unknown label"):
         cremad_clips(root, "test", 1)
     assert gc.isenabled()
     gc.disable()
@@ -472,3 +476,22 @@ def test_the_split_builders_pause_the_garbage_collector(root, monkeypatch):
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+# ---- the benchmark ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["vggsound", "cremad"])
+def test_startup_benchmark_reports_every_condition(tmp_path, layout):
+    """preprocess/startup_benchmark.py at a tiny size: every condition printed, the indexed runs' clips and skips
+    the full check's (its numbers are measurements, never asserted here)."""
+    out = tmp_path / "startup.json"
+    cmd = [sys.executable, "-m", "preprocess.startup_benchmark", "--layout", layout, "--clips", "5000", "--frames", "3",
+           "--runs", "2", "--work-dir", str(tmp_path / "work"), "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["same"] and r["same_after_change"] and r["skipped"] == 5 + 1 + 1  # rows without files, a cut wav, frame
+    for name in ("without the index (the full check)", "first start: full check, index written", "with a valid index",
+                 "another torchrun rank (reads rank 0's index)", "after one clip changed"):
+        assert name in proc.stdout and all(v["wall"] > 0 for v in r[name]), name
+    assert len(r["with a valid index"]) == 2 and "as the full check: yes" in proc.stdout
