@@ -36,9 +36,9 @@ def read_rows(path):
     """Rows of a header-less CSV/TXT split file: BOM stripped, CRLF or LF, blank lines ignored."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split file {path} not found; run the preprocess step or pass --data-root")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f, clip_index.gc_paused():  # (start-up at 200k rows)
         stripped = ((n, [x.strip() for x in row]) for n, row in enumerate(csv.reader(f), 1))
-        return [(n, row) for n, row in stripped if any(row)]  # each field stripped once (start-up at 200k rows)
+        return [(n, row) for n, row in stripped if any(row)]  # each field stripped once
 
 
 def index_clips(rows, split_path, label_of, wav_of, frames_of, n_frames, index=None, mode="use"):
