@@ -278,12 +278,13 @@ def build_datasets(args):
             if not distributed.is_main():
                 ensure_synthetic(root)  # the set is there now: this takes the readers' lock
         for split, train in (("train", True), ("test", False)):
+            index = "recheck" if args.recheck_clips else "use"  # the clip index (clip_index.py)
             if facts["layout"] == "cremad":
-                clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"])
+                clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"], index=index)
                 classes = facts["classes"]
             else:
                 clips, skipped, classes = flat_clips(
-                    root, split, n_frames, args.dataset, facts["classes"], prepare=facts["prepare"]
+                    root, split, n_frames, args.dataset, facts["classes"], prepare=facts["prepare"], index=index
                 )
             ds = AVDataset(clips, audio_cfg, frame_cfg, train, classes)
             ds.skipped = skipped
