@@ -89,10 +89,11 @@ def boosting_loss(logits, label, lam, source="ensemble"):
     return loss + F.cross_entropy(sum(logits[:-1]), label) + residual_loss(logits[:-1], logits[-1], label, lam, source)
 
 
-def aug_step(model, optimizer, audio, visual, label, lam, source="ensemble", clip_grad=0.0, legacy_zero_grad=False,
+def aug_step(model, optimizer, audio, visual, label, lam, source="ensemble", clip_grad=0.0, zero_grad="pytorch1",
              run=None, sync_grads=None):
     """One mini-batch: both encoders, an optimizer step on L_a, then one on L_v. The visual classifiers run only after
     the audio step, so they see the h it just updated. Returns {modality: (L_m, CE(P_m, y), sum_i score_i)} (floats).
+    zero_grad: "pytorch1" (the release on its PyTorch 1.11) or "pytorch2" (the released script on PyTorch 2).
     run(fn) = fn(model) by default (e.g. under autocast); sync_grads(model), if given, follows each backward pass
     (with several processes: average the gradients, as DDP would; two optimizer steps per batch rule DDP out)."""
     out, run = {}, run or (lambda fn: fn(model))
@@ -106,10 +107,10 @@ def aug_step(model, optimizer, audio, visual, label, lam, source="ensemble", cli
         if clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
-        # legacy_zero_grad (the release on PyTorch 1.11): the audio gradients are zeroed, not deleted, so the visual
-        # step also gives the audio side a momentum and weight-decay update; every gradient is deleted at the end of
-        # the batch, so the audio step never moves the visual side
-        model.zero_grad(set_to_none=not (legacy_zero_grad and modality == "audio"))
+        # pytorch1 (zero_grad makes zero tensors): the audio gradients are zeroed, not deleted, so the visual step also
+        # gives the audio side a momentum and weight-decay update; every gradient is deleted at the end of the batch,
+        # so the audio step never moves the visual side. pytorch2 (zero_grad deletes): no step moves the other side
+        model.zero_grad(set_to_none=not (zero_grad == "pytorch1" and modality == "audio"))
         with torch.no_grad():
             out[modality] = (loss.item(), F.cross_entropy(sum(logits), label).item(),
                              true_class_prob(logits, label, source).sum().item())
@@ -171,12 +172,12 @@ def parse_args(argv=None):
                    help="train the added classifiers (paper figure); the release never gives them to the optimizer")
     p.add_argument("--max-classifiers", type=int, default=0, help="cap on classifiers per modality (0 = unlimited)")
     p.add_argument("--merge-alpha", type=float, default=0.4, help="audio weight of the test fusion a P_a + (1 - a) P_v")
-    p.add_argument(
-        "--legacy-zero-grad",
-        action="store_true",
-        help="the release on PyTorch 1.11: the audio gradients are zeroed, not deleted, before the visual step, so the "
-        "audio side also gets a momentum/weight-decay update in the visual step",
-    )
+    p.add_argument("--zero-grad", default="pytorch1", choices=["pytorch1", "pytorch2"],
+                   help="pytorch1 = the release on its PyTorch 1.11: the audio gradients are zeroed, not deleted, "
+                   "before the visual step, which so also gives the audio side a momentum/weight-decay update; "
+                   "pytorch2 = the released script on PyTorch 2 (deleted)")
+    p.add_argument("--legacy-zero-grad", dest="zero_grad", action="store_const", const="pytorch1",
+                   help="the same as --zero-grad pytorch1 (the default; the flag's name before it was)")
     return p.parse_args(argv)
 
 
@@ -205,6 +206,8 @@ def unimodal_metrics(test_logits, labels, num_classes):
 
 if __name__ == "__main__":
     args, ckpt = runs.setup(parse_args(), PRESETS)  # --resume / --eval-only: the saved run's settings
+    if ckpt and "zero_grad" not in ckpt["args"]:  # a run saved before --zero-grad: --legacy-zero-grad or PyTorch 2's
+        args.zero_grad = "pytorch1" if ckpt["args"].get("legacy_zero_grad") else "pytorch2"
     check_args(args)  # ranges and combinations of the method flags
     args.aca_check_every = args.aca_check_every or aca_check_period(args.epochs)  # ALGO LOGIC: E // 10
     distributed.init(args)  # torchrun: join the process group (no-op in a single process)
@@ -268,7 +271,7 @@ if __name__ == "__main__":
 
             # ALGO LOGIC: an audio step on L_a, then a visual step on L_v (no fused loss); accumulate S_a and S_v
             out = aug_step(model, optimizer, audio, visual, label, args.lam_res, args.residual_source, args.clip_grad,
-                           args.legacy_zero_grad, train_forward, distributed.sync_grads)
+                           args.zero_grad, train_forward, distributed.sync_grads)
             score = [score[0] + out["audio"][2], score[1] + out["visual"][2], score[2] + label.shape[0]]
             loss = out["audio"][0] + out["visual"][0]
 

@@ -31,11 +31,11 @@ def ogm_scores(z_a, z_v, label):
     return torch.stack([s_a, s_v])
 
 
-def ogm_coefficients(s_a, s_v, alpha, ratio_offset=0.0):
+def ogm_coefficients(s_a, s_v, alpha, ratio_offset=0.0, tie="audio"):
     """Eq. 9-10: (k_a, k_v, audio_dominant). The higher-scoring modality gets 1 - tanh(alpha (rho - offset)), the
-    other 1; a tie counts as audio dominant."""
+    other 1; an exact tie (s_a == s_v) modulates `tie`: "audio" as the CVPR release, "visual" as the T-PAMI one."""
     rho_v = float(s_v) / float(s_a)
-    if rho_v > 1:
+    if rho_v > 1 or (rho_v == 1 and tie == "visual"):
         return 1.0, 1.0 - math.tanh(alpha * (rho_v - ratio_offset)), False
     return 1.0 - math.tanh(alpha * (1.0 / rho_v - ratio_offset)), 1.0, True
 
@@ -113,6 +113,8 @@ def parse_args(argv=None):
                    help="last epoch (inclusive) of the modulation window (default: preset)")
     p.add_argument("--warmup-epochs", type=int, default=None,
                    help="epochs 0..N-1 are never modulated (default: cvpr 0, tpami 6)")
+    p.add_argument("--tie-modulates", default=None, choices=["audio", "visual"],
+                   help="the side modulated on an exact score tie (default: cvpr audio, tpami visual, as the releases)")
     p.add_argument("--ratio-offset", type=float, default=0.0,
                    help="k = 1 - tanh(alpha (rho - offset)); 1 = the continuous variant")
     p.add_argument("--ge-std-source", default="unscaled", choices=["unscaled", "scaled"],
@@ -154,6 +156,7 @@ def check_fusion(fusion, unimodal):
 if __name__ == "__main__":
     args = parse_args()
     args, ckpt = runs.setup(args, PRESETS[args.preset])  # ALGO LOGIC: the table of --preset
+    args.tie_modulates = args.tie_modulates or {"cvpr": "audio", "tpami": "visual"}[args.preset]  # ALGO LOGIC
     check_fusion(args.fusion, args.unimodal_logits)  # ALGO LOGIC: film/gated have no unimodal split
     check_args(args)  # ranges and combinations of the method flags
     distributed.init(args)  # torchrun: join the process group (no-op in a single process)
@@ -212,7 +215,8 @@ if __name__ == "__main__":
                 z_a, z_v = unimodal_logits(model.head, f_a, f_v, bias="half")
                 loss_a, loss_v = F.cross_entropy(z_a, label), F.cross_entropy(z_v, label)
             s = distributed.all_reduce_sum(ogm_scores(z_a, z_v, label))  # ALGO LOGIC: Eq. 8 over the global batch
-            k_a, k_v, audio_dominant = ogm_coefficients(s[0], s[1], args.alpha, args.ratio_offset)  # ALGO LOGIC
+            k_a, k_v, audio_dominant = ogm_coefficients(s[0], s[1], args.alpha, args.ratio_offset,  # ALGO LOGIC
+                                                        args.tie_modulates)
 
             optimizer.zero_grad()
             loss.backward()  # under torchrun DDP averages the gradients here: the modulation edits synchronised ones

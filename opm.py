@@ -7,6 +7,7 @@ steps its pooled feature vector is zeroed per sample with probability q, both mo
 1 / (1 - mean(q)), and samples that lost every modality are removed. Nothing is dropped at evaluation.
 """
 
+import copy
 import math
 import random
 
@@ -91,7 +92,26 @@ def opm_drop(a, v, label, q_a, q_v, p_exe, generator, rescale="mean", world_size
     keep_a, keep_v = keep_a[rank * n:(rank + 1) * n], keep_v[rank * n:(rank + 1) * n]
     a, v, label = drop_features(a, v, label, keep_a.to(a.device), keep_v.to(v.device), q_a, q_v, rescale)
     return a, v, label, True, (1 - keep_a.mean().item(), 1 - keep_v.mean().item())
+
+
+def theta_loss(z_a, z_v, label, q_base, lam):
+    """theta^2 / 2, theta = (q_a + q_v) / 2 computed with torch from the scores of z_a, z_v, so it keeps their graph.
+    Added to the loss of a step whose drop is executed, its gradient theta * d(theta) is the extra term of the journal
+    release, whose custom autograd function returns theta as theta's own gradient (z_a, z_v: the half-bias logits of
+    the undropped features through a frozen head, as the release's scores; only with --release-theta-grad)."""
+    s_a = torch.softmax(z_a, 1).gather(1, label[:, None]).sum()
+    s_v = torch.softmax(z_v, 1).gather(1, label[:, None]).sum()
+    r_a, r_v = torch.tanh(torch.relu(s_a / s_v - 1)), torch.tanh(torch.relu(s_v / s_a - 1))
+    q = torch.stack([q_base * (1 + lam * r_a) * (r_a > 0), q_base * (1 + lam * r_v) * (r_v > 0)]).clamp(0, 1)
+    return q.mean() ** 2 / 2
 # END ALGO LOGIC BLOCK
+
+
+def release_theta_term(head, a, v, label, q_base, lam):
+    """--release-theta-grad: theta_loss of the undropped features' half-bias logits through a frozen copy of the head
+    (the release detaches W and b, not the features), so its gradient reaches only the encoders."""
+    frozen = copy.deepcopy(head).requires_grad_(False)
+    return theta_loss(*unimodal_logits(frozen, *frozen(a, v)[:2], bias="half"), label, q_base, lam)
 
 
 # optimisation settings per dataset (None in a flag = take it from here); milestones are the 0-based epochs at which
@@ -131,6 +151,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--rescale", default="mean", choices=["mean", "per-modality", "none"],
                    help="mean = both modalities / (1 - mean(q)) (release); per-modality = each / (1 - q_m) (extension)")
+    p.add_argument("--release-theta-grad", action="store_true",
+                   help="add the journal release's extra gradient theta d(theta) on executed drops (its autograd "
+                   "function returns theta as theta's gradient; off: that release does not import as shipped)")
     p.add_argument(
         "--unimodal-logits",
         default="split",
@@ -155,6 +178,9 @@ def check_args(args):
     if args.unimodal_logits == "self-gate" and args.fusion != "gated":
         raise SystemExit(f"--unimodal-logits self-gate reads the gated head, not --fusion {args.fusion}: add "
                          "--fusion gated or drop it")
+    if args.release_theta_grad and args.rescale != "mean":
+        raise SystemExit(f"--release-theta-grad differentiates the release's theta = mean(q), the factor of --rescale "
+                         f"mean, not --rescale {args.rescale}: drop one of them")
 
 
 def check_fusion(fusion, unimodal):
@@ -169,6 +195,9 @@ if __name__ == "__main__":
     check_fusion(args.fusion, args.unimodal_logits)  # ALGO LOGIC: film/gated have no unimodal split
     check_args(args)  # ranges and combinations of the method flags
     distributed.init(args)  # torchrun: join the process group (no-op in a single process)
+    if args.release_theta_grad and distributed.world_size() > 1:
+        raise SystemExit("--release-theta-grad needs one process: the release's theta gradient is that of the whole "
+                         "batch's scores, which torchrun splits")
 
     # seeding
     random.seed(args.seed)
@@ -227,6 +256,8 @@ if __name__ == "__main__":
             q_a, q_v, executed, y, dropped = 0.0, 0.0, False, label, (0.0, 0.0)
             if opm_on:
                 q_a, q_v = drop_probabilities(s[0].item(), s[1].item(), args.q_base, args.lam)
+                if args.release_theta_grad:  # ALGO LOGIC: theta^2 / 2 of the undropped batch, added on executed drops
+                    theta_term = release_theta_term(model.head, a, v, label, args.q_base, args.lam)
                 a, v, y, executed, dropped = opm_drop(a, v, label, q_a, q_v, args.p_exe, opm_gen, args.rescale,
                                                       distributed.world_size(), distributed.rank())
                 if executed:
@@ -237,7 +268,7 @@ if __name__ == "__main__":
             loss = F.cross_entropy(z, y)  # mean over the kept samples; only the fused loss is back-propagated
 
             optimizer.zero_grad()
-            loss.backward()
+            (loss + theta_term if executed and args.release_theta_grad else loss).backward()  # ALGO LOGIC
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()

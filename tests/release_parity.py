@@ -1,0 +1,110 @@
+"""Helpers of the release-parity tests (tests/test_parity_<method>.py; not collected by pytest).
+
+`run_script` runs a method script's own training loop (runpy, in this process: the script's block and loop lines as
+`python <script>.py` runs them) in float64 on batches the test gives, and returns the model before the first step, the
+model after the last one, the parsed flags and each step's logged values. A test then re-expresses the release's
+training step in its own short code (each line citing the release file and line it follows), runs it on a copy of
+the same initial model and the same batches, and compares every parameter and buffer.
+
+How the script is made to run in float64 on given batches: torch's default dtype is float64 while it runs (the model
+is built in float64), `common.data.make_loaders` returns loaders over the test's float64 tensors (spectrograms
+(B, F, T), frames (B, 3, T_f, H, W) already normalised, which the visual encoder takes as they are), and
+`runs.save_checkpoint` writes nothing. `Run.log_step` raises `Stop` after the last wanted step.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import run_inproc
+
+from common import data, distributed, runs
+
+C, B = 6, 4  # the synthetic set's classes; the batch size run_inproc passes
+
+
+class Stop(Exception):
+    """Raised after the last recorded step."""
+
+
+def make_batches(n, seed=0, audio_signal=1.0):
+    """n batches (spec (B, 17, 17), frames (B, 3, 1, 16, 16), label (B,)) in float64. audio_signal > 0 adds the label
+    to the spectrogram (a class-dependent offset on one band per class), so audio tends to dominate."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        label = torch.randint(C, (B,), generator=g)
+        spec = torch.randn(B, 17, 17, generator=g, dtype=torch.float64)
+        spec[torch.arange(B), 2 * label] += audio_signal
+        frames = torch.randn(B, 3, 1, 16, 16, generator=g, dtype=torch.float64)
+        out.append((spec, frames, label))
+    return out
+
+
+def loader(batches):
+    """A DataLoader that yields exactly these batches, in order, every epoch."""
+    tensors = [torch.cat([b[i] for b in batches]) for i in range(3)]
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=B, shuffle=False)
+
+
+def run_script(script, data_root, runs_dir, batches, n_steps, *flags, patches=()):
+    """Run `script` (--dataset synthetic, batch 4) for n_steps training steps on `batches` (each epoch restarts at the
+    first; use --max-steps to end an epoch early) in float64. Returns {"init": a deep copy of the model when the loop
+    starts, "model": the model after the last step, "args", "stats": the values each step logged}. patches: extra
+    (object, name, value) monkeypatches."""
+    out = {"stats": []}
+    real_wrap, real_log_step = distributed.wrap, runs.Run.log_step
+
+    def make_loaders(train_set, test_set, batch_size, *args, **kw):
+        assert batch_size == B
+        return loader(batches), loader(batches[:2])
+
+    def wrap(model, args, **kw):
+        out.update(init=copy.deepcopy(model), model=model, args=args)
+        return real_wrap(model, args, **kw)
+
+    def log_step(self, stats, n_samples):
+        real_log_step(self, stats, n_samples)
+        out["stats"].append(dict(stats))
+        if len(out["stats"]) == n_steps:
+            self.logger.writer.close()
+            raise Stop
+
+    dtype = torch.get_default_dtype()
+    with pytest.MonkeyPatch.context() as m, pytest.raises(Stop):
+        m.setattr(data, "make_loaders", make_loaders)
+        m.setattr(distributed, "wrap", wrap)
+        m.setattr(runs.Run, "log_step", log_step)
+        m.setattr(runs, "save_checkpoint", lambda path, state: None)
+        for obj, name, value in patches:
+            m.setattr(obj, name, value)
+        torch.set_default_dtype(torch.float64)
+        try:
+            run_inproc(script, data_root, runs_dir, *map(str, flags))
+        finally:
+            torch.set_default_dtype(dtype)
+    assert len(out["stats"]) == n_steps
+    assert all(p.dtype == torch.float64 for p in out["model"].parameters())
+    return out
+
+
+def max_diff(model_a, model_b):
+    """The largest absolute difference over every parameter and floating-point buffer of two models with the same
+    structure (and the names must match)."""
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa if sa[k].is_floating_point())
+
+
+def moved(model_a, model_b):
+    """The largest absolute parameter change between two models (a control: the steps did move the parameters)."""
+    pa, pb = dict(model_a.named_parameters()), dict(model_b.named_parameters())
+    return max((pa[k] - pb[k]).abs().max().item() for k in pa)
+
+
+def sgd(model, args):
+    """The optimizer the release builds (SGD, momentum 0.9, weight decay 1e-4), at the run's learning rate."""
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+
+
+TOL = 1e-12  # float64, 3+ optimizer steps
