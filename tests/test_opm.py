@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import read_results, run_inproc, run_script
 
 import opm  # noqa: E402  (conftest puts the repo root on sys.path)
+from common import distributed
 from common.data import build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
@@ -164,25 +165,8 @@ def test_gradient_through_the_drop():
     w_a = head.fc_out.weight[:, :512].detach()
     expected = (torch.softmax(z, 1) - F.one_hot(y_t, 6)).detach() @ w_a / (1 - theta) / len(y_t)
     torch.testing.assert_close(a.grad[keep_a == 1], expected[keep_a[y_t] == 1], atol=1e-6, rtol=0)
-
-    class ReleaseRescale(torch.autograd.Function):  # the release's custom function: divide forward and backward
-        @staticmethod
-        def forward(ctx, x, t):
-            ctx.t = t
-            return x / (1 - t)
-
-        @staticmethod
-        def backward(ctx, g):
-            return g / (1 - ctx.t), None
-
-    a2, v2 = a.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
-    keep = (keep_a + keep_v) > 0
-    a2_t = ReleaseRescale.apply(a2 * keep_a[:, None], theta)[keep]
-    v2_t = ReleaseRescale.apply(v2 * keep_v[:, None], theta)[keep]
-    _, _, z2 = head(a2_t, v2_t)
-    F.cross_entropy(z2, y[keep]).backward()
-    torch.testing.assert_close(a2.grad, a.grad, rtol=1e-5, atol=1e-7)  # divide vs multiply: last-bit differences
-    torch.testing.assert_close(v2.grad, v.grad, rtol=1e-5, atol=1e-7)
+    # the release's own step (its custom autograd function, theta's gradient included or not) is compared with the
+    # training loop in tests/test_parity_opm.py
 
 
 def test_scores_do_not_train():
@@ -389,6 +373,19 @@ def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
     assert first["train/drop_exec_frac"] == 1.0 and max(first["train/coeff_audio"], first["train/coeff_visual"]) > 0
     assert second["train/drop_exec_frac"] == 0.0
     assert second["train/coeff_audio"] == second["train/coeff_visual"] == 0.0
+
+
+def test_release_theta_grad_refusals(tiny_data, tmp_path, monkeypatch):
+    """--release-theta-grad differentiates theta = mean(q), so it needs --rescale mean; and one process, since it is
+    the whole batch's theta (torchrun splits the batch): a one-line error each, before any data is read."""
+    with pytest.raises(SystemExit, match="--release-theta-grad differentiates .* not --rescale per-modality"):
+        run_inproc("opm.py", tiny_data, tmp_path, "--release-theta-grad", "--rescale", "per-modality")
+    with pytest.raises(SystemExit, match="--release-theta-grad differentiates .* not --rescale none"):
+        run_inproc("opm.py", tiny_data, tmp_path, "--release-theta-grad", "--rescale", "none")
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(SystemExit, match="--release-theta-grad needs one process"):
+        run_inproc("opm.py", tiny_data, tmp_path, "--release-theta-grad")
+    assert not os.listdir(tmp_path)
 
 
 def test_rescale_factors_when_everything_is_dropped():
