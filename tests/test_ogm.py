@@ -393,7 +393,9 @@ def test_tpami_warmup_is_baseline(tiny_data, tmp_path):
     run_inproc("baseline.py", tiny_data, tmp_path / "b", "--resume", base)
     run_inproc("ogm.py", tiny_data, tmp_path / "o", "--resume", run)
     assert ckpt(run)["epoch"] == 1 and not same_state(ckpt(run)["model"], ckpt(base)["model"])
-    assert min(history(run)[1]["train/coeff_audio"], history(run)[1]["train/coeff_visual"]) < 0.1  # alpha 2.6
+    # alpha 2.6: every step modulates one side with k <= 1 - tanh(2.6) = 0.011, the other has k = 1 (which side may
+    # change from step to step), so the epoch means of the two coefficients sum to at most 1.011
+    assert 1 < history(run)[1]["train/coeff_audio"] + history(run)[1]["train/coeff_visual"] <= 2 - math.tanh(2.6)
 
 
 def test_dominant_conv_kernels_frozen_with_k0_end_to_end(tiny_data, tmp_path):
