@@ -45,12 +45,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests of those files for this method (the imbalance smoke tests and the subprocess CLI smoke tests are left out)
 SLOW = "not imbalance and not smoke_cli"
 AMP = "tests/test_amp_gradients.py"  # the gradient surgery under --amp, measured against an unscaled step
-TESTS = {
-    "ogm": (["tests/test_lift.py", "tests/test_ogm.py", AMP], f"(ogm or block) and {SLOW}"),
-    "opm": (["tests/test_lift.py", "tests/test_opm.py"], f"(opm or block) and {SLOW}"),
-    "arl": (["tests/test_lift.py", "tests/test_arl.py", AMP], f"(arl or block) and {SLOW}"),
-    "dgl": (["tests/test_lift_dgl_aug.py", "tests/test_dgl.py", AMP], f"(dgl or block) and {SLOW}"),
-    "aug": (["tests/test_lift_dgl_aug.py", "tests/test_aug.py", AMP], f"(aug or aca or block) and {SLOW}"),
+TESTS = {  # the release-parity tests last: the script's loop against the release's step (docs/parity.md)
+    "ogm": (["tests/test_lift.py", "tests/test_ogm.py", AMP, "tests/test_parity_ogm.py"], f"(ogm or block) and {SLOW}"),
+    "opm": (["tests/test_lift.py", "tests/test_opm.py", "tests/test_parity_opm.py"], f"(opm or block) and {SLOW}"),
+    "arl": (["tests/test_lift.py", "tests/test_arl.py", AMP, "tests/test_parity_arl.py"], f"(arl or block) and {SLOW}"),
+    "dgl": (["tests/test_lift_dgl_aug.py", "tests/test_dgl.py", AMP, "tests/test_parity_dgl.py"],
+            f"(dgl or block) and {SLOW}"),
+    "aug": (["tests/test_lift_dgl_aug.py", "tests/test_aug.py", AMP, "tests/test_parity_aug.py"],
+            f"(aug or aca or block) and {SLOW}"),
 }
 
 # method lines besides the markers: statements with a line matching one of these (the loops' gradient clipping,
@@ -66,7 +68,7 @@ STRING_SWAPS = {"half": "full", "full": "half", "both": "dominant", "dominant": 
                 "two-pass": "single-pass", "mean": "per-modality", "per-modality": "none", "ensemble": "sum-probs",
                 "sum-probs": "ensemble", "ratio": "difference", "difference": "ratio", "previous": "current",
                 "current": "previous", "computed": "fixed", "fixed": "computed", "audio": "visual", "visual": "audio",
-                "ogm_ge": "ogm", "ogm": "ogm_ge", "none": "ogm"}
+                "ogm_ge": "ogm", "ogm": "ogm_ge", "none": "ogm", "pytorch1": "pytorch2", "pytorch2": "pytorch1"}
 COMPARE_SWAPS = {ast.Lt: (ast.LtE, ast.GtE), ast.LtE: (ast.Lt, ast.Gt), ast.Gt: (ast.GtE, ast.LtE),
                  ast.GtE: (ast.Gt, ast.Lt), ast.Eq: (ast.NotEq,), ast.NotEq: (ast.Eq,), ast.Is: (ast.IsNot,),
                  ast.IsNot: (ast.Is,), ast.In: (ast.NotIn,), ast.NotIn: (ast.In,)}

@@ -6,6 +6,7 @@ path as `python opm.py ...`, without paying the torch/torchvision import for eve
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -373,6 +374,30 @@ def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
     assert first["train/drop_exec_frac"] == 1.0 and max(first["train/coeff_audio"], first["train/coeff_visual"]) > 0
     assert second["train/drop_exec_frac"] == 0.0
     assert second["train/coeff_audio"] == second["train/coeff_visual"] == 0.0
+
+
+@pytest.mark.parametrize("q_base,lam", [(0.5, 0.5), (0.9, 1.0)])
+def test_theta_loss_is_half_theta_squared_of_the_drop_probabilities(q_base, lam):
+    """theta_loss = ((q_a + q_v) / 2)^2 / 2 with (q_a, q_v) = drop_probabilities of the logits' scores (clipped to 1:
+    q_base 0.9, lambda 1), in both directions and on a tie; its gradient reaches the logits of both modalities
+    through the dominant side's q, and none once that q is clipped at 1 or on a tie."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(8) % 4
+    for boost_a, boost_v in [(2.0, 0.0), (0.0, 2.0), (1.0, 1.0), (0.1, 0.0)]:  # audio, visual, a tie, audio a little
+        z = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        z_a = (z + boost_a * F.one_hot(y, 4)).requires_grad_()
+        z_v = (z + boost_v * F.one_hot(y, 4)).requires_grad_()
+        s_a, s_v = opm.opm_scores(z_a, z_v, y).tolist()
+        assert (s_a > s_v, s_a == s_v) == (boost_a > boost_v, boost_a == boost_v)
+        q_a, q_v = opm.drop_probabilities(s_a, s_v, q_base, lam)
+        got = opm.theta_loss(z_a, z_v, y, q_base, lam)
+        assert got.item() == pytest.approx(((q_a + q_v) / 2) ** 2 / 2, rel=1e-12, abs=0)
+        g_a, g_v = torch.autograd.grad(got, (z_a, z_v))
+        clipped = max(q_a, q_v) == 1.0 and q_base * (1 + lam * math.tanh(max(s_a / s_v, s_v / s_a) - 1)) > 1
+        if q_a == q_v == 0 or clipped:  # a tie (no q), or the dominant q clipped at 1 (no gradient through it)
+            assert not g_a.any() and not g_v.any()
+        else:
+            assert g_a.abs().max() > 1e-6 and g_v.abs().max() > 1e-6  # q depends on both scores
 
 
 def test_release_theta_grad_refusals(tiny_data, tmp_path, monkeypatch):
