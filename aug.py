@@ -177,7 +177,7 @@ def parse_args(argv=None):
                    "before the visual step, which so also gives the audio side a momentum/weight-decay update; "
                    "pytorch2 = the released script on PyTorch 2 (deleted)")
     p.add_argument("--legacy-zero-grad", dest="zero_grad", action="store_const", const="pytorch1",
-                   help="the same as --zero-grad pytorch1 (the default; the flag's name before it was)")
+                   help="kept from before --zero-grad existed: the same as --zero-grad pytorch1, now the default")
     return p.parse_args(argv)
 
 

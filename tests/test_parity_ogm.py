@@ -25,6 +25,15 @@ def tied(scores):
     return torch.stack([scores.mean(), scores.mean()]) if torch.is_tensor(scores) else scores
 
 
+def free_gradients(model):
+    """Both releases' coefficients are tensors that keep the scores' graph, and so do the gradients they scale (the
+    optimizer never reads it); such a gradient and its parameter keep each other alive beyond Python's garbage
+    collector. The comparison needs only the parameters: drop the gradients."""
+    for p in model.parameters():
+        p.grad = None
+    return model
+
+
 def cvpr_release(model, batches, epochs, steps, args, tie=False):
     """GeWu-Lab/OGM-GE_CVPR2022 main.py, `train_epoch` (L57-161) and the model (models/basic_model.py L38-54,
     models/fusion_modules.py). tie: both scores replaced by their mean, as `tied` does for the project."""
@@ -77,7 +86,7 @@ def cvpr_release(model, batches, epochs, steps, args, tie=False):
                             elif args.modulation == "ogm":  # L140-141 / L147-148
                                 parms.grad *= coeff
             optimizer.step()  # L153
-    return model
+    return free_gradients(model)
 
 
 def tpami_release(model, batches, epochs, steps, args, tie=False):
@@ -131,7 +140,7 @@ def tpami_release(model, batches, epochs, steps, args, tie=False):
                                 elif args.modulation == "ogm":
                                     parms.grad *= coeff
             optimizer.step()  # L171
-    return model
+    return free_gradients(model)
 
 
 CVPR_CASES = {  # (modulation, alpha, fusion)
