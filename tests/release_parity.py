@@ -17,6 +17,7 @@ import copy
 import gc
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def run_script(script, data_root, runs_dir, batches, n_steps, *flags, patches=()
         return loader(batches), loader(batches[:1])  # the test split: 8 clips (the synthetic set has 12)
 
     def wrap(model, args, **kw):
-        out.update(init=copy.deepcopy(model), model=model, args=args)
+        out.update(init=copy.deepcopy(model), model=model, args=args, namespace=sys._getframe(1).f_globals)
         return real_wrap(model, args, **kw)
 
     def log_step(self, stats, n_samples):
@@ -87,6 +88,9 @@ def run_script(script, data_root, runs_dir, batches, n_steps, *flags, patches=()
             run_inproc(script, data_root, runs_dir, "--batch-size", B, *map(str, flags))
         except Stop:
             pass
+    # the script's namespace outlives the run when something global keeps one of its functions (arl.py's GradScale,
+    # an autograd.Function, is registered by torch): empty it, so that it does not keep the run's optimizer alive
+    out.pop("namespace").clear()
     assert len(out["stats"]) == n_steps
     assert all(p.dtype == torch.float64 for p in out["model"].parameters())
     return out

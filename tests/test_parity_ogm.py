@@ -10,6 +10,7 @@ the project's `audio_net` / `visual_net` stand for: the encoders and their pooli
 after them is written out here.
 """
 
+import argparse
 import copy
 
 import pytest
@@ -201,3 +202,5 @@ def test_ogm_release_parity_tpami(tiny_data, tmp_path, modulation):
     want = tpami_release(got["init"], batches, 2, 2, got["args"])
     assert moved(want, got["init"]) > 1e-5
     assert parity(got["model"], want) < TOL
+    plain = tpami_release(got["init"], batches, 2, 2, argparse.Namespace(**{**vars(got["args"]), "modulation": "none"}))
+    assert max_diff(got["model"], plain) > 1e-7  # the modulation shows through AdamW's normalisation
