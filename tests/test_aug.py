@@ -45,7 +45,7 @@ def step(model, opt, audio, visual, label, args, **kw):
         args.lam_res,
         args.residual_source,
         args.clip_grad,
-        args.legacy_zero_grad,
+        args.zero_grad,
         **kw,
     )
 
@@ -287,13 +287,16 @@ def record_steps(model, opt):
     return log
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_cross_modal_updates_with_and_without_legacy_zero_grad(legacy):
-    """Default: no step moves the other modality. --legacy-zero-grad (the release on PyTorch 1.11): the audio gradients
-    are zeroed, not deleted, after the audio step, so the visual step gives the audio side a momentum and weight-decay
-    update (p <- p - lr (momentum buf + wd p)); every gradient is deleted at the end of the batch, so the audio step
-    never moves the visual side, in the first iteration or any later one."""
-    args, model, opt = setup(*(["--legacy-zero-grad"] if legacy else []))
+@pytest.mark.parametrize("flags", [["--zero-grad", "pytorch2"], [], ["--legacy-zero-grad"]])
+def test_cross_modal_updates_under_both_zero_grad_semantics(flags):
+    """--zero-grad pytorch2: no step moves the other modality. pytorch1 (the default; the release on its PyTorch 1.11;
+    --legacy-zero-grad is the same): the audio gradients are zeroed, not deleted, after the audio step, so the visual
+    step gives the audio side a momentum and weight-decay update (p <- p - lr (momentum buf + wd p)); every gradient is
+    deleted at the end of the batch, so the audio step never moves the visual side, in the first iteration or any
+    later one."""
+    args, model, opt = setup(*flags)
+    legacy = args.zero_grad == "pytorch1"
+    assert legacy == (flags != ["--zero-grad", "pytorch2"])
     group = opt.param_groups[0]
     lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
     log = record_steps(model, opt)
@@ -613,6 +616,19 @@ def resume(run, tiny_data):
         runpy.run_path(os.path.join(ROOT, "aug.py"), run_name="__main__")
     finally:
         sys.argv = old
+
+
+@pytest.mark.parametrize("legacy,want", [(False, "pytorch2"), (True, "pytorch1")])
+def test_resume_of_a_run_saved_before_zero_grad_existed(tiny_data, tmp_path, legacy, want):
+    """A checkpoint whose args have `legacy_zero_grad` and no `zero_grad` (written before --zero-grad, when PyTorch 2's
+    semantics were the default) resumes with the semantics it was trained with."""
+    run = run_inprocess(tmp_path, tiny_data, "--epochs", 2, "--max-steps", 1, "--stop-after-epochs", 1)
+    saved = ckpt(run)
+    del saved["args"]["zero_grad"]
+    saved["args"]["legacy_zero_grad"] = legacy
+    torch.save(saved, os.path.join(run, "last.pt"))
+    run_inprocess(tmp_path, tiny_data, "--resume", run)
+    assert ckpt(run)["epoch"] == 1 and ckpt(run)["args"]["zero_grad"] == want
 
 
 def test_resume_when_an_added_head_already_has_momentum(tiny_data, tmp_path):

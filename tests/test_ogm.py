@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import ckpt, history, read_results, run_inproc, run_script, same_state
 
 import ogm  # noqa: E402  (conftest puts the repo root on sys.path)
+from common import distributed
 from common.models import AVClassifier, unimodal_logits
 from common.synthetic import generate
 from tools import trace
@@ -93,9 +94,13 @@ def test_coefficients_table(alpha):
         assert round(k_a, 3) == k and k_v == 1.0 and audio_dominant is True
         k_a, k_v, audio_dominant = ogm.ogm_coefficients(3.0, 3.0 * rho, alpha)  # visual dominant
         assert round(k_v, 3) == k and k_a == 1.0 and audio_dominant is False
-    k_a, k_v, audio_dominant = ogm.ogm_coefficients(2.5, 2.5, alpha)  # a tie: audio is modulated
+    k_a, k_v, audio_dominant = ogm.ogm_coefficients(2.5, 2.5, alpha)  # a tie: audio is modulated (CVPR release)
     assert k_a == pytest.approx(1 - math.tanh(alpha)) and round(k_a, 3) == K_TABLE[alpha][0] and k_v == 1.0
     assert audio_dominant is True
+    assert ogm.ogm_coefficients(2.5, 2.5, alpha, tie="audio") == (k_a, k_v, True)
+    # tie="visual" (the T-PAMI release): visual is modulated on a tie, and only there
+    assert ogm.ogm_coefficients(2.5, 2.5, alpha, tie="visual") == (1.0, k_a, False)
+    assert ogm.ogm_coefficients(2.5 * (1 + 1e-15), 2.5, alpha, tie="visual")[2] is True
     # the scores as the loop passes them: 0-d tensors of the summed scores
     k_a, k_v, audio_dominant = ogm.ogm_coefficients(torch.tensor(3.0 * 1.5), torch.tensor(3.0), alpha)
     assert round(k_a, 3) == K_TABLE[alpha][2] and k_v == 1.0 and audio_dominant is True
@@ -110,6 +115,29 @@ def test_exactly_one_side_modulated():
         assert audio_dominant == (s_a >= s_v)
         assert min(k_a, k_v) <= 1 - math.tanh(alpha) + 1e-12
         assert (k_a < 1) == (s_a > s_v) and (k_v < 1) == (s_v > s_a)
+
+
+@pytest.mark.parametrize(
+    "preset,flags,audio",
+    [
+        ("cvpr", [], True),
+        ("tpami", [], False),
+        ("tpami", ["--tie-modulates", "audio"], True),
+        ("cvpr", ["--tie-modulates", "visual"], False),
+    ],
+)
+def test_tie_side_in_the_loop(tiny_data, tmp_path, monkeypatch, preset, flags, audio):
+    """An exact tie (the summed scores replaced by their mean): the side --tie-modulates names is modulated; left out,
+    audio with --preset cvpr and visual with --preset tpami, as the releases (tests/test_parity_ogm.py)."""
+    monkeypatch.setattr(
+        distributed, "all_reduce_sum", lambda s: torch.stack([s.mean(), s.mean()]) if torch.is_tensor(s) else s
+    )
+    run = run_inproc(
+        "ogm.py", tiny_data, tmp_path, "--epochs", 1, "--max-steps", 1, "--preset", preset, "--warmup-epochs", 0, *flags
+    )
+    row = history(run)[0]
+    assert row["train/ratio"] == 1.0 and row["train/modulated_audio_frac"] == float(audio)
+    assert (row["train/coeff_audio"] < 1, row["train/coeff_visual"] < 1) == (audio, not audio)
 
 
 def test_ratio_offset_is_continuous_at_one():

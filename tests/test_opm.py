@@ -6,6 +6,7 @@ path as `python opm.py ...`, without paying the torch/torchvision import for eve
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from conftest import ckpt, history, read_results, run_inproc, run_script, same_state
 
 import opm  # noqa: E402  (conftest puts the repo root on sys.path)
+from common import distributed
 from common.data import build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
@@ -174,25 +176,8 @@ def test_gradient_through_the_drop():
     w_a = head.fc_out.weight[:, :512].detach()
     expected = (torch.softmax(z, 1) - F.one_hot(y_t, 6)).detach() @ w_a / (1 - theta) / len(y_t)
     torch.testing.assert_close(a.grad[keep_a == 1], expected[keep_a[y_t] == 1], atol=1e-6, rtol=0)
-
-    class ReleaseRescale(torch.autograd.Function):  # the release's custom function: divide forward and backward
-        @staticmethod
-        def forward(ctx, x, t):
-            ctx.t = t
-            return x / (1 - t)
-
-        @staticmethod
-        def backward(ctx, g):
-            return g / (1 - ctx.t), None
-
-    a2, v2 = a.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
-    keep = (keep_a + keep_v) > 0
-    a2_t = ReleaseRescale.apply(a2 * keep_a[:, None], theta)[keep]
-    v2_t = ReleaseRescale.apply(v2 * keep_v[:, None], theta)[keep]
-    _, _, z2 = head(a2_t, v2_t)
-    F.cross_entropy(z2, y[keep]).backward()
-    torch.testing.assert_close(a2.grad, a.grad, rtol=1e-5, atol=1e-7)  # divide vs multiply: last-bit differences
-    torch.testing.assert_close(v2.grad, v.grad, rtol=1e-5, atol=1e-7)
+    # the release's own step (its custom autograd function, theta's gradient included or not) is compared with the
+    # training loop in tests/test_parity_opm.py
 
 
 def test_scores_do_not_train():
@@ -453,6 +438,47 @@ def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
     assert first["train/drop_exec_frac"] == 1.0 and max(first["train/coeff_audio"], first["train/coeff_visual"]) > 0
     assert second["train/drop_exec_frac"] == 0.0
     assert second["train/coeff_audio"] == second["train/coeff_visual"] == 0.0
+
+
+@pytest.mark.parametrize("q_base,lam", [(0.5, 0.5), (0.9, 1.0)])
+def test_theta_loss_is_half_theta_squared_of_the_drop_probabilities(q_base, lam):
+    """theta_loss = ((q_a + q_v) / 2)^2 / 2 with (q_a, q_v) = drop_probabilities of the logits' scores (clipped to 1:
+    q_base 0.9, lambda 1), in both directions and on a tie; its gradient reaches the logits of both modalities
+    through the dominant side's q, and none once that q is clipped at 1 or on a tie."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(8) % 4
+    for boost_a, boost_v in [(2.0, 0.0), (0.0, 2.0), (1.0, 1.0), (0.1, 0.0)]:  # audio, visual, a tie, audio a little
+        z = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        z_a = (z + boost_a * F.one_hot(y, 4)).requires_grad_()
+        z_v = (z + boost_v * F.one_hot(y, 4)).requires_grad_()
+        s_a, s_v = opm.opm_scores(z_a, z_v, y).tolist()
+        assert (s_a > s_v, s_a == s_v) == (boost_a > boost_v, boost_a == boost_v)
+        q_a, q_v = opm.drop_probabilities(s_a, s_v, q_base, lam)
+        got = opm.theta_loss(z_a, z_v, y, q_base, lam)
+        assert got.item() == pytest.approx(((q_a + q_v) / 2) ** 2 / 2, rel=1e-12, abs=0)
+        g_a, g_v = torch.autograd.grad(got, (z_a, z_v))
+        clipped = max(q_a, q_v) == 1.0 and q_base * (1 + lam * math.tanh(max(s_a / s_v, s_v / s_a) - 1)) > 1
+        if q_a == q_v == 0 or clipped:  # a tie (no q), or the dominant q clipped at 1 (no gradient through it)
+            assert not g_a.any() and not g_v.any()
+        else:
+            assert g_a.abs().max() > 1e-6 and g_v.abs().max() > 1e-6  # q depends on both scores
+
+
+def test_release_theta_grad_refusals(tiny_data, tmp_path, monkeypatch, capsys):
+    """--release-theta-grad differentiates theta = mean(q), so it needs --rescale mean; and one process, since it is
+    the whole batch's theta (torchrun splits the batch): a one-line error each, before any data is read."""
+    for rescale in ("per-modality", "none"):
+        with pytest.raises(SystemExit) as e:
+            run_inproc("opm.py", tiny_data, tmp_path, "--release-theta-grad", "--rescale", rescale)
+        err = capsys.readouterr().err
+        assert (
+            e.value.code == 2
+            and f"--release-theta-grad differentiates theta = mean(q) of --rescale mean, not --rescale {rescale}" in err
+        )
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(SystemExit, match="--release-theta-grad needs one process"):
+        run_inproc("opm.py", tiny_data, tmp_path, "--release-theta-grad")
+    assert not os.listdir(tmp_path)
 
 
 def test_rescale_factors_when_everything_is_dropped():
