@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import history, read_results, run_inproc, run_script
+from conftest import COEFF_KEYS, METRIC_KEYS, history, read_results, run_inproc, run_script
 
 import arl
 from common.models import AVClassifier
@@ -312,21 +312,7 @@ def test_clipping_at_40_by_default(model0, batch):
 # ---------------------------------------------------------------------------------------------------------------
 # end to end: smoke, timing and warm-up in the logs, T = 0 vs fixed, resume
 # ---------------------------------------------------------------------------------------------------------------
-SHARED_KEYS = [
-    "train/loss",
-    "train/loss_audio",
-    "train/loss_visual",
-    "train/ratio",
-    "train/coeff_audio",
-    "train/coeff_visual",
-    "test/acc",
-    "test/acc_audio",
-    "test/acc_visual",
-    "test/macro_f1",
-    "test/map",
-    "charts/lr",
-    "charts/samples_per_sec",
-]
+SHARED_KEYS = METRIC_KEYS + COEFF_KEYS  # the metric vocabulary (tests/conftest.py)
 EXTRA_KEYS = [
     "train/loss_fused",
     "train/dep_audio",

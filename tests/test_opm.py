@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ckpt, history, read_results, run_inproc, run_script, same_state
+from conftest import COEFF_KEYS, METRIC_KEYS, ckpt, history, read_results, run_inproc, run_script, same_state
 
 import opm  # noqa: E402  (conftest puts the repo root on sys.path)
 from common import distributed
@@ -22,21 +22,7 @@ from common.models import AVClassifier, unimodal_logits
 from common.synthetic import generate
 from tools import trace
 
-SHARED_KEYS = [
-    "train/loss",
-    "train/loss_audio",
-    "train/loss_visual",
-    "train/ratio",
-    "train/coeff_audio",
-    "train/coeff_visual",
-    "test/acc",
-    "test/acc_audio",
-    "test/acc_visual",
-    "test/macro_f1",
-    "test/map",
-    "charts/lr",
-    "charts/samples_per_sec",
-]
+SHARED_KEYS = METRIC_KEYS + COEFF_KEYS  # the metric vocabulary (tests/conftest.py)
 OPM_KEYS = ["train/drop_exec_frac", "train/drop_frac_audio", "train/drop_frac_visual", "train/rescale"]
 
 
