@@ -9,31 +9,26 @@ Output: the flat layout the loader reads (docs/data.md): classes.txt, splits/{tr
 frames/<id>/<NNNNN>.jpg. Parallel, resumable (finished clips are skipped), failed clips counted at the end.
 """
 
-import argparse
-import glob
 import os
 
 from common import cli
 from common.splits import KS_CLASSES, read_rows
-from preprocess.video import process_clip, report_failures, require_ffmpeg, run_parallel, write_split
-
-
-def find_videos(root):
-    return {
-        os.path.splitext(os.path.basename(v))[0]: v
-        for v in glob.glob(os.path.join(root, "**", "*.mp4"), recursive=True)
-    }
+from preprocess.video import (
+    find_videos,
+    process_clip,
+    report_failures,
+    require_ffmpeg,
+    run_parallel,
+    video_parser,
+    write_split,
+)
 
 
 def main(argv=None):
-    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
+    p = video_parser(__doc__, "data/kinetics_sounds")  # --out, --sample-rate, --workers
     p.add_argument("--videos", required=True, help="folder of <clip_id>.mp4 files (searched recursively)")
     p.add_argument("--splits", required=True, help="folder holding my_train.txt and my_test.txt")
-    p.add_argument("--out", default="data/kinetics_sounds", help="output folder")
-    p.add_argument("--sample-rate", type=int, default=16000, help="wav sample rate")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
-    cli.check(a, "workers", lambda x: x > 0, "positive")
     cli.require(a.videos, "--videos", "pass the folder of the downloaded <clip_id>.mp4 files")
     for split in ("train", "test"):
         cli.require(
