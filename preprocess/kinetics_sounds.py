@@ -13,19 +13,11 @@ import os
 
 from common import cli
 from common.splits import KS_CLASSES, read_rows
-from preprocess.video import (
-    find_videos,
-    process_clip,
-    report_failures,
-    require_ffmpeg,
-    run_parallel,
-    video_parser,
-    write_split,
-)
+from preprocess import video
 
 
 def main(argv=None):
-    p = video_parser(__doc__, "data/kinetics_sounds")  # --out, --sample-rate, --workers
+    p = video.video_parser(__doc__, "data/kinetics_sounds")  # --out, --sample-rate, --workers
     p.add_argument("--videos", required=True, help="folder of <clip_id>.mp4 files (searched recursively)")
     p.add_argument("--splits", required=True, help="folder holding my_train.txt and my_test.txt")
     a = p.parse_args(argv)
@@ -37,8 +29,8 @@ def main(argv=None):
             "it must hold the official my_train.txt and my_test.txt",
             kind="file",
         )
-    require_ffmpeg()
-    videos = find_videos(a.videos)
+    video.require_ffmpeg()
+    videos = video.find_videos(a.videos)
     os.makedirs(os.path.join(a.out, "audio"), exist_ok=True)
     with open(os.path.join(a.out, "classes.txt"), "w") as f:
         f.writelines(c + "\n" for c in KS_CLASSES)
@@ -53,12 +45,12 @@ def main(argv=None):
                 continue
             kept.append((clip_id, label))
             jobs.append((videos[clip_id], clip_id, a.out, a.sample_rate))
-        write_split(os.path.join(a.out, "splits", f"{split}.csv"), kept)
+        video.write_split(os.path.join(a.out, "splits", f"{split}.csv"), kept)
         print(f"{split}: {len(kept)} of {len(rows)} listed clips have a video")
     if missing:
         print(f"{missing} listed clips have no video under {a.videos} (YouTube attrition); they are left out")
-    failed = run_parallel(process_clip, jobs, a.workers, "Kinetics-Sounds clips")
-    report_failures(failed, len(jobs), os.path.join(a.out, "failed.txt"))
+    failed = video.run_parallel(video.process_clip, jobs, a.workers, "Kinetics-Sounds clips")
+    video.report_failures(failed, len(jobs), os.path.join(a.out, "failed.txt"))
 
 
 if __name__ == "__main__":
