@@ -324,7 +324,7 @@ EXTRA_KEYS = [
 
 
 def test_smoke(tiny_data, tmp_path):
-    proc, run = run_script("arl.py", tiny_data, tmp_path, "--epochs", "2", "--max-steps", "2", "--warmup-epochs", "1")
+    proc, run = run_script("arl.py", tiny_data, tmp_path, *"--epochs 2 --max-steps 2 --warmup-epochs 1".split())
     r = read_results(run)
     for key in SHARED_KEYS + EXTRA_KEYS:
         assert key in r["last"], key
@@ -336,7 +336,7 @@ def test_smoke(tiny_data, tmp_path):
 def three_epoch_run(tiny_data, tmp_path_factory):
     """3 epochs of 1 step each, warm-up = epoch 0: every logged value is one step's value."""
     return run_inprocess(
-        tmp_path_factory.mktemp("arl3"), tiny_data, "--epochs", "3", "--max-steps", "1", "--warmup-epochs", "1"
+        tmp_path_factory.mktemp("arl3"), tiny_data, *"--epochs 3 --max-steps 1 --warmup-epochs 1".split()
     )
 
 
@@ -363,14 +363,7 @@ def test_current_timing_uses_the_same_batch(tiny_data, tmp_path):
         run_inprocess(
             tmp_path,
             tiny_data,
-            "--epochs",
-            "2",
-            "--max-steps",
-            "1",
-            "--warmup-epochs",
-            "1",
-            "--arl-coeff-timing",
-            "current",
+            *"--epochs 2 --max-steps 1 --warmup-epochs 1 --arl-coeff-timing current".split(),
         )
     )
     c_a = 1 / (1 + math.exp(-8.0 * (m[1]["train/var_share_audio"] - m[1]["train/dep_audio"])))
@@ -411,9 +404,7 @@ def one_step_delta(tiny_data, runs_dir, *flags):
     """{parameter name: change after one step of `arl.py --lr 1 --weight-decay 0 <flags>`}, and the run folder."""
     torch.manual_seed(0)  # the script's initialisation: seed, then the model is the first draw
     init = {n: p.detach().clone() for n, p in AVClassifier(C).named_parameters()}
-    run = run_inprocess(
-        runs_dir, tiny_data, "--epochs", "1", "--max-steps", "1", "--lr", "1", "--weight-decay", "0", *flags
-    )
+    run = run_inprocess(runs_dir, tiny_data, *"--epochs 1 --max-steps 1 --lr 1 --weight-decay 0".split(), *flags)
     m = final_weights(run)
     return {n: m[n] - p for n, p in init.items()}, run
 
@@ -535,7 +526,7 @@ def test_evaluation_reads_zero_fill_full_bias_logits(tiny_data, tmp_path, monkey
         return real(logits_fn, loader, *a, **k)
 
     monkeypatch.setattr(common.evaluate, "evaluate", spy)
-    run_inprocess(tmp_path, tiny_data, "--epochs", "1", "--max-steps", "2", "--eval-max-steps", "1")
+    run_inprocess(tmp_path, tiny_data, *"--epochs 1 --max-steps 2 --eval-max-steps 1".split())
     assert seen
     for z_a, z_v, want_a, want_v in seen:  # the same operations in the same order: bitwise
         assert torch.equal(z_a, want_a) and torch.equal(z_v, want_v)

@@ -41,7 +41,7 @@ def fresh_opm_gen_state(seed=0):
 
 @pytest.fixture(scope="module")
 def baseline_2ep(tiny_data, tmp_path_factory):
-    return run_inproc("baseline.py", tiny_data, tmp_path_factory.mktemp("base"), "--epochs", 2, "--max-steps", 2)
+    return run_inproc("baseline.py", tiny_data, tmp_path_factory.mktemp("base"), *"--epochs 2 --max-steps 2".split())
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +51,7 @@ def opm_2ep(tiny_data, tmp_path_factory):
         "opm.py",
         tiny_data,
         tmp_path_factory.mktemp("opm"),
-        "--epochs",
-        2,
-        "--max-steps",
-        2,
-        "--warmup-epochs",
-        0,
-        "--p-exe",
-        1,
+        *"--epochs 2 --max-steps 2 --warmup-epochs 0 --p-exe 1".split(),
     )
 
 
@@ -246,7 +239,7 @@ def test_empty_batches_skip_the_step(tiny_data, tmp_path, monkeypatch):
     initial values (the script's seed-0 initialisation) and the optimizer never steps."""
     monkeypatch.setattr(torch, "bernoulli", lambda p, generator=None: torch.zeros_like(p))
     run = run_inproc(
-        "opm.py", tiny_data, tmp_path / "o", "--epochs", 1, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 1
+        "opm.py", tiny_data, tmp_path / "o", *"--epochs 1 --max-steps 2 --warmup-epochs 0 --p-exe 1".split()
     )
     c = ckpt(run)
     torch.manual_seed(0)
@@ -261,7 +254,7 @@ def test_empty_batches_skip_the_step(tiny_data, tmp_path, monkeypatch):
 # end to end: equivalence with the baseline, warm-up, evaluation, heads, resume, smoke
 # ----------------------------------------------------------------------------------------------------------------
 def test_p_exe0_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
-    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 0)
+    run = run_inproc("opm.py", tiny_data, tmp_path, *"--epochs 2 --max-steps 2 --warmup-epochs 0 --p-exe 0".split())
     assert same_state(ckpt(run)["model"], ckpt(baseline_2ep)["model"])
     assert shared_only(history(run)) == shared_only(history(baseline_2ep))
     assert all(r["train/drop_exec_frac"] == 0 for r in history(run))
@@ -272,16 +265,7 @@ def test_q_base0_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep, opm_2ep)
         "opm.py",
         tiny_data,
         tmp_path,
-        "--epochs",
-        2,
-        "--max-steps",
-        2,
-        "--warmup-epochs",
-        0,
-        "--p-exe",
-        1,
-        "--q-base",
-        0,
+        *"--epochs 2 --max-steps 2 --warmup-epochs 0 --p-exe 1 --q-base 0".split(),
     )
     assert all(r["train/drop_exec_frac"] == 1 for r in history(run))  # masks drawn at every step, all ones
     assert same_state(ckpt(run)["model"], ckpt(baseline_2ep)["model"])
@@ -295,7 +279,7 @@ def test_warmup_is_baseline_and_draws_nothing(tiny_data, tmp_path):
     assert all(row["warmup_epochs"] == 6 for d, row in opm.OPM_PRESETS.items() if d != "synthetic")
     extra = ("--epochs", 3, "--max-steps", 2, "--stop-after-epochs", 2)
     base = run_inproc("baseline.py", tiny_data, tmp_path / "b", *extra)
-    run = run_inproc("opm.py", tiny_data, tmp_path / "o", *extra, "--warmup-epochs", 2, "--p-exe", 1)
+    run = run_inproc("opm.py", tiny_data, tmp_path / "o", *extra, *"--warmup-epochs 2 --p-exe 1".split())
     c = ckpt(run)
     assert c["epoch"] == 1 and same_state(c["model"], ckpt(base)["model"])
     assert torch.equal(c["opm_rng"], fresh_opm_gen_state())
@@ -331,7 +315,7 @@ def test_evaluation_has_no_drop(tiny_data, opm_2ep):
 def test_imbalance_smoke(tmp_path):
     root = tmp_path / "data"
     generate(str(root / "synthetic"), n_train=64, n_test=12, audio_snr=10, visual_strength=0.1, uninformative_audio=0.0)
-    run = run_inproc("opm.py", root, tmp_path / "runs", "--epochs", 2, "--batch-size", 8)  # warm-up: epoch 0
+    run = run_inproc("opm.py", root, tmp_path / "runs", *"--epochs 2 --batch-size 8".split())  # warm-up: epoch 0
     warm, on = history(run)
     assert warm["train/drop_exec_frac"] == 0 and warm["train/ratio"] > 1
     q_base = 0.5
@@ -354,14 +338,7 @@ def test_heads(tiny_data, tmp_path, capsys):
             "opm.py",
             tiny_data,
             tmp_path / extra[1],
-            "--epochs",
-            1,
-            "--max-steps",
-            2,
-            "--warmup-epochs",
-            0,
-            "--p-exe",
-            1,
+            *"--epochs 1 --max-steps 2 --warmup-epochs 0 --p-exe 1".split(),
             *extra,
         )
         assert history(run)[0]["train/drop_exec_frac"] == 1.0
@@ -373,16 +350,7 @@ def test_resume_is_exact(tiny_data, tmp_path, opm_2ep):
         "opm.py",
         tiny_data,
         tmp_path,
-        "--epochs",
-        2,
-        "--max-steps",
-        2,
-        "--warmup-epochs",
-        0,
-        "--p-exe",
-        1,
-        "--stop-after-epochs",
-        1,
+        *"--epochs 2 --max-steps 2 --warmup-epochs 0 --p-exe 1 --stop-after-epochs 1".split(),
     )
     assert ckpt(part)["epoch"] == 0
     run_inproc("opm.py", tiny_data, tmp_path, "--resume", part)
@@ -394,7 +362,7 @@ def test_resume_is_exact(tiny_data, tmp_path, opm_2ep):
 
 
 def test_smoke_cli(tiny_data, tmp_path):
-    proc, run = run_script("opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2")
+    proc, run = run_script("opm.py", tiny_data, tmp_path, *"--epochs 1 --max-steps 2".split())
     r = read_results(run)
     for key in SHARED_KEYS + OPM_KEYS:
         assert key in r["last"], key
@@ -408,17 +376,7 @@ def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
         "opm.py",
         tiny_data,
         tmp_path,
-        "--epochs",
-        2,
-        "--max-steps",
-        1,
-        "--warmup-epochs",
-        0,
-        "--p-exe",
-        1,
-        "--opm-window",
-        0,
-        0,
+        *"--epochs 2 --max-steps 1 --warmup-epochs 0 --p-exe 1 --opm-window 0 0".split(),
     )
     first, second = history(run)
     assert first["train/drop_exec_frac"] == 1.0 and max(first["train/coeff_audio"], first["train/coeff_visual"]) > 0
@@ -489,9 +447,7 @@ def test_opm_drop_in_one_process_is_the_composition_of_its_parts():
 
 def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
     """One step, drop executed (--p-exe 1): train/rescale is that step's factor 1 / (1 - (q_a + q_v) / 2)."""
-    run = run_inproc(
-        "opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "1", "--warmup-epochs", "0", "--p-exe", "1"
-    )
+    run = run_inproc("opm.py", tiny_data, tmp_path, *"--epochs 1 --max-steps 1 --warmup-epochs 0 --p-exe 1".split())
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
     assert row["train/drop_exec_frac"] == 1.0 and row["train/coeff_audio"] + row["train/coeff_visual"] > 0
@@ -505,16 +461,7 @@ def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
         "opm.py",
         tiny_data,
         tmp_path / "per",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--p-exe",
-        "1",
-        "--rescale",
-        "per-modality",
+        *"--epochs 1 --max-steps 1 --warmup-epochs 0 --p-exe 1 --rescale per-modality".split(),
     )
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
@@ -525,14 +472,7 @@ def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
         "opm.py",
         tiny_data,
         tmp_path / "warm",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "1",
-        "--warmup-epochs",
-        "1",
-        "--p-exe",
-        "1",
+        *"--epochs 1 --max-steps 1 --warmup-epochs 1 --p-exe 1".split(),
     )
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
@@ -544,9 +484,7 @@ def test_logged_rescale_is_the_mean_over_the_executed_drops(tiny_data, tmp_path)
     """Two steps, both executed: train/rescale is the mean of the two steps' factors 1 / (1 - (q_a + q_v) / 2), read
     from the per-step trace (the steps' q differ, so a sum, a product or the last step's factor would not match)."""
     with trace.tracing(str(tmp_path / "trace")):
-        run = run_inproc(
-            "opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0", "--p-exe", "1"
-        )
+        run = run_inproc("opm.py", tiny_data, tmp_path, *"--epochs 1 --max-steps 2 --warmup-epochs 0 --p-exe 1".split())
     with open(tmp_path / "trace" / "rank0.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f]
     with open(os.path.join(run, "metrics.jsonl")) as f:
