@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import load_block
-from mlp_toy import D_A, D_V, C, MLPModel, joint_steps, make_data, split_logits
+from mlp_toy import D_A, D_V, C, ConcatHead, MLPModel, joint_steps, make_data, split_logits, zero_fill
 
 
 @pytest.fixture(scope="module")
@@ -256,19 +256,6 @@ def test_arl_mlp_coefficients_boost_the_side_relied_upon_below_its_reliability(b
 # ----------------------------------------------------------------------------------------------------------------
 # DGL: with the head adapter, each encoder gets only alpha CE of its own logits, the head only the fused CE
 # ----------------------------------------------------------------------------------------------------------------
-class ConcatHead(nn.Module):
-    """The adapter docs/dgl.md gives: DGL's head(a, v) -> (f_a, f_v, z) around the user's nn.Linear."""
-
-    def __init__(self, fc):
-        super().__init__()
-        self.fc = fc
-
-    def forward(self, a, v):
-        return a, v, self.fc(torch.cat([a, v], 1))
-
-
-def zero_fill(head, f_a, f_v):
-    return split_logits(head.fc, f_a, f_v, "full")
 
 
 @pytest.mark.parametrize("impl", ["single-pass", "two-pass"])
