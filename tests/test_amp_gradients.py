@@ -220,7 +220,7 @@ def test_dgl_truncations_under_amp(tiny_data, tmp_path):
     flags = ("--amp", "--channels-last", "--clip-grad", "0")
     g2 = train_steps("dgl.py", tiny_data, tmp_path / "a2", 1, "--alpha", "2", *flags)[0]["grads"]
     g4 = train_steps("dgl.py", tiny_data, tmp_path / "a4", 1, "--alpha", "4", *flags)[0]["grads"]
-    two = train_steps("dgl.py", tiny_data, tmp_path / "two", *"1 --alpha 4 --dgl-impl two-pass".split(), *flags)[0][
+    two = train_steps("dgl.py", tiny_data, tmp_path / "two", 1, *"--alpha 4 --dgl-impl two-pass".split(), *flags)[0][
         "grads"
     ]
     for role in ("audio_net", "visual_net", "head"):
@@ -239,7 +239,7 @@ def test_aug_steps_move_one_modality_under_amp(tiny_data, tmp_path, zero_grad):
     with --zero-grad pytorch1 (the default) also the audio side, whose gradients are zero tensors (momentum and weight
     decay alone)."""
     audio_step, visual_step = train_steps(
-        "aug.py", tiny_data, tmp_path, *"1 --amp --channels-last --zero-grad".split(), zero_grad, freeze=False
+        "aug.py", tiny_data, tmp_path, 1, *"--amp --channels-last --zero-grad".split(), zero_grad, freeze=False
     )
     for step, mine, other in ((audio_step, "audio", "visual"), (visual_step, "visual", "audio")):
         for role in (f"{other}_net", f"{other}_classifiers"):

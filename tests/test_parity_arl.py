@@ -93,7 +93,8 @@ def test_arl_release_parity_fixed_weights(tiny_data, tmp_path):
         tiny_data,
         tmp_path,
         batches,
-        *"6 --epochs 2 --max-steps 3 --warmup-epochs 1 --arl-weights fixed".split(),
+        6,
+        *"--epochs 2 --max-steps 3 --warmup-epochs 1 --arl-weights fixed".split(),
     )
     assert [r["train/coeff_audio"] for r in got["stats"]] == [1.0] * 3 + [1.5] * 3
     assert got["args"].gamma == 4.0 and got["args"].clip_grad == 40.0

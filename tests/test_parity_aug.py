@@ -105,7 +105,7 @@ def project_run(tiny_data, tmp_path, *flags):
     classifiers, two of them outside the optimizer."""
     batches = make_batches(1)
     got = run_script(
-        "aug.py", tiny_data, tmp_path, batches, *"3 --epochs 3 --max-steps 1 --aca-sigma 10".split(), *flags
+        "aug.py", tiny_data, tmp_path, batches, 3, *"--epochs 3 --max-steps 1 --aca-sigma 10".split(), *flags
     )
     model = got["model"]
     assert [r["train/coeff_audio"] for r in got["stats"]] == [1.0, 2.0, 3.0]

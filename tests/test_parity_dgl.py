@@ -77,7 +77,7 @@ def test_dgl_release_parity(tiny_data, tmp_path, case, impl):
     fusion, flags = CASES[case]
     batches = make_batches(3)
     got = run_script(
-        "dgl.py", tiny_data, tmp_path, batches, *"3 --epochs 1 --fusion".split(), fusion, "--dgl-impl", impl, *flags
+        "dgl.py", tiny_data, tmp_path, batches, 3, *"--epochs 1 --fusion".split(), fusion, "--dgl-impl", impl, *flags
     )
     assert got["args"].alpha == 4.0 and got["args"].clip_grad == 40.0
     want = release_dgl(got["init"], batches, 3, got["args"])
