@@ -287,6 +287,13 @@ def record_steps(model, opt):
     return log
 
 
+def test_legacy_zero_grad_is_an_alias_of_pytorch1():
+    """--legacy-zero-grad sets --zero-grad pytorch1 (the last of the two flags wins, as for any argparse alias)."""
+    assert aug.parse_args(["--zero-grad", "pytorch2", "--legacy-zero-grad"]).zero_grad == "pytorch1"
+    assert aug.parse_args(["--legacy-zero-grad", "--zero-grad", "pytorch2"]).zero_grad == "pytorch2"
+    assert aug.parse_args([]).zero_grad == "pytorch1"
+
+
 @pytest.mark.parametrize("flags", [["--zero-grad", "pytorch2"], [], ["--legacy-zero-grad"]])
 def test_cross_modal_updates_under_both_zero_grad_semantics(flags):
     """--zero-grad pytorch2: no step moves the other modality. pytorch1 (the default; the release on its PyTorch 1.11;
