@@ -665,3 +665,31 @@ def test_flags_that_the_ablations_do_not_use_are_refused():
         with pytest.raises(SystemExit) as e:
             mmpareto.parse_args(argv)
         assert e.value.code == 2
+
+
+def test_lift_on_the_mlp_toy_matches_the_release_step(blk):
+    """tests/mlp_toy.py's user model (ReLU MLP encoders of widths 24 and 40, a plain nn.Linear head) with the two
+    unimodal heads a user adds: the lifted block's step equals the release's, 3 steps in float64, conflicts included."""
+    from mlp_toy import D_A, D_V, C, MLPModel, make_data
+
+    class WithHeads(MLPModel):
+        def __init__(self):
+            super().__init__(seed=1)
+            self.head_audio, self.head_video = torch.nn.Linear(D_A, C), torch.nn.Linear(D_V, C)
+
+        def forward(self, x_a, x_v):
+            a, v, z = super().forward(x_a, x_v)
+            return a, v, z, self.head_audio(a), self.head_video(v)
+
+    base = WithHeads().double()
+    mine, rel = copy.deepcopy(base), copy.deepcopy(base)
+    o_mine, o_rel = sgd(mine), sgd(rel)
+    conflicts = 0
+    for seed in range(3):
+        x_a, x_v, y = make_data(32, seed)
+        batch = (x_a.double(), x_v.double(), y)
+        st_a, st_v = block_step(blk, mine, o_mine, batch)
+        release_step(rel, o_rel, *batch, True)
+        conflicts += st_a["conflict"] + st_v["conflict"]
+        assert max_param_diff(mine, rel) <= 1e-12
+    assert conflicts > 0 and max_param_diff(base, mine) > 1e-3
