@@ -168,6 +168,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--init", default="release", choices=["release", "shared"], help="release's or docs/models.md's init"
     )
+
     args = p.parse_args(argv)
     if args.combine != "mmpareto" and (args.gamma is not None or args.rescale != "tensor"):
         p.error(f"--gamma and --rescale shape MMPareto's combination, which --combine {args.combine} does not use")
@@ -179,7 +180,7 @@ ROLES = ["audio_net", "visual_net", "head", "head_audio", "head_visual"]  # para
 LOGGED = [("coeff", "alpha_m"), ("cos", "cos"), ("conflict_frac", "conflict"), ("rescale", "rescale")]
 
 
-def add_unimodal_heads(model, num_classes, init):
+def add_unimodal_heads(model, num_classes, init):  # ALGO LOGIC
     """ALGO LOGIC: the two extra Linear(512, C) heads on the pooled features (models.py L155-156, L184-207). init
     "release": no re-initialiser (MMPareto.py L278): BN weights N(1, 0.02) (backbone.py L104-109), every Linear
     PyTorch's default; "shared": docs/models.md's initialiser, as AVClassifier applies it."""
@@ -196,7 +197,7 @@ def add_unimodal_heads(model, num_classes, init):
     return model
 
 
-def forward(model, audio, visual):
+def forward(model, audio, visual):  # ALGO LOGIC
     """ALGO LOGIC: one forward pass: pooled features a, v, fused logits z and the separate heads' z_a, z_v."""
     a, v = model.audio_net(audio), model.visual_net(visual)
     return a, v, model.head(a, v)[2], model.head_audio(a), model.head_visual(v)
@@ -257,7 +258,7 @@ if __name__ == "__main__":
             loss = loss_m + loss_a + loss_v  # ALGO LOGIC: the logged loss (MMPareto.py L180)
             logs = {"train/loss": loss.item(), **runs.branch_logs(z_a, z_v, label)}
 
-            # ALGO LOGIC: the three losses' gradients, each on the parameters it reaches; torchrun: the global batch's
+            # MMPareto: the three losses' gradients, each on the parameters it reaches; torchrun: the global batch's
             g_m = task_grads(loss_m, enc_a + enc_v + head)  # ALGO LOGIC
             g_a = task_grads(loss_a, enc_a + h_a)  # ALGO LOGIC
             g_v = task_grads(loss_v, enc_v + h_v, retain_graph=False)  # ALGO LOGIC
