@@ -129,6 +129,18 @@ def test_solver_matches_grid_search(blk):
         checked += 1
 
 
+def test_logged_cosine(blk):
+    """cos = q / sqrt(max(p r, 1e-16)), F.cosine_similarity's eps 1e-8 on the product of the norms (MMPareto.py
+    L149-150): the true cosine at every gradient scale that occurs; only its sign decides, its value is logged."""
+    g = torch.Generator().manual_seed(3)
+    for scale in (1e-3, 1.0, 1e3):
+        g_m = [scale * torch.randn(3, 2, generator=g, dtype=torch.float64) for _ in range(2)]
+        g_u = [scale * torch.randn(3, 2, generator=g, dtype=torch.float64) for _ in range(2)]
+        _, cos = blk.mmpareto_weights(g_m, g_u)
+        a, b = torch.cat([x.flatten() for x in g_m]), torch.cat([x.flatten() for x in g_u])
+        assert float(cos) == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-12)
+
+
 # §8.2
 def test_common_direction(blk):
     g = torch.Generator().manual_seed(1)
