@@ -259,6 +259,20 @@ def test_per_tensor_rescale_can_leave_a_tensor_below_the_plain_sum(blk):
     torch.testing.assert_close(grads[1], 1.5 * n2)
 
 
+def test_combine_defaults_are_the_releases(blk):
+    """mmpareto_combine's defaults are the release's: gamma 1.5, per tensor (MMPareto.py L178, L184-207), on two
+    tensors where a per-tensor and a global rescale differ."""
+    g_m, g_u = [t(1.0, 0.0), t(0.0, 1.0)], [t(-1.0, 2.0), t(0.0, -0.9)]
+    alpha, _ = blk.mmpareto_weights(g_m, g_u)
+    grads, rescale = blk.mmpareto_combine(g_m, g_u, alpha)
+    rhos = []
+    for out, a, b in zip(grads, g_m, g_u):
+        n = 2 * alpha * a + 2 * (1 - alpha) * b
+        rhos.append(float((a + b).norm() / n.norm()))
+        torch.testing.assert_close(out, 1.5 * max(rhos[-1], 1.0) * n, rtol=1e-12, atol=0)
+    assert min(rhos) < 1 < max(rhos) and rescale == pytest.approx((max(rhos) + 1) / 2)
+
+
 # §8.7
 def test_whole_encoder_decision_follows_the_concatenated_cosine(blk):
     """Shapes of a conv + BN + Linear encoder; the conv and Linear gradients agree, the BN bias conflicts strongly:
