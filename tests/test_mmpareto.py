@@ -210,6 +210,7 @@ def test_zero_gradient_edge_cases(blk):
     torch.testing.assert_close(grad, 1.5 * g)
     (grad,), stats = blk.mmpareto_encoder_grads([z], [z])
     assert torch.equal(grad, z) and all(v == v for v in stats.values())  # no NaN anywhere
+    assert stats["rescale"] == 1.0  # a zero tensor counts as not rescaled in the logged mean
 
 
 def test_zero_combined_tensor_gives_zero_where_the_release_gives_nan(blk):
