@@ -30,6 +30,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,16 +41,39 @@ from mlp_toy import C, ConcatHead, MLPModel, make_data, probe_accuracy, split_lo
 import arl  # noqa: E402
 import aug  # noqa: E402
 import dgl  # noqa: E402
+import mmpareto  # noqa: E402
 import ogm  # noqa: E402
 import opm  # noqa: E402
 
-METHODS = ["joint", "ogm", "opm", "arl", "dgl", "aug"]
+METHODS = ["joint", "ogm", "opm", "arl", "dgl", "aug", "mmpareto"]
 N_TRAIN, N_TEST, BATCH, EPOCHS = 512, 512, 32, 12
 DEAD_PROBE = 1 / C + 0.10
 
 
 class Diverged(Exception):
     pass
+
+
+def mmpareto_heads(seed):
+    """MMPareto's two unimodal heads on the toy's features (docs/mmpareto.md's adapter), drawn after seed + 2."""
+    torch.manual_seed(seed + 2)
+    return nn.Linear(24, C), nn.Linear(40, C)
+
+
+def mmpareto_grads(model, heads, x_a, x_v, y):
+    """docs/mmpareto.md's step up to set_grads: (L_m + L_a + L_v, the parameters, their new gradients)."""
+    a, v = model.audio_net(x_a), model.visual_net(x_v)
+    enc_a, enc_v, head = (list(m.parameters()) for m in (model.audio_net, model.visual_net, model.head))
+    h_a, h_v = list(heads[0].parameters()), list(heads[1].parameters())
+    loss_m = F.cross_entropy(model.head(torch.cat([a, v], 1)), y)
+    loss_a, loss_v = F.cross_entropy(heads[0](a), y), F.cross_entropy(heads[1](v), y)
+    g_m = mmpareto.task_grads(loss_m, enc_a + enc_v + head)
+    g_a, g_v = mmpareto.task_grads(loss_a, enc_a + h_a), mmpareto.task_grads(loss_v, enc_v + h_v, retain_graph=False)
+    na, nv = len(enc_a), len(enc_v)
+    new_a, _ = mmpareto.mmpareto_encoder_grads(g_m[:na], g_a[:na])
+    new_v, _ = mmpareto.mmpareto_encoder_grads(g_m[na : na + nv], g_v[:nv])
+    grads = new_a + new_v + g_m[na + nv :] + g_a[na:] + g_v[nv:]
+    return loss_m + loss_a + loss_v, enc_a + enc_v + head + h_a + h_v, grads
 
 
 def batches(data, epoch, seed):
@@ -98,6 +122,19 @@ def train(method, lr, seed, epochs=EPOCHS, aug_period=None):
             return aug.merge_logits(p_a, p_v, 0.4)
 
         return model, predict, added
+
+    if method == "mmpareto":  # three gradients per step, combined per encoder
+        heads = mmpareto_heads(seed)
+        opt = sgd([*model.parameters(), *heads[0].parameters(), *heads[1].parameters()], lr)
+        for epoch in range(epochs):
+            for x_a, x_v, y in batches(train_data, epoch, seed):
+                loss, params, grads = mmpareto_grads(model, heads, x_a, x_v, y)
+                if not math.isfinite(loss.item()):
+                    raise Diverged
+                opt.zero_grad()
+                mmpareto.set_grads(params, grads)
+                opt.step()
+        return model, lambda x_a, x_v: model(x_a, x_v)[2], added
 
     head = model.head
     params = list(model.parameters())
@@ -211,6 +248,10 @@ def first_step(method, seed):
         opt.register_step_pre_hook(lambda o, a, k: norms.append((grad_norm(net.audio_net), grad_norm(net.visual_net))))
         out = aug.aug_step(net, opt, x_a, x_v, y, lam=0.5)
         return out["audio"][0] + out["visual"][0], norms[0][0], norms[1][1], float("nan")
+    if method == "mmpareto":  # L_m + L_a + L_v; the head row: the fusion head's gradient alone
+        loss, params, grads = mmpareto_grads(model, mmpareto_heads(seed), x_a, x_v, y)
+        mmpareto.set_grads(params, grads)
+        return loss.item(), grad_norm(model.audio_net), grad_norm(model.visual_net), grad_norm(head)
     a, v = model.audio_net(x_a), model.visual_net(x_v)
     z = head(torch.cat([a, v], 1))
     if method in ("joint", "ogm"):

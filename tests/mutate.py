@@ -1,6 +1,6 @@
 """Mutation check of the method lines: does every line of a method's logic have a test that fails without it?
 
-    python tests/mutate.py ogm            # one method (ogm, opm, arl, dgl, aug)
+    python tests/mutate.py ogm            # one method (ogm, opm, arl, dgl, aug, mmpareto)
     python tests/mutate.py all            # the five, one after the other
     python tests/mutate.py ogm --list     # print the mutants, run nothing
     python tests/mutate.py ogm --jobs 1 --timeout 300 --lines 40-60
@@ -67,6 +67,7 @@ TESTS = {  # the release-parity tests last: the script's loop against the releas
         ["tests/test_lift_dgl_aug.py", LIFT_MLP, "tests/test_aug.py", AMP, "tests/test_parity_aug.py"],
         f"(aug or aca or block) and {SLOW}",
     ),
+    "mmpareto": (["tests/test_mmpareto.py", "tests/test_parity_mmpareto.py", AMP], "mmpareto"),
 }
 
 # method lines besides the markers: statements with a line matching one of these (the loops' gradient clipping,
@@ -105,6 +106,13 @@ STRING_SWAPS = {
     "none": "ogm",
     "pytorch1": "pytorch2",
     "pytorch2": "pytorch1",
+    "tensor": "global",
+    "global": "tensor",
+    "mmpareto": "uniform",
+    "uniform": "mgda",
+    "mgda": "mmpareto",
+    "release": "shared",
+    "shared": "release",
 }
 COMPARE_SWAPS = {
     ast.Lt: (ast.LtE, ast.GtE),

@@ -25,6 +25,7 @@ CARDS = {
     "arl.py": (["--dataset", "cremad", "--data-root", "data"], "cremad"),
     "dgl.py": (["--dataset", "ks"], "kinetics_sounds"),
     "aug.py": (["--dataset", "cremad", "--data-root", "data"], "cremad"),
+    "mmpareto.py": (["--dataset", "cremad"], "cremad"),
 }
 
 
@@ -139,6 +140,11 @@ CASES = [  # (script, flags, text the one-line error must contain)
     ("aug.py", ["--aca-check-every", 0], "--aca-check-every"),
     ("aug.py", ["--max-classifiers", -1], "--max-classifiers"),
     ("aug.py", ["--fusion", "gated"], "unrecognized arguments: --fusion gated"),
+    # MMPareto
+    ("mmpareto.py", ["--gamma", 0], "--gamma must be positive, got 0.0"),
+    ("mmpareto.py", ["--rescale", "layer"], "argument --rescale: invalid choice: 'layer'"),
+    ("mmpareto.py", ["--combine", "uniform", "--gamma", 2], "--gamma and --rescale shape MMPareto's combination"),
+    ("mmpareto.py", ["--combine", "mgda", "--rescale", "global"], "which --combine mgda does not use"),
     ("baseline.py", ["--no-save", "--resume", "x"], "--resume"),
     ("opm.py", ["--fusion", "film"], "argument --fusion: invalid choice: 'film'"),
 ]

@@ -43,6 +43,7 @@ RUNS = {
     "dgl": ("dgl.py", []),
     "dgl_two_pass": ("dgl.py", ["--dgl-impl", "two-pass"]),  # two backward passes: sync_grads instead of DDP
     "aug": ("aug.py", ["--epochs", "2", "--max-steps", "2", "--aca-check-every", "1"]),  # ACA after epoch 0
+    "mmpareto": ("mmpareto.py", []),  # three gradients per step: summed over the processes before the combination
 }
 # --resume under torchrun: stop after epoch 0, resume ("{RUN:name}": that job's run folder), compare with 2 epochs run
 # straight through (aug: the "aug" run above, which adds a classifier after epoch 0)
@@ -201,6 +202,22 @@ def test_each_step_uses_the_coefficient_of_the_summed_statistics(ddp, name):
     assert differ  # the two processes had different samples
 
 
+def test_mmpareto_combines_the_global_batch_gradients(ddp):
+    """mmpareto.py: at every step both processes sum their batch-size-weighted gradients of the three losses (one
+    reduction of every parameter's three gradients) before the combination, so the weights and the rescale are
+    those of the global batch on both (equality with one process on the whole batch, where BatchNorm does not
+    differ: tests/test_mmpareto.py test_ddp_two_processes_apply_the_global_batch_update)."""
+    (s0, _), (s1, _) = traces(ddp, "mmpareto")
+    for a, b in zip(s0, s1):
+        (n0, nsum0), (g0, gsum0) = a["reduces"][-2:]
+        (n1, nsum1), (g1, gsum1) = b["reduces"][-2:]
+        assert n0 == n1 == [2.0] and nsum0 == nsum1 == [4.0]  # the global batch: 2 + 2 samples
+        assert gsum0 == gsum1 and gsum0[0] == pytest.approx(g0[0] + g1[0], rel=1e-5, abs=1e-8)
+        assert g0 != g1  # the shards' gradients differed
+        for key in ("train/coeff_audio", "train/coeff_visual", "train/cos_audio", "train/cos_visual"):
+            assert a["step"][key] == b["step"][key], key
+
+
 def test_aug_classifier_assignment_uses_the_summed_confidence(ddp):
     for steps, _ in traces(ddp, "aug"):
         epoch1 = steps[2]
@@ -269,7 +286,7 @@ def test_resume_under_torchrun_continues_exactly(ddp, full, stopped, resumed):
         assert [s["params"] for s in steps_full[-2:]] == [s["params"] for s in steps_resumed]
 
 
-@pytest.mark.parametrize("script", ["baseline.py", "ogm.py", "opm.py", "arl.py", "dgl.py", "aug.py"])
+@pytest.mark.parametrize("script", ["baseline.py", "ogm.py", "opm.py", "arl.py", "dgl.py", "aug.py", "mmpareto.py"])
 def test_amp_and_channels_last_run_on_cpu(script, tiny_data, tmp_path):
     """Every script's training forward runs under bfloat16 autocast with --amp (the loss moves by bf16 rounding, and
     stays float32 and close), and --channels-last stores the encoders' conv kernels channels-last."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from common import cli
 
-ORDER = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug", "aug_trained"]
+ORDER = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug", "aug_trained", "mmpareto"]
 STUDY_REGIMES = ["audio-dominant", "dominant-absent", "weak-absent", "visual-dominant"]  # run_all.sh --study regimes
 SIGNAL = {  # what train/coeff_* means for each script (logged metric keys)
     "ogm": "OGM coefficient k",
@@ -28,6 +28,7 @@ SIGNAL = {  # what train/coeff_* means for each script (logged metric keys)
     "arl": "ARL weight 1+c",
     "aug": "AUG number of classifiers",
     "aug_trained": "AUG number of classifiers",
+    "mmpareto": "MMPareto weight of the fused-loss gradient alpha_m",
 }
 
 

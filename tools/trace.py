@@ -5,7 +5,8 @@
 
 Writes DIR/rank<r>.jsonl: one line per training step ({"step": the values the script logs, "time", "cpu", "peak_mb"},
 with --params also "params", a SHA-1 digest of the parameters after the step) and, under torchrun, one line per
-reduction of a statistic over the processes ({"reduce": the local values, "sum": their sum}). It wraps
+reduction of a statistic over the processes ({"reduce": the local values, "sum": their sum}; a tensor of more than
+4096 values: the sums of its elements, and "numel"). It wraps
 common.runs.Run (its log_step) and common.distributed.all_reduce_sum, then runs SCRIPT as __main__.
 """
 
@@ -79,6 +80,9 @@ def install(trace_dir, params=False):
     def traced_reduce(x):
         out = reduce(x)
         if distributed.active():
+            if isinstance(x, torch.Tensor) and x.numel() > 4096:  # gradients (mmpareto.py): their sums, not the values
+                _write({"reduce": [x.double().sum().item()], "sum": [out.double().sum().item()], "numel": x.numel()})
+                return out
             local = list(x) if isinstance(x, (list, tuple)) else x.tolist()
             _write({"reduce": local, "sum": out if isinstance(out, list) else out.tolist()})
         return out
