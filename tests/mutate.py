@@ -52,6 +52,7 @@ TESTS = {
     "arl": (["tests/test_lift.py", LIFT_MLP, "tests/test_arl.py", AMP], f"(arl or block) and {SLOW}"),
     "dgl": (["tests/test_lift_dgl_aug.py", LIFT_MLP, "tests/test_dgl.py", AMP], f"(dgl or block) and {SLOW}"),
     "aug": (["tests/test_lift_dgl_aug.py", LIFT_MLP, "tests/test_aug.py", AMP], f"(aug or aca or block) and {SLOW}"),
+    "inforeg": (["tests/test_inforeg.py"], f"not ddp and {SLOW}"),  # lift, amp audit and parity are in the file
 }
 
 # method lines besides the markers: statements with a line matching one of these (the loops' gradient clipping,
@@ -88,6 +89,10 @@ STRING_SWAPS = {
     "ogm_ge": "ogm",
     "ogm": "ogm_ge",
     "none": "ogm",
+    "paper": "release",
+    "release": "paper",
+    "on": "off",
+    "off": "on",
 }
 COMPARE_SWAPS = {
     ast.Lt: (ast.LtE, ast.GtE),
