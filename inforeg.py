@@ -129,8 +129,8 @@ from common.models import AVClassifier, unimodal_logits
 
 # per dataset, the optimisation (a flag left out takes its value here; sources in the script's docs page); the LR is
 # multiplied by --lr-gamma at each 0-based epoch of lr_milestones
+# ALGO LOGIC: the release's main.py: SGD 2e-3, batch 64, 50 epochs, StepLR(30) stepped at each epoch's end
 PRESETS = {
-    # ALGO LOGIC: the release's main.py: SGD 2e-3, batch 64, 50 epochs, StepLR(30) stepped at each epoch's end
     "cremad": dict(optimizer="sgd", lr=2e-3, lr_milestones=[30], batch_size=64, epochs=50),
     "ks": dict(optimizer="sgd", lr=2e-3, lr_milestones=[30], batch_size=64, epochs=50),
     "vggsound": dict(optimizer="sgd", lr=2e-3, lr_milestones=[30], batch_size=64, epochs=50),
@@ -213,6 +213,7 @@ if __name__ == "__main__":
     traces = ckpt["inforeg_traces"] if args.resume else {"audio": [], "visual": []}
     enc_a, enc_v = list(model.audio_net.parameters()), list(model.visual_net.parameters())
     fim_w_a, fim_w_v = fim_weights(model.audio_net), fim_weights(model.visual_net)
+
     for epoch in range(run.start_epoch, args.epochs):
         run.begin_epoch()
         # ALGO LOGIC: the epoch's windows, the anchors theta_bar (the weights now) and zeroed FIM accumulators
@@ -221,6 +222,7 @@ if __name__ == "__main__":
         open_v = paper_window_open(traces["visual"], args.window_k) if k is None else k > args.window_k
         anchor_a, anchor_v = snapshot(enc_a), snapshot(enc_v)
         fim_a, fim_v = fim_zeros(fim_w_a), fim_zeros(fim_w_v)
+
         model.train()
         seed_epoch(train_loader, args.seed * 100_003 + epoch)  # shuffle and augmentation: (seed, epoch) only
         bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=args.no_progress)
@@ -246,6 +248,7 @@ if __name__ == "__main__":
             proximal_pull(enc_v, anchor_v, beta_v)
             fim_accumulate(fim_a, fim_w_a)
             fim_accumulate(fim_v, fim_w_v)
+
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
@@ -273,6 +276,7 @@ if __name__ == "__main__":
         metrics.update({"train/fim_trace_audio": traces["audio"][-1], "train/fim_trace_visual": traces["visual"][-1]})
         if k is not None:  # ALGO LOGIC
             metrics["train/window_k"] = k
+
         scheduler.step()
         distributed.broadcast_buffers(model)  # torchrun: rank 0's BatchNorm statistics in every process
 
