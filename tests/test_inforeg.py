@@ -540,8 +540,18 @@ def test_presets_follow_the_release_and_the_paper():
             assert opt.param_groups[0]["lr"] == pytest.approx(rel_opt.param_groups[0]["lr"], rel=1e-12)
             opt.step(), rel_opt.step(), sched.step(), rel_sched.step()
     syn = inforeg.parse_args(["--variant", "release"])
-    assert syn.window_epochs == 2 and syn.epochs == 10 and syn.lr == 1e-2
-    assert inforeg.parse_args([]).window_k == 0.04
+    assert (syn.beta_audio, syn.beta_visual, syn.window_k, syn.window_epochs, syn.unimodal_loss) == (
+        0.95,
+        0.1,
+        0.05,
+        2,
+        "on",
+    )
+    paper = inforeg.parse_args([])
+    assert (paper.beta, paper.window_k, paper.unimodal_loss) == (0.9, 0.04, "off")
+    import baseline
+
+    assert inforeg.PRESETS["synthetic"] == baseline.PRESETS["synthetic"]  # the regime study compares like with like
 
 
 # ----------------------------------------------------------------------------------------------------------------
