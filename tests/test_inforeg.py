@@ -336,6 +336,7 @@ def test_paper_window_and_coefficients(blk):
     assert not blk.paper_window_open([24.0, 25.0]) and blk.paper_window_open([23.99, 25.0])  # 1 / 25 = K: closed
     assert not blk.paper_window_open([1.0, 0.0]) and not blk.paper_window_open([3.0, 1.0, 0.0])
     assert blk.paper_window_open([9.0, 1.0, 2.0]) and not blk.paper_window_open([1.0, 2.0, 1.0])  # the last two
+    assert blk.paper_window_open([1.0, 100.0, 104.5]) and not blk.paper_window_open([1.0, 100.0, 104.1])  # / T(t-1)
     for d, alpha in ((0.05, 1.046), (0.1, 1.094), (0.2, 1.194), (0.5, 1.516)):
         a_a, a_v = blk.paper_coefficients(0.3 + d, 0.3, True, True)
         assert round(a_a, 3) == alpha and a_v == 0.0
