@@ -90,13 +90,14 @@ def aug_step(
     lam,
     source="ensemble",
     clip_grad=0.0,
-    legacy_zero_grad=False,
+    zero_grad="pytorch1",
     forward=None,
     sync_grads=None,
 ):
     """One mini-batch: both encoders, an optimizer step on L_a, then one on L_v. The visual classifiers run only after
     the audio step, so they see the h it just updated. Returns {modality: {"loss": L_m, "ce": CE(P_m, y), "score":
-    sum_i score_i}} (floats). forward(fn) = fn(model) by default (e.g. under autocast); sync_grads(model), if given,
+    sum_i score_i}} (floats). zero_grad: "pytorch1" (the release on its PyTorch 1.11) or "pytorch2" (the released
+    script on PyTorch 2). forward(fn) = fn(model) by default (e.g. under autocast); sync_grads(model), if given,
     follows each backward pass (with several processes: average the gradients, as DDP would; two optimizer steps per
     batch rule DDP out)."""
     out, forward = {}, forward or (lambda fn: fn(model))
@@ -110,10 +111,10 @@ def aug_step(
         if clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
-        # legacy_zero_grad (the release on PyTorch 1.11): the audio gradients are zeroed, not deleted, so the visual
-        # step also gives the audio side a momentum and weight-decay update; every gradient is deleted at the end of
-        # the batch, so the audio step never moves the visual side
-        model.zero_grad(set_to_none=not (legacy_zero_grad and modality == "audio"))
+        # pytorch1 (zero_grad makes zero tensors): the audio gradients are zeroed, not deleted, so the visual step also
+        # gives the audio side a momentum and weight-decay update; every gradient is deleted at the end of the batch,
+        # so the audio step never moves the visual side. pytorch2 (zero_grad deletes): no step moves the other side
+        model.zero_grad(set_to_none=not (zero_grad == "pytorch1" and modality == "audio"))
         with torch.no_grad():
             out[modality] = {
                 "loss": loss.item(),
@@ -191,7 +192,10 @@ def parse_args(argv=None):
     p.add_argument("--train-new-heads", action="store_true", help="train the added classifiers (the release does not)")
     p.add_argument("--max-classifiers", type=flags.at_least(0, int), default=0, help="per modality (0 = unlimited)")
     p.add_argument("--merge-alpha", type=share, default=0.4, help="audio weight a of the test fusion a P_a + (1-a) P_v")
-    p.add_argument("--legacy-zero-grad", action="store_true", help="PyTorch 1.11's zero_grad, as the release ran")
+    zg = ["pytorch1", "pytorch2"]
+    p.add_argument("--zero-grad", default="pytorch1", choices=zg, help="zero_grad of PyTorch 1.11 (the release's) or 2")
+    old = dict(dest="zero_grad", action="store_const", const="pytorch1")
+    p.add_argument("--legacy-zero-grad", **old, help="old name of --zero-grad pytorch1")
 
     args = p.parse_args(argv)
     flags.fill(args, {**PRESETS[args.dataset], **AUG_PRESETS[args.dataset]})
@@ -213,6 +217,8 @@ def unimodal_metrics(test_logits, labels, num_classes):
 if __name__ == "__main__":
     args, ckpt = runs.saved_run(parse_args())  # --resume / --eval-only: the saved run's settings
     distributed.init_process_group(args)  # torchrun: one process per device (no-op in a single process)
+    if ckpt and "zero_grad" not in ckpt["args"]:  # a run saved before --zero-grad: --legacy-zero-grad or PyTorch 2's
+        args.zero_grad = "pytorch1" if ckpt["args"].get("legacy_zero_grad") else "pytorch2"
 
     # seeding
     random.seed(args.seed)
@@ -274,7 +280,7 @@ if __name__ == "__main__":
             audio, visual, label = spec.unsqueeze(1).to(device), frames.to(device), label.to(device)
 
             # ALGO LOGIC: an audio step on L_a, then a visual step on L_v (no fused loss); accumulate S_a and S_v
-            step_args = (args.lam_res, args.residual_source, args.clip_grad, args.legacy_zero_grad)
+            step_args = (args.lam_res, args.residual_source, args.clip_grad, args.zero_grad)
             out = aug_step(model, optimizer, audio, visual, label, *step_args, train_forward, distributed.sync_grads)
             audio_out, visual_out = out["audio"], out["visual"]
             score = [score[0] + audio_out["score"], score[1] + visual_out["score"], score[2] + label.shape[0]]

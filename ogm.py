@@ -20,11 +20,11 @@ def ogm_scores(z_a, z_v, label):
     return torch.stack([s_a, s_v])
 
 
-def ogm_coefficients(s_a, s_v, alpha, ratio_offset=0.0):
+def ogm_coefficients(s_a, s_v, alpha, ratio_offset=0.0, tie="audio"):
     """Eq. 9-10: (k_a, k_v, audio_dominant). The higher-scoring modality gets 1 - tanh(alpha (rho - offset)), the
-    other 1; a tie counts as audio dominant."""
+    other 1; an exact tie (s_a == s_v) modulates `tie`: "audio" as the CVPR release, "visual" as the T-PAMI one."""
     rho_v = float(s_v) / float(s_a)
-    if rho_v > 1:
+    if rho_v > 1 or (rho_v == 1 and tie == "visual"):
         return 1.0, 1.0 - math.tanh(alpha * (rho_v - ratio_offset)), False
     return 1.0 - math.tanh(alpha * (1.0 / rho_v - ratio_offset)), 1.0, True
 
@@ -133,6 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--modulation-starts", type=epoch, default=None, help="first epoch of the modulation window")
     p.add_argument("--modulation-ends", type=epoch, default=None, help="last epoch (inclusive) of the window")
     p.add_argument("--warmup-epochs", type=epoch, default=None, help="epochs 0..N-1 are never modulated")
+    p.add_argument("--tie-modulates", choices=["audio", "visual"], help="side modulated on a score tie")
     p.add_argument("--ratio-offset", type=flags.between(0, 1), default=0.0, help="k = 1 - tanh(alpha (rho - offset))")
     p.add_argument("--ge-std-source", default="unscaled", choices=["unscaled", "scaled"], help="std of g or of k g")
     p.add_argument("--ge-target", default="both", choices=["both", "dominant"], help="GE noise on both encoders or one")
@@ -141,6 +142,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     optimisation = TPAMI_PRESETS if args.preset == "tpami" else PRESETS
     flags.fill(args, {**optimisation[args.dataset], **OGM_PRESETS[args.preset][args.dataset]})
+    args.tie_modulates = args.tie_modulates or {"cvpr": "audio", "tpami": "visual"}[args.preset]  # ALGO LOGIC
     if args.modulation_starts > args.modulation_ends:
         p.error(f"--modulation-starts {args.modulation_starts} is after --modulation-ends {args.modulation_ends}")
     if args.modulation != "ogm_ge" and (args.ge_target != "both" or args.ge_std_source != "unscaled"):
@@ -206,7 +208,8 @@ if __name__ == "__main__":
             loss = F.cross_entropy(z, label)
             logs = {"train/loss": loss.item(), **runs.branch_logs(z_a, z_v, label)}
             s = distributed.all_reduce_sum(ogm_scores(z_a, z_v, label))  # ALGO LOGIC: Eq. 8 over the global batch
-            k_a, k_v, audio_dominant = ogm_coefficients(s[0], s[1], args.alpha, args.ratio_offset)  # ALGO LOGIC
+            # ALGO LOGIC: Eq. 9-10 (the side modulated on an exact tie: the preset's release)
+            k_a, k_v, audio_dominant = ogm_coefficients(s[0], s[1], args.alpha, args.ratio_offset, args.tie_modulates)
 
             optimizer.zero_grad()
             loss.backward()

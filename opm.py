@@ -88,9 +88,22 @@ def opm_drop(a, v, label, q_a, q_v, p_exe, generator, rescale="mean", world_size
     return a, v, label, True, (1 - keep_a.mean().item(), 1 - keep_v.mean().item())
 
 
+def theta_loss(z_a, z_v, label, q_base, lam):
+    """theta^2 / 2, theta = (q_a + q_v) / 2 computed with torch from the scores of z_a, z_v, so it keeps their graph.
+    Added to the loss of a step whose drop is executed, its gradient theta * d(theta) is the extra term of the journal
+    release, whose custom autograd function returns theta as theta's own gradient (z_a, z_v: the half-bias logits of
+    the undropped features through a frozen head, as the release's scores; only with --release-theta-grad)."""
+    s_a = torch.softmax(z_a, 1).gather(1, label[:, None]).sum()
+    s_v = torch.softmax(z_v, 1).gather(1, label[:, None]).sum()
+    r_a, r_v = torch.tanh(torch.relu(s_a / s_v - 1)), torch.tanh(torch.relu(s_v / s_a - 1))
+    q = torch.stack([q_base * (1 + lam * r_a) * (r_a > 0), q_base * (1 + lam * r_v) * (r_v > 0)]).clamp(0, 1)
+    return q.mean() ** 2 / 2
+
+
 # END ALGO LOGIC BLOCK
 
 # isort: split
+import copy
 import random
 
 import numpy as np
@@ -101,6 +114,14 @@ from common import distributed, flags, runs, speed
 from common.data import build_datasets, make_loaders, seed_epoch
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
+
+
+def release_theta_term(head, a, v, label, q_base, lam):
+    """--release-theta-grad: theta_loss of the undropped features' half-bias logits through a frozen copy of the head
+    (the release detaches W and b, not the features), so its gradient reaches only the encoders."""
+    frozen = copy.deepcopy(head).requires_grad_(False)
+    return theta_loss(*unimodal_logits(frozen, *frozen(a, v)[:2], bias="half"), label, q_base, lam)
+
 
 # per dataset, the optimisation (a flag left out takes its value here; sources in the script's docs page); the LR is
 # multiplied by --lr-gamma at each 0-based epoch of lr_milestones
@@ -131,6 +152,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=epoch, default=None, help="epochs 0..N-1 are plain joint training")
     p.add_argument("--opm-window", type=epoch, nargs=2, metavar=("START", "END"), help="drop only in these epochs")
     p.add_argument("--rescale", default="mean", choices=["mean", "per-modality", "none"], help="the dropout rescale")
+    p.add_argument("--release-theta-grad", action="store_true", help="the journal release's extra theta gradient")
 
     args = p.parse_args(argv)
     flags.fill(args, {**PRESETS[args.dataset], **OPM_PRESETS[args.dataset]})
@@ -138,12 +160,16 @@ def parse_args(argv=None):
         p.error(f"--opm-window {args.opm_window[0]} {args.opm_window[1]}: START is after END")
     if args.opm_window and args.opm_window[1] < args.warmup_epochs:
         p.error(f"--opm-window ends at epoch {args.opm_window[1]}, before --warmup-epochs {args.warmup_epochs} ends")
+    if args.release_theta_grad and args.rescale != "mean":
+        p.error(f"--release-theta-grad differentiates theta = mean(q) of --rescale mean, not --rescale {args.rescale}")
     return args
 
 
 if __name__ == "__main__":
     args, ckpt = runs.saved_run(parse_args())  # --resume / --eval-only: the saved run's settings
     distributed.init_process_group(args)  # torchrun: one process per device (no-op in a single process)
+    if args.release_theta_grad and distributed.world_size() > 1:
+        raise SystemExit("error: --release-theta-grad needs one process (its theta is the whole batch's)")
 
     # seeding
     random.seed(args.seed)
@@ -202,6 +228,8 @@ if __name__ == "__main__":
             q_a, q_v, executed, y, dropped = 0.0, 0.0, False, label, (0.0, 0.0)  # ALGO LOGIC: no drop by default
             if opm_on:  # ALGO LOGIC: drop probabilities; with probability p_exe mask, rescale, remove empty samples
                 q_a, q_v = drop_probabilities(s[0].item(), s[1].item(), args.q_base, args.lam)
+                if args.release_theta_grad:  # ALGO LOGIC: theta^2 / 2 of the undropped batch, added on executed drops
+                    theta_term = release_theta_term(model.head, a, v, label, args.q_base, args.lam)
                 world, rank = distributed.world_size(), distributed.rank()  # every process draws the global masks
                 a, v, y, executed, dropped = opm_drop(
                     a, v, label, q_a, q_v, args.p_exe, opm_gen, args.rescale, world, rank
@@ -216,7 +244,7 @@ if __name__ == "__main__":
             logs = {"train/loss": loss.item(), **runs.branch_logs(z_a, z_v, label)}
 
             optimizer.zero_grad()
-            loss.backward()
+            (loss + theta_term if executed and args.release_theta_grad else loss).backward()  # ALGO LOGIC
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()

@@ -172,54 +172,16 @@ class AVDataset(torch.utils.data.Dataset):
         return [(load_image if legacy else load_frame)(os.path.join(c.frame_dir, names[k])) for k in idx]
 
 
-# dataset name -> facts and default loader parameters (docs/data.md)
-DATASETS = {
-    "cremad": dict(
-        num_classes=6,
-        n_frames=1,
-        frame_size=224,
-        audio="cremad",
-        subdir="cremad",
-        num_workers=4,
-        layout="cremad",
-        classes=CREMAD_LABELS,
-        prepare="python -m preprocess.cremad",
-    ),
-    "ks": dict(
-        num_classes=31,
-        n_frames=3,
-        frame_size=224,
-        audio="stft16k",
-        subdir="kinetics_sounds",
-        num_workers=4,
-        layout="flat",
-        classes=KS_CLASSES,
-        prepare="python -m preprocess.kinetics_sounds",
-    ),
-    # vggsound: the class list is the data folder's classes.txt; synthetic: written on first use
-    "vggsound": dict(
-        num_classes=309,
-        n_frames=3,
-        frame_size=224,
-        audio="stft16k",
-        subdir="vggsound",
-        num_workers=4,
-        layout="flat",
-        classes=None,
-        prepare="python -m preprocess.vggsound",
-    ),
-    "synthetic": dict(
-        num_classes=6,
-        n_frames=1,
-        frame_size=32,
-        audio="synthetic",
-        subdir="synthetic",
-        num_workers=0,
-        layout="cremad",
-        classes=CREMAD_LABELS,
-        prepare=None,
-    ),
+# dataset name -> facts and default loader parameters (docs/data.md), one row each. vggsound: the class list is the
+# data folder's classes.txt; synthetic: written on first use
+FIELDS = ("num_classes", "n_frames", "frame_size", "audio", "subdir", "num_workers", "layout", "classes", "prepare")
+ROWS = {
+    "cremad": (6, 1, 224, "cremad", "cremad", 4, "cremad", CREMAD_LABELS, "python -m preprocess.cremad"),
+    "ks": (31, 3, 224, "stft16k", "kinetics_sounds", 4, "flat", KS_CLASSES, "python -m preprocess.kinetics_sounds"),
+    "vggsound": (309, 3, 224, "stft16k", "vggsound", 4, "flat", None, "python -m preprocess.vggsound"),
+    "synthetic": (6, 1, 32, "synthetic", "synthetic", 0, "cremad", CREMAD_LABELS, None),
 }
+DATASETS = {name: dict(zip(FIELDS, row, strict=True)) for name, row in ROWS.items()}
 
 
 def audio_config(args):
@@ -278,12 +240,13 @@ def build_datasets(args):
             if not distributed.is_main():
                 ensure_synthetic(root)  # the set is there now: this takes the readers' lock
         for split, train in (("train", True), ("test", False)):
+            index = "recheck" if args.recheck_clips else "use"  # the clip index (clip_index.py)
             if facts["layout"] == "cremad":
-                clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"])
+                clips, skipped = cremad_clips(root, split, n_frames, prepare=facts["prepare"], index=index)
                 classes = facts["classes"]
             else:
                 clips, skipped, classes = flat_clips(
-                    root, split, n_frames, args.dataset, facts["classes"], prepare=facts["prepare"]
+                    root, split, n_frames, args.dataset, facts["classes"], prepare=facts["prepare"], index=index
                 )
             ds = AVDataset(clips, audio_cfg, frame_cfg, train, classes)
             ds.skipped = skipped

@@ -21,7 +21,7 @@ __all__ = ["parser", "add_data_args", "add_speed_args", "fill", "check", "at_lea
 # every other flag from the saved run
 OPERATIONAL = {"resume", "stop_after_epochs", "eval_only", "checkpoint", "device", "num_workers", "data_root"}
 OPERATIONAL |= {"no_progress", "runs_dir", "channels_last", "compile", "cudnn_benchmark", "pin_memory"}
-OPERATIONAL |= {"persistent_workers"}
+OPERATIONAL |= {"persistent_workers", "recheck_clips"}
 
 
 def parser(doc, script_file):
@@ -78,6 +78,7 @@ def add_data_args(p):
         "--cache-frame-side", type=at_least(0, int), default=256, help="cached frames' short side (0: as is)"
     )
     g.add_argument("--legacy-loader", action="store_true", help="the previous loader (docs/data.md)")
+    g.add_argument("--recheck-clips", action="store_true", help="check every clip's files, rewrite the clip index")
     g.add_argument("--in-memory", action="store_true", help="random in-memory tensors: the model step alone")
     return p
 

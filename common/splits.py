@@ -7,8 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from common.audio import check_wav
-from common.frames import check_image, list_frames
+from common import clip_index
 
 CREMAD_LABELS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # fixed order (docs/data.md)
 KS_CLASSES = [
@@ -62,46 +61,34 @@ def read_rows(path):
     """Rows of a header-less CSV/TXT split file: BOM stripped, CRLF or LF, blank lines ignored."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split file {path} not found; run the preprocess step or pass --data-root")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return [
-            (n, [x.strip() for x in row])
-            for n, row in enumerate(csv.reader(f), 1)
-            if row and any(x.strip() for x in row)
-        ]
+    with open(path, newline="", encoding="utf-8-sig") as f, clip_index.gc_paused():  # (start-up at 200k rows)
+        stripped = ((n, [x.strip() for x in row]) for n, row in enumerate(csv.reader(f), 1))
+        return [(n, row) for n, row in stripped if any(row)]  # each field stripped once
 
 
-def index_clips(rows, split_path, label_of, wav_of, frames_of, n_frames):
+def index_clips(rows, split_path, label_of, wav_of, frames_of, n_frames, index=None, mode="use"):
     """Pair audio and frames by clip id; drop (with one warning counting each reason) clips whose files are missing,
-    short, or fail the start-up check of their headers (common/audio.py check_wav, common/frames.py check_image)."""
-    clips, skipped, seen = [], {}, set()
-    for line, row in rows:
-        clip_id, label = label_of(line, row)
-        if clip_id in seen:
-            skipped.setdefault("duplicate row", []).append(clip_id)
-            continue
-        seen.add(clip_id)
-        wav, frame_dir = wav_of(clip_id), frames_of(clip_id)
-        if not os.path.isfile(wav):
-            skipped.setdefault("missing wav", []).append(clip_id)
-            continue
-        problem = check_wav(wav)  # header, sample width and declared length against the file size
-        if problem:
-            skipped.setdefault(problem, []).append(clip_id)
-            continue
-        names = list_frames(frame_dir)
-        if not names:
-            skipped.setdefault("missing frames", []).append(clip_id)
-            continue
-        if len(names) < n_frames:
-            skipped.setdefault(f"fewer than {n_frames} frames", []).append(clip_id)
-            continue
-        # every frame file, not only those this split draws: the clip set never depends on the frame flags
-        problem = next((p for p in (check_image(os.path.join(frame_dir, n)) for n in names) if p), None)
-        if problem:
-            skipped.setdefault(problem, []).append(clip_id)
-            continue
-        assert os.path.splitext(os.path.basename(wav))[0] == os.path.basename(os.path.normpath(frame_dir)) == clip_id
-        clips.append(Clip(clip_id, wav, frame_dir, label))
+    short, or fail the start-up check of their headers (common/clip_index.py check_clip), found through the clip
+    index at `index` (None: every clip's files checked; `mode`: common/clip_index.py clip_facts)."""
+    with clip_index.gc_paused():  # a million small objects at 200k clips (docs/data.md, "The clip index")
+        labelled = [label_of(line, row) for line, row in rows]  # every row's label, before any file is looked at
+        paths = {c: (wav_of(c), frames_of(c)) for c, _ in labelled}
+        facts = clip_index.clip_facts(index, paths, (wav_of("\0"), frames_of("\0")), mode)
+        clips, skipped, seen = [], {}, set()
+        for clip_id, label in labelled:
+            if clip_id in seen:
+                skipped.setdefault("duplicate row", []).append(clip_id)
+                continue
+            seen.add(clip_id)
+            problem, n_found, frame_problem = facts[clip_id]
+            problem = problem or (f"fewer than {n_frames} frames" if n_found < n_frames else frame_problem)
+            if problem:
+                skipped.setdefault(problem, []).append(clip_id)
+                continue
+            wav, frame_dir = paths[clip_id]
+            wav_name = os.path.splitext(os.path.basename(wav))[0]
+            assert wav_name == os.path.basename(os.path.normpath(frame_dir)) == clip_id
+            clips.append(Clip(clip_id, wav, frame_dir, label))
     if skipped:
         total = sum(len(v) for v in skipped.values())
         parts = "; ".join(f"{k}: {len(v)} (first: {', '.join(v[:3])})" for k, v in skipped.items())
@@ -119,8 +106,9 @@ def _check_root(root, prepare=None):
         raise FileNotFoundError(f"dataset root {root} not found; {how} or pass --data-root")
 
 
-def cremad_clips(root, split, n_frames, fps=1, prepare="python -m preprocess.cremad"):
-    """CREMA-D layout (docs/data.md): AudioWAV/<id>.wav, Image-01-FPS/<id>/*.jpg, {train,test}.csv rows `<id>,<EMO>`."""
+def cremad_clips(root, split, n_frames, fps=1, prepare="python -m preprocess.cremad", index="use"):
+    """CREMA-D layout (docs/data.md): AudioWAV/<id>.wav, Image-01-FPS/<id>/*.jpg, {train,test}.csv rows `<id>,<EMO>`.
+    `index`: the clip index <root>/clip_index.<split>.json, "use" (default), "recheck" or "off" (clip_index.py)."""
     _check_root(root, prepare)
     split_path = next(
         (
@@ -145,6 +133,8 @@ def cremad_clips(root, split, n_frames, fps=1, prepare="python -m preprocess.cre
         lambda c: os.path.join(root, "AudioWAV", f"{c}.wav"),
         lambda c: os.path.join(root, f"Image-{fps:02d}-FPS", c),
         n_frames,
+        clip_index.index_path(root, split),
+        index,
     )
 
 
@@ -153,13 +143,13 @@ def read_classes(path):
         return [line.strip() for line in f if line.strip()]
 
 
-def flat_clips(root, split, n_frames, dataset, default_classes=None, prepare=None):
+def flat_clips(root, split, n_frames, dataset, default_classes=None, prepare=None, index="use"):
     """Flat layout (docs/data.md), used for Kinetics-Sounds and VGGSound.
 
     <root>/classes.txt, <root>/audio/<id>.wav, <root>/frames/<id>/*.jpg and one split file, tried in order:
     splits/{split}.csv (`<id>,<label>`), my_{split}.txt (the official KS rows `<id>,10,<label>`), or, for VGGSound,
     the official vggsound.csv (`<ytid>,<start>,<label text>,<split>`, labels sorted alphabetically).
-    Labels may be indices or class names.
+    Labels may be indices or class names. `index`: the clip index, as in cremad_clips.
     """
     _check_root(root, prepare)
     classes_path = os.path.join(root, "classes.txt")
@@ -198,5 +188,7 @@ def flat_clips(root, split, n_frames, dataset, default_classes=None, prepare=Non
         lambda c: os.path.join(root, "audio", f"{c}.wav"),
         lambda c: os.path.join(root, "frames", c),
         n_frames,
+        clip_index.index_path(root, split),
+        index,
     )
     return clips, skipped, classes

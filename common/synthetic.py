@@ -21,6 +21,7 @@ REGIMES names the settings the demo and the regime study use.
 """
 
 import fcntl
+import inspect
 import json
 import os
 import shutil
@@ -72,23 +73,6 @@ def make_frame(rng, label, colours, px, strength, informative=True, noise_level=
     img = img + rng.normal(0, 50 * noise_level, (px, px, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
-
-DEFAULTS = dict(
-    n_train=600,
-    n_test=300,
-    n_classes=6,
-    sample_rate=16000,
-    audio_seconds=1.0,
-    frame_px=40,
-    min_frames=2,
-    max_frames=3,
-    audio_snr=1.0,
-    visual_strength=0.2,
-    uninformative_audio=0.3,
-    uninformative_visual=0.0,
-    noise=1.0,
-    seed=0,
-)
 
 # the cue strengths when audio / visual dominates: (audio_snr, visual_strength). Measured alone (4 epochs): the easy
 # tone and the easy square are learned in 1-2 epochs; the faint square and the faint tone take the whole run.
@@ -202,6 +186,9 @@ def generate(
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
     return meta
+
+
+DEFAULTS = {k: p.default for k, p in inspect.signature(generate).parameters.items() if k != "out"}  # the default set
 
 
 _READ_LOCKS = {}  # root -> open lock file, held (shared) for the life of the process: "this set is being read"

@@ -9,31 +9,18 @@ Output: the flat layout the loader reads (docs/data.md): classes.txt, splits/{tr
 frames/<id>/<NNNNN>.jpg. Parallel, resumable (finished clips are skipped), failed clips counted at the end.
 """
 
-import argparse
-import glob
 import os
 
 from common import cli
 from common.splits import KS_CLASSES, read_rows
-from preprocess.video import process_clip, report_failures, require_ffmpeg, run_parallel, write_split
-
-
-def find_videos(root):
-    return {
-        os.path.splitext(os.path.basename(v))[0]: v
-        for v in glob.glob(os.path.join(root, "**", "*.mp4"), recursive=True)
-    }
+from preprocess import video
 
 
 def main(argv=None):
-    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # one-line errors
+    p = video.video_parser(__doc__, "data/kinetics_sounds")  # --out, --sample-rate, --workers
     p.add_argument("--videos", required=True, help="folder of <clip_id>.mp4 files (searched recursively)")
     p.add_argument("--splits", required=True, help="folder holding my_train.txt and my_test.txt")
-    p.add_argument("--out", default="data/kinetics_sounds", help="output folder")
-    p.add_argument("--sample-rate", type=int, default=16000, help="wav sample rate")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     a = p.parse_args(argv)
-    cli.check(a, "workers", lambda x: x > 0, "positive")
     cli.require(a.videos, "--videos", "pass the folder of the downloaded <clip_id>.mp4 files")
     for split in ("train", "test"):
         cli.require(
@@ -42,8 +29,8 @@ def main(argv=None):
             "it must hold the official my_train.txt and my_test.txt",
             kind="file",
         )
-    require_ffmpeg()
-    videos = find_videos(a.videos)
+    video.require_ffmpeg()
+    videos = video.find_videos(a.videos)
     os.makedirs(os.path.join(a.out, "audio"), exist_ok=True)
     with open(os.path.join(a.out, "classes.txt"), "w") as f:
         f.writelines(c + "\n" for c in KS_CLASSES)
@@ -58,12 +45,12 @@ def main(argv=None):
                 continue
             kept.append((clip_id, label))
             jobs.append((videos[clip_id], clip_id, a.out, a.sample_rate))
-        write_split(os.path.join(a.out, "splits", f"{split}.csv"), kept)
+        video.write_split(os.path.join(a.out, "splits", f"{split}.csv"), kept)
         print(f"{split}: {len(kept)} of {len(rows)} listed clips have a video")
     if missing:
         print(f"{missing} listed clips have no video under {a.videos} (YouTube attrition); they are left out")
-    failed = run_parallel(process_clip, jobs, a.workers, "Kinetics-Sounds clips")
-    report_failures(failed, len(jobs), os.path.join(a.out, "failed.txt"))
+    failed = video.run_parallel(video.process_clip, jobs, a.workers, "Kinetics-Sounds clips")
+    video.report_failures(failed, len(jobs), os.path.join(a.out, "failed.txt"))
 
 
 if __name__ == "__main__":

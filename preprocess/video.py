@@ -1,6 +1,9 @@
 """Shared preprocessing steps: 1-fps JPEG frames (OpenCV), 16 kHz mono wav (the ffmpeg command line), a resumable
-parallel runner with a progress bar and a count of failed clips, and split-file writing."""
+parallel runner with a progress bar and a count of failed clips, split-file writing, the video search and the
+scripts' shared flags."""
 
+import argparse
+import glob
 import os
 import shutil
 import subprocess
@@ -8,6 +11,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import cv2
 from tqdm import tqdm
+
+from common import cli
 
 DONE = ".done"  # marker written last in a clip's frame folder: a clip with it is finished and skipped on re-runs
 
@@ -125,3 +130,18 @@ def process_clip(video, clip_id, out, sample_rate, need_audio=True):
     shutil.rmtree(frame_dir, ignore_errors=True)  # a half-written folder from an interrupted run
     extract_frames(video, frame_dir)
     open(os.path.join(frame_dir, DONE), "w").close()
+
+
+def find_videos(root):
+    """{clip id: path} of every <clip id>.mp4 below root (searched recursively)."""
+    paths = glob.glob(os.path.join(root, "**", "*.mp4"), recursive=True)
+    return {os.path.splitext(os.path.basename(v))[0]: v for v in paths}
+
+
+def video_parser(doc, out):
+    """The parser of a video preprocessing script (one-line errors): --out (default `out`), --sample-rate, --workers."""
+    p = cli.Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--sample-rate", type=cli.positive(int), default=16000, help="wav sample rate")
+    p.add_argument("--workers", type=cli.positive(int), default=os.cpu_count(), help="parallel processes")
+    return p

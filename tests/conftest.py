@@ -32,6 +32,12 @@ sys.path.insert(0, ROOT)
 
 from common.synthetic import generate  # noqa: E402
 
+# the metric vocabulary every method script logs (docs/baseline.md); methods with a per-modality coefficient add
+# COEFF_KEYS (train/coeff_audio, train/coeff_visual: what each means is in tools/report.py SIGNAL)
+METRIC_KEYS = ["train/loss", "train/loss_audio", "train/loss_visual", "train/ratio", "test/acc", "test/acc_audio"]
+METRIC_KEYS += ["test/acc_visual", "test/macro_f1", "test/map", "charts/lr", "charts/samples_per_sec"]
+COEFF_KEYS = ["train/coeff_audio", "train/coeff_visual"]
+
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's tmp_path factory reads the option
 def pytest_configure(config):
@@ -72,22 +78,15 @@ def tiny_data(tmp_path_factory):
     return str(root)
 
 
+def tiny_flags(data_root, runs_dir, extra):
+    """The flags of a tiny test run: the synthetic set at data_root, runs under runs_dir, batch 4, then `extra`."""
+    tiny = ["--dataset", "synthetic", "--data-root", data_root, "--runs-dir", runs_dir, "--no-progress"]
+    return [str(x) for x in (*tiny, "--batch-size", 4, *extra)]
+
+
 def run_script(script, data_root, runs_dir, *extra, check=True):
     """Run `python <script> --dataset synthetic ...` tiny; return (completed process, run folder or None)."""
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, script),
-        "--dataset",
-        "synthetic",
-        "--data-root",
-        str(data_root),
-        "--runs-dir",
-        str(runs_dir),
-        "--no-progress",
-        "--batch-size",
-        "4",
-        *map(str, extra),
-    ]
+    cmd = [sys.executable, os.path.join(ROOT, script), *tiny_flags(data_root, runs_dir, extra)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if check and proc.returncode != 0:
@@ -99,19 +98,7 @@ def run_script(script, data_root, runs_dir, *extra, check=True):
 def run_inproc(script, data_root, runs_dir, *extra):
     """`python <script> --dataset synthetic ... --batch-size 4 <extra>` in this process with runpy (the same code path,
     without an interpreter start-up); returns the newest run folder. A non-zero exit is raised."""
-    argv = [
-        script,
-        "--dataset",
-        "synthetic",
-        "--data-root",
-        str(data_root),
-        "--runs-dir",
-        str(runs_dir),
-        "--no-progress",
-        "--batch-size",
-        "4",
-        *map(str, extra),
-    ]
+    argv = [script, *tiny_flags(data_root, runs_dir, extra)]
     old, sys.argv = sys.argv, argv
     try:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")

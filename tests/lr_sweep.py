@@ -30,13 +30,12 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from mlp_toy import C, MLPModel, make_data, probe_accuracy, split_logits  # noqa: E402
+from mlp_toy import C, ConcatHead, MLPModel, make_data, probe_accuracy, split_logits, zero_fill  # noqa: E402
 
 import arl  # noqa: E402
 import aug  # noqa: E402
@@ -51,22 +50,6 @@ DEAD_PROBE = 1 / C + 0.10
 
 class Diverged(Exception):
     pass
-
-
-class ConcatHead(nn.Module):
-    """DGL's head interface around a plain concat head: head(a, v) -> (a, v, z)."""
-
-    def __init__(self, fc):
-        super().__init__()
-        self.fc = fc
-
-    def forward(self, a, v):
-        return a, v, self.fc(torch.cat([a, v], 1))
-
-
-def zero_fill(head, f_a, f_v):
-    """DGL's readout: zero-fill unimodal logits (full bias) of the head it is handed."""
-    return split_logits(head.fc, f_a, f_v, "full")
 
 
 def batches(data, epoch, seed):

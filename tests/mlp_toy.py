@@ -48,6 +48,22 @@ TEMPLATES = (torch.randn(C, IN_A, generator=_g), torch.randn(C, IN_V, generator=
 NOISE_A, NOISE_V = 0.3, 1.6  # audio nearly noise-free (easy), visual noisy (learnable alone, harder)
 
 
+class ConcatHead(nn.Module):
+    """The adapter docs/dgl.md gives: DGL's head(a, v) -> (f_a, f_v, z) around the user's nn.Linear on the concat."""
+
+    def __init__(self, fc):
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, a, v):
+        return a, v, self.fc(torch.cat([a, v], 1))
+
+
+def zero_fill(head, f_a, f_v):
+    """DGL's readout for ConcatHead: zero-fill unimodal logits (full bias) of the head it is handed."""
+    return split_logits(head.fc, f_a, f_v, "full")
+
+
 def make_data(n, seed, dominant="audio"):
     """(x_a, x_v, y): n samples, balanced classes in shuffled order, each modality = its class template + Gaussian
     noise. dominant="visual" swaps the noise levels."""

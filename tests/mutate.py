@@ -46,12 +46,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOW = "not imbalance and not smoke_cli"
 AMP = "tests/test_amp_gradients.py"  # the gradient surgery under --amp, measured against an unscaled step
 LIFT_MLP = "tests/test_lift_mlp.py"  # the blocks on an MLP model with a plain linear head (unequal widths)
-TESTS = {
-    "ogm": (["tests/test_lift.py", LIFT_MLP, "tests/test_ogm.py", AMP], f"(ogm or block) and {SLOW}"),
-    "opm": (["tests/test_lift.py", LIFT_MLP, "tests/test_opm.py"], f"(opm or block) and {SLOW}"),
-    "arl": (["tests/test_lift.py", LIFT_MLP, "tests/test_arl.py", AMP], f"(arl or block) and {SLOW}"),
-    "dgl": (["tests/test_lift_dgl_aug.py", LIFT_MLP, "tests/test_dgl.py", AMP], f"(dgl or block) and {SLOW}"),
-    "aug": (["tests/test_lift_dgl_aug.py", LIFT_MLP, "tests/test_aug.py", AMP], f"(aug or aca or block) and {SLOW}"),
+TESTS = {  # the release-parity tests last: the script's loop against the release's step (docs/parity.md)
+    "ogm": (
+        ["tests/test_lift.py", LIFT_MLP, "tests/test_ogm.py", AMP, "tests/test_parity_ogm.py"],
+        f"(ogm or block) and {SLOW}",
+    ),
+    "opm": (
+        ["tests/test_lift.py", LIFT_MLP, "tests/test_opm.py", "tests/test_parity_opm.py"],
+        f"(opm or block) and {SLOW}",
+    ),
+    "arl": (
+        ["tests/test_lift.py", LIFT_MLP, "tests/test_arl.py", AMP, "tests/test_parity_arl.py"],
+        f"(arl or block) and {SLOW}",
+    ),
+    "dgl": (
+        ["tests/test_lift_dgl_aug.py", LIFT_MLP, "tests/test_dgl.py", AMP, "tests/test_parity_dgl.py"],
+        f"(dgl or block) and {SLOW}",
+    ),
+    "aug": (
+        ["tests/test_lift_dgl_aug.py", LIFT_MLP, "tests/test_aug.py", AMP, "tests/test_parity_aug.py"],
+        f"(aug or aca or block) and {SLOW}",
+    ),
     "inforeg": (["tests/test_inforeg.py"], f"not ddp and {SLOW}"),  # lift, amp audit and parity are in the file
 }
 
@@ -93,6 +108,8 @@ STRING_SWAPS = {
     "release": "paper",
     "on": "off",
     "off": "on",
+    "pytorch1": "pytorch2",
+    "pytorch2": "pytorch1",
 }
 COMPARE_SWAPS = {
     ast.Lt: (ast.LtE, ast.GtE),

@@ -99,12 +99,19 @@ def ratio(got, ref):
 ARL_T = 8.0  # the synthetic preset's temperature
 
 
-def arl_reduce(c_a):
-    """A stand-in for the sum over processes that makes ARL's coefficients (c_a, 1 - c_a) at every step: equal
-    entropies (w_a = 1/2) and the dependence share d_a = 1/2 - logit(c_a) / T, so c_a = sigmoid(T (w_a - d_a))."""
-    d_a = 0.5 - math.log(c_a / (1 - c_a)) / ARL_T
+ARL_C_A = (0.8, 0.3)  # c_a of the coefficients arl_reduce makes at step 0 and step 1
+
+
+def arl_reduce(c_as=ARL_C_A):
+    """A stand-in for the sum over processes that makes ARL's coefficients (c_a, 1 - c_a) with c_a = c_as[k] at its
+    k-th call (one call per step): equal entropies (w_a = 1/2) and the dependence share d_a = 1/2 - logit(c_a) / T,
+    so c_a = sigmoid(T (w_a - d_a))."""
+    calls = []
 
     def reduce(sums):
+        c_a = c_as[min(len(calls), len(c_as) - 1)]
+        calls.append(c_a)
+        d_a = 0.5 - math.log(c_a / (1 - c_a)) / ARL_T
         c = (sums.numel() - 3) // 2
         n = sums[-1]
         out = torch.cat([torch.full((c,), d_a / c), torch.full((c,), (1 - d_a) / c), torch.ones(2)]).to(sums) * n
@@ -113,10 +120,10 @@ def arl_reduce(c_a):
     return reduce
 
 
-def arl_grads(tiny_data, tmp_path, timing, *flags, warmup=0, c_a=0.8):
-    """Step 1 (the second step) of arl.py: with --arl-coeff-timing previous it applies step 0's coefficients, with
-    current its own; both are (c_a, 1 - c_a). warmup=1: the same step unscaled (the warm-up with --gamma 1 trains the
-    same loss)."""
+def arl_grads(tiny_data, tmp_path, timing, *flags, warmup=0):
+    """Step 1 (the second step) of arl.py: with --arl-coeff-timing previous it applies step 0's coefficients
+    (c_a = 0.8), with current its own (c_a = 0.3). warmup=1: the same step unscaled (the warm-up with --gamma 1 trains
+    the same loss)."""
     recs = train_steps(
         "arl.py",
         tiny_data,
@@ -131,7 +138,7 @@ def arl_grads(tiny_data, tmp_path, timing, *flags, warmup=0, c_a=0.8):
         "--clip-grad",
         "0",
         *flags,
-        reduce=arl_reduce(c_a),
+        reduce=arl_reduce(),
     )
     return recs[1]
 
@@ -154,7 +161,8 @@ ARL_CASES = {  # flags: the timings checked (each against the same unscaled step
 @pytest.mark.parametrize("case", ARL_CASES)
 def test_arl_encoder_gradients_times_one_plus_c(monkeypatch, tiny_data, tmp_path, case):
     """Encoder m's gradient is (1 + c_m) times the unscaled step's, the head's is unchanged, and train/coeff_* logs
-    the multipliers that acted: c = (0.8, 0.2), for each timing and speed flag."""
+    the multipliers that acted, for each timing and speed flag. The coefficients change from step to step (c_a 0.8,
+    then 0.3), so the second step tells the timings apart: previous applies (0.8, 0.2), current (0.3, 0.7)."""
     flags, timings = ARL_CASES[case]
     amp = "--amp" in flags
     if "--compile" in flags:
@@ -163,8 +171,11 @@ def test_arl_encoder_gradients_times_one_plus_c(monkeypatch, tiny_data, tmp_path
     assert ref["stats"]["train/coeff_audio"] == ref["stats"]["train/coeff_visual"] == 1.0
     for timing in timings:
         got = arl_grads(tiny_data, tmp_path / timing, timing, *flags)
-        assert (got["stats"]["train/coeff_audio"], got["stats"]["train/coeff_visual"]) == pytest.approx((1.8, 1.2))
-        for role, want in (("audio_net", 1.8), ("visual_net", 1.2), ("head", 1.0)):
+        c_a = ARL_C_A[0] if timing == "previous" else ARL_C_A[1]
+        assert (got["stats"]["train/coeff_audio"], got["stats"]["train/coeff_visual"]) == pytest.approx(
+            (1 + c_a, 2 - c_a)
+        )
+        for role, want in (("audio_net", 1 + c_a), ("visual_net", 2 - c_a), ("head", 1.0)):
             r, cos = ratio(flat(got["grads"], role), flat(ref["grads"], role))
             # bfloat16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3): with --amp the ratio holds to 6e-3
             assert r == pytest.approx(want, rel=6e-3 if amp else 1e-5), (timing, role)
@@ -209,7 +220,7 @@ def test_dgl_truncations_under_amp(tiny_data, tmp_path):
     flags = ("--amp", "--channels-last", "--clip-grad", "0")
     g2 = train_steps("dgl.py", tiny_data, tmp_path / "a2", 1, "--alpha", "2", *flags)[0]["grads"]
     g4 = train_steps("dgl.py", tiny_data, tmp_path / "a4", 1, "--alpha", "4", *flags)[0]["grads"]
-    two = train_steps("dgl.py", tiny_data, tmp_path / "two", 1, "--alpha", "4", "--dgl-impl", "two-pass", *flags)[0][
+    two = train_steps("dgl.py", tiny_data, tmp_path / "two", 1, *"--alpha 4 --dgl-impl two-pass".split(), *flags)[0][
         "grads"
     ]
     for role in ("audio_net", "visual_net", "head"):
@@ -222,10 +233,20 @@ def test_dgl_truncations_under_amp(tiny_data, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # AUG: per batch an audio step that moves only audio parameters, then a visual step that moves only visual ones
 # ---------------------------------------------------------------------------------------------------------------
-def test_aug_steps_move_one_modality_under_amp(tiny_data, tmp_path):
-    audio_step, visual_step = train_steps("aug.py", tiny_data, tmp_path, 1, "--amp", "--channels-last", freeze=False)
+@pytest.mark.parametrize("zero_grad", ["pytorch1", "pytorch2"])
+def test_aug_steps_move_one_modality_under_amp(tiny_data, tmp_path, zero_grad):
+    """The audio step moves only the audio side and the head; the visual step only the visual side and the head, and
+    with --zero-grad pytorch1 (the default) also the audio side, whose gradients are zero tensors (momentum and weight
+    decay alone)."""
+    audio_step, visual_step = train_steps(
+        "aug.py", tiny_data, tmp_path, 1, *"--amp --channels-last --zero-grad".split(), zero_grad, freeze=False
+    )
     for step, mine, other in ((audio_step, "audio", "visual"), (visual_step, "visual", "audio")):
         for role in (f"{other}_net", f"{other}_classifiers"):
+            if zero_grad == "pytorch1" and mine == "visual":
+                assert not flat(step["grads"], role).any(), role
+                assert not torch.equal(flat(step["after"], role), flat(step["before"], role)), role
+                continue
             assert flat(step["grads"], role) is None, (mine, role)
             assert torch.equal(flat(step["after"], role), flat(step["before"], role)), (mine, role)
         for role in (f"{mine}_net", f"{mine}_classifiers", "head"):

@@ -45,7 +45,7 @@ def step(model, opt, audio, visual, label, args, **kw):
         args.lam_res,
         args.residual_source,
         args.clip_grad,
-        args.legacy_zero_grad,
+        args.zero_grad,
         **kw,
     )
 
@@ -287,13 +287,16 @@ def record_steps(model, opt):
     return log
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_cross_modal_updates_with_and_without_legacy_zero_grad(legacy):
-    """Default: no step moves the other modality. --legacy-zero-grad (the release on PyTorch 1.11): the audio gradients
-    are zeroed, not deleted, after the audio step, so the visual step gives the audio side a momentum and weight-decay
-    update (p <- p - lr (momentum buf + wd p)); every gradient is deleted at the end of the batch, so the audio step
-    never moves the visual side, in the first iteration or any later one."""
-    args, model, opt = setup(*(["--legacy-zero-grad"] if legacy else []))
+@pytest.mark.parametrize("flags", [["--zero-grad", "pytorch2"], [], ["--legacy-zero-grad"]])
+def test_cross_modal_updates_under_both_zero_grad_semantics(flags):
+    """--zero-grad pytorch2: no step moves the other modality. pytorch1 (the default; the release on its PyTorch 1.11;
+    --legacy-zero-grad is the same): the audio gradients are zeroed, not deleted, after the audio step, so the visual
+    step gives the audio side a momentum and weight-decay update (p <- p - lr (momentum buf + wd p)); every gradient is
+    deleted at the end of the batch, so the audio step never moves the visual side, in the first iteration or any
+    later one."""
+    args, model, opt = setup(*flags)
+    legacy = args.zero_grad == "pytorch1"
+    assert legacy == (flags != ["--zero-grad", "pytorch2"])
     group = opt.param_groups[0]
     lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
     log = record_steps(model, opt)
@@ -472,7 +475,7 @@ KEYS = [
 
 
 def test_smoke_and_logged_keys(tiny_data, tmp_path):
-    run = run_inprocess(tmp_path, tiny_data, "--epochs", 2, "--max-steps", 2)
+    run = run_inprocess(tmp_path, tiny_data, *"--epochs 2 --max-steps 2".split())
     with open(os.path.join(run, "results.json")) as f:
         r = json.load(f)
     assert r["epochs_run"] == 2 and 0 <= r["best"]["test/acc"] <= 1
@@ -483,14 +486,14 @@ def test_smoke_and_logged_keys(tiny_data, tmp_path):
 
 
 def test_merge_alpha_one_gives_audio_accuracy(tiny_data, tmp_path):
-    run = run_inprocess(tmp_path, tiny_data, "--epochs", 1, "--max-steps", 1, "--merge-alpha", 1.0)
+    run = run_inprocess(tmp_path, tiny_data, *"--epochs 1 --max-steps 1 --merge-alpha 1.0".split())
     row = history(run)[0]
     assert row["test/acc"] == row["test/acc_audio"] and row["test/map"] == row["test/map_audio"]
 
 
 def test_aca_adds_to_weaker_modality_exactly_when_the_rule_says(tiny_data, tmp_path):
     # with the default thresholds, every epoch a check: logged decision == rule on the logged scores, counts follow
-    run = run_inprocess(tmp_path / "rule", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 1)
+    run = run_inprocess(tmp_path / "rule", tiny_data, *"--epochs 3 --max-steps 2 --aca-check-every 1".split())
     rows = history(run)
     for e, row in enumerate(rows):
         rule = aug.aca_decision(row["train/score_audio"], row["train/score_visual"], 1.0, 0.01)
@@ -501,7 +504,7 @@ def test_aca_adds_to_weaker_modality_exactly_when_the_rule_says(tiny_data, tmp_p
     # sigma 100: audio is always the less confident side. Period 3: checks after epochs 0 and 2; epoch 1 is no check
     # epoch and 2 is the last (a classifier added then would never be trained or evaluated)
     run = run_inprocess(
-        tmp_path / "forced", tiny_data, "--epochs", 3, "--max-steps", 2, "--aca-check-every", 3, "--aca-sigma", 100
+        tmp_path / "forced", tiny_data, *"--epochs 3 --max-steps 2 --aca-check-every 3 --aca-sigma 100".split()
     )
     rows = history(run)
     assert [r["train/aca_action"] for r in rows] == [-1, 0, 0]
@@ -540,17 +543,7 @@ def test_checkpoint_with_added_classifiers_evaluates_to_same_accuracy(tiny_data,
     run = run_inprocess(
         tmp_path / "run",
         tiny_data,
-        "--epochs",
-        3,
-        "--max-steps",
-        2,
-        "--aca-check-every",
-        1,
-        "--aca-sigma",
-        1e-6,
-        "--aca-tau",
-        0,
-        "--save-best",
+        *"--epochs 3 --max-steps 2 --aca-check-every 1 --aca-sigma 1e-6 --aca-tau 0 --save-best".split(),
     )
     rows = history(run)
     last, best = ckpt(run), ckpt(run, "best.pt")
@@ -615,6 +608,19 @@ def resume(run, tiny_data):
         sys.argv = old
 
 
+@pytest.mark.parametrize("legacy,want", [(False, "pytorch2"), (True, "pytorch1")])
+def test_resume_of_a_run_saved_before_zero_grad_existed(tiny_data, tmp_path, legacy, want):
+    """A checkpoint whose args have `legacy_zero_grad` and no `zero_grad` (written before --zero-grad, when PyTorch 2's
+    semantics were the default) resumes with the semantics it was trained with."""
+    run = run_inprocess(tmp_path, tiny_data, *"--epochs 2 --max-steps 1 --stop-after-epochs 1".split())
+    saved = ckpt(run)
+    del saved["args"]["zero_grad"]
+    saved["args"]["legacy_zero_grad"] = legacy
+    torch.save(saved, os.path.join(run, "last.pt"))
+    run_inprocess(tmp_path, tiny_data, "--resume", run)
+    assert ckpt(run)["epoch"] == 1 and ckpt(run)["args"]["zero_grad"] == want
+
+
 def test_resume_when_an_added_head_already_has_momentum(tiny_data, tmp_path):
     """--train-new-heads: the head added after epoch 0 trains in epoch 1 (momentum buffers in its own param group);
     stopping after epoch 1 and resuming must end bitwise where the uninterrupted run ends (model and optimizer)."""
@@ -655,18 +661,7 @@ def test_max_classifiers_caps_the_additions_in_the_loop(tiny_data, tmp_path):
     run = run_inprocess(
         tmp_path,
         tiny_data,
-        "--epochs",
-        4,
-        "--max-steps",
-        1,
-        "--aca-check-every",
-        1,
-        "--aca-sigma",
-        1e-6,
-        "--aca-tau",
-        0,
-        "--max-classifiers",
-        3,
+        *"--epochs 4 --max-steps 1 --aca-check-every 1 --aca-sigma 1e-6 --aca-tau 0 --max-classifiers 3".split(),
     )
     rows = history(run)
     assert [r["train/aca_action"] for r in rows] == [1, 1, 0, 0]
@@ -676,18 +671,7 @@ def test_max_classifiers_caps_the_additions_in_the_loop(tiny_data, tmp_path):
     run = run_inprocess(
         tmp_path / "one",
         tiny_data,
-        "--epochs",
-        2,
-        "--max-steps",
-        1,
-        "--aca-check-every",
-        1,
-        "--aca-sigma",
-        1e-6,
-        "--aca-tau",
-        0,
-        "--max-classifiers",
-        1,
+        *"--epochs 2 --max-steps 1 --aca-check-every 1 --aca-sigma 1e-6 --aca-tau 0 --max-classifiers 1".split(),
     )
     assert [r["train/aca_action"] for r in history(run)] == [0, 0]
 
@@ -697,12 +681,12 @@ def test_aca_rule_difference_in_the_loop(tiny_data, tmp_path):
     added while s_a < 0.5 (after two steps it is near chance), where the ratio rule (s_a / s_v > 0.5) or a difference
     of the sums (8 s_a > 0.5) would add to visual. sigma 10, tau 0.05: s_a - 10 s_v < -0.05, so audio gets one."""
     flags = ["--epochs", 2, "--max-steps", 2, "--aca-rule", "difference"]
-    run = run_inprocess(tmp_path / "none", tiny_data, *flags, "--aca-sigma", 0, "--aca-tau", 0.5)
+    run = run_inprocess(tmp_path / "none", tiny_data, *flags, *"--aca-sigma 0 --aca-tau 0.5".split())
     row = history(run)[0]
     s_a, s_v = row["train/score_audio"], row["train/score_visual"]
     assert s_a < 0.5 and s_a / s_v > 0.5 and 8 * s_a > 0.5  # the premise: the other two readings would add
     assert row["train/aca_action"] == 0 and ckpt(run)["added"] == []
-    run = run_inprocess(tmp_path / "audio", tiny_data, *flags, "--aca-sigma", 10, "--aca-tau", 0.05)
+    run = run_inprocess(tmp_path / "audio", tiny_data, *flags, *"--aca-sigma 10 --aca-tau 0.05".split())
     rows = history(run)
     assert rows[0]["train/score_audio"] - 10 * rows[0]["train/score_visual"] < -0.05
     assert rows[0]["train/aca_action"] == -1 and [r["train/coeff_audio"] for r in rows] == [1, 2]
@@ -753,18 +737,8 @@ def test_sum_probs_scores_in_the_loop(tiny_data, tmp_path, monkeypatch):
     run = run_inprocess(
         tmp_path,
         tiny_data,
-        "--epochs",
-        3,
-        "--max-steps",
-        2,
-        "--aca-check-every",
-        1,
-        "--aca-sigma",
-        1e-6,
-        "--aca-tau",
-        0,
-        "--residual-source",
-        "sum-probs",
+        *"--epochs 3 --max-steps 2 --aca-check-every 1 --aca-sigma 1e-6 --aca-tau 0".split(),
+        *"--residual-source sum-probs".split(),
     )
     rows = history(run)
     assert [r["train/coeff_visual"] for r in rows] == [1, 2, 3] and len(epochs) == 3
@@ -788,7 +762,7 @@ def test_imbalance_first_check_adds_to_visual(tmp_path):
         uninformative_audio=0.0,
     )
     run = run_inprocess(
-        tmp_path / "runs", tmp_path / "data", "--epochs", 2, "--batch-size", 8, "--stop-after-epochs", 1
+        tmp_path / "runs", tmp_path / "data", *"--epochs 2 --batch-size 8 --stop-after-epochs 1".split()
     )
     row = history(run)[0]
     assert row["train/score_audio"] > 1.01 * row["train/score_visual"]
@@ -829,7 +803,7 @@ def test_aca_ratio_with_a_zero_visual_score_adds_to_visual():
 
 def test_best_epoch_ties_go_to_the_later_epoch(tiny_data, tmp_path):
     """A learning rate of 1e-12: the test accuracy stays put, so epochs tie; best.pt is the last of the tied."""
-    run = run_inprocess(tmp_path, tiny_data, "--epochs", 3, "--max-steps", 1, "--lr", 1e-12)
+    run = run_inprocess(tmp_path, tiny_data, *"--epochs 3 --max-steps 1 --lr 1e-12".split())
     rows = history(run)
     accs = [r["test/acc"] for r in rows]
     tied = [e for e, a in enumerate(accs) if a == max(accs)]
@@ -846,13 +820,7 @@ def test_logged_loss_is_the_two_steps_losses(tiny_data, tmp_path):
             run_inprocess(
                 tmp_path / side,
                 tiny_data,
-                "--epochs",
-                2,
-                "--max-steps",
-                1,
-                "--aca-check-every",
-                1,
-                "--aca-sigma",
+                *"--epochs 2 --max-steps 1 --aca-check-every 1 --aca-sigma".split(),
                 sigma,
                 "--aca-tau",
                 "0",

@@ -203,7 +203,7 @@ def test_baseline_run_with_broken_files_completes_and_logs_the_count(tmp_path):
     broken = split_ids(root, "test")[2]
     break_clip(root, broken)  # replaced at every evaluation (the test loader reads every clip)
     proc, run_dir = run_script(
-        "baseline.py", root, tmp_path / "runs", "--epochs", "1", "--max-steps", "1", "--num-workers", "1"
+        "baseline.py", root, tmp_path / "runs", *"--epochs 1 --max-steps 1 --num-workers 1".split()
     )
     assert f"train.csv: skipped 1 of 9 clips (truncated wav: 1 (first: {skipped}))" in proc.stderr
     assert f"clip {broken} failed to load" in proc.stderr  # from the worker

@@ -72,21 +72,21 @@ def test_save_best_keeps_the_best_weights_only_and_no_save_writes_no_checkpoint(
 
 @pytest.mark.parametrize("modality,absent", [("audio", "test/acc_visual"), ("visual", "test/acc_audio")])
 def test_unimodal_baselines(tiny_data, tmp_path, modality, absent):
-    _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--modality", modality)
+    _, run = run_script("baseline.py", tiny_data, tmp_path, *"--epochs 1 --max-steps 2 --modality".split(), modality)
     r = read_results(run)
     assert absent not in r["last"] and r["last"][f"test/acc_{modality}"] == r["last"]["test/acc"]
 
 
 @pytest.mark.parametrize("fusion", ["sum", "film", "gated"])
 def test_other_fusions(tiny_data, tmp_path, fusion):
-    _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "1", "--fusion", fusion)
+    _, run = run_script("baseline.py", tiny_data, tmp_path, *"--epochs 1 --max-steps 1 --fusion".split(), fusion)
     assert read_results(run)["args"]["fusion"] == fusion
 
 
 def test_resume_reaches_the_same_numbers(tiny_data, tmp_path):
-    _, straight = run_script("baseline.py", tiny_data, tmp_path / "a", "--epochs", "3", "--max-steps", "2")
+    _, straight = run_script("baseline.py", tiny_data, tmp_path / "a", *"--epochs 3 --max-steps 2".split())
     _, cut = run_script(
-        "baseline.py", tiny_data, tmp_path / "b", "--epochs", "3", "--max-steps", "2", "--stop-after-epochs", "1"
+        "baseline.py", tiny_data, tmp_path / "b", *"--epochs 3 --max-steps 2 --stop-after-epochs 1".split()
     )
     assert not os.path.exists(os.path.join(cut, "results.json"))
     assert torch.load(os.path.join(cut, "last.pt"), weights_only=False)["epoch"] == 0
@@ -103,7 +103,7 @@ def test_resume_reaches_the_same_numbers(tiny_data, tmp_path):
 
 
 def test_eval_only(tiny_data, tmp_path):
-    _, run = run_script("baseline.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--save-best")
+    _, run = run_script("baseline.py", tiny_data, tmp_path, *"--epochs 1 --max-steps 2 --save-best".split())
     best = read_results(run)["best"]
     proc, _ = run_script(
         "baseline.py", tiny_data, tmp_path, "--eval-only", "--checkpoint", os.path.join(run, "best.pt")

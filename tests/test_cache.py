@@ -195,12 +195,12 @@ def test_missing_dataset_root(tmp_path):
 
 def test_script_runs_with_cache(copy, tmp_path):
     proc, _ = run_script(
-        "baseline.py", copy, tmp_path / "runs", "--cache", "--epochs", "1", "--max-steps", "2", check=False
+        "baseline.py", copy, tmp_path / "runs", *"--cache --epochs 1 --max-steps 2".split(), check=False
     )
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("--cache: ")  # side 256 not written
     write_cache(copy)
     _, run = run_script(
-        "baseline.py", copy, tmp_path / "runs", "--cache", "--epochs", "1", "--max-steps", "2", "--eval-max-steps", "1"
+        "baseline.py", copy, tmp_path / "runs", *"--cache --epochs 1 --max-steps 2 --eval-max-steps 1".split()
     )
     r = read_results(run)
     assert r["args"]["cache"] is True and r["args"]["cache_frame_side"] == 256 and "test/acc" in r["last"]

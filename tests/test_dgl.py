@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import history, make_optimizer, read_results, run_inproc, run_script
+from conftest import METRIC_KEYS, history, make_optimizer, read_results, run_inproc, run_script
 
 import dgl
 from common.models import AVClassifier
@@ -172,7 +172,7 @@ def test_gated_quirk_refuses_other_heads(models, batch, fusion):
 def test_film_head_is_refused(tiny_data, tmp_path, capsys):
     """FiLM has no unimodal logits: not among dgl.py's --fusion choices (argparse's one-line error, exit status 2)."""
     with pytest.raises(SystemExit) as e:
-        run_inprocess(tmp_path, tiny_data, "--epochs", "1", "--max-steps", "1", "--fusion", "film")
+        run_inprocess(tmp_path, tiny_data, *"--epochs 1 --max-steps 1 --fusion film".split())
     assert e.value.code == 2 and "--fusion: invalid choice: 'film'" in capsys.readouterr().err
 
 
@@ -218,19 +218,7 @@ def test_clipping_at_40_by_default(models, batch):
 # ---------------------------------------------------------------------------------------------------------------
 # end to end: smoke, two-pass run, resume
 # ---------------------------------------------------------------------------------------------------------------
-SHARED_KEYS = [
-    "train/loss",
-    "train/loss_audio",
-    "train/loss_visual",
-    "train/ratio",
-    "test/acc",
-    "test/acc_audio",
-    "test/acc_visual",
-    "test/macro_f1",
-    "test/map",
-    "charts/lr",
-    "charts/samples_per_sec",
-]
+SHARED_KEYS = METRIC_KEYS  # the metric vocabulary (tests/conftest.py); DGL logs no coefficients
 EXTRA_KEYS = [
     "train/loss_fused",
     "train/grad_norm_audio",
@@ -241,7 +229,7 @@ EXTRA_KEYS = [
 
 
 def test_smoke(tiny_data, tmp_path):
-    proc, run = run_script("dgl.py", tiny_data, tmp_path, "--epochs", "2", "--max-steps", "2")
+    proc, run = run_script("dgl.py", tiny_data, tmp_path, *"--epochs 2 --max-steps 2".split())
     r = read_results(run)
     for key in SHARED_KEYS + EXTRA_KEYS:
         assert key in r["last"], key
@@ -255,17 +243,17 @@ def test_smoke(tiny_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def two_epoch_run(tiny_data, tmp_path_factory):
-    return run_inprocess(tmp_path_factory.mktemp("dgl2"), tiny_data, "--epochs", "2", "--max-steps", "2")
+    return run_inprocess(tmp_path_factory.mktemp("dgl2"), tiny_data, *"--epochs 2 --max-steps 2".split())
 
 
 def test_two_pass_run_matches_single_pass_run(two_epoch_run, tiny_data, tmp_path):
-    run = run_inprocess(tmp_path, tiny_data, "--epochs", "2", "--max-steps", "2", "--dgl-impl", "two-pass")
+    run = run_inprocess(tmp_path, tiny_data, *"--epochs 2 --max-steps 2 --dgl-impl two-pass".split())
     a, b = final_weights(two_epoch_run), final_weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_continues_exactly(two_epoch_run, tiny_data, tmp_path):
-    run = run_inprocess(tmp_path, tiny_data, "--epochs", "2", "--max-steps", "2", "--stop-after-epochs", "1")
+    run = run_inprocess(tmp_path, tiny_data, *"--epochs 2 --max-steps 2 --stop-after-epochs 1".split())
     assert len(history(run)) == 1
     run_inprocess(tmp_path, tiny_data, "--resume", run)
     assert [m["test/acc"] for m in history(run)] == [m["test/acc"] for m in history(two_epoch_run)]
@@ -286,15 +274,7 @@ def test_clipping_in_the_training_loop(tiny_data, tmp_path):
             "dgl.py",
             tiny_data,
             tmp_path / clip,
-            "--epochs",
-            "1",
-            "--max-steps",
-            "1",
-            "--lr",
-            "1",
-            "--weight-decay",
-            "0",
-            "--clip-grad",
+            *"--epochs 1 --max-steps 1 --lr 1 --weight-decay 0 --clip-grad".split(),
             clip,
         )
         m = torch.load(os.path.join(run, "last.pt"), map_location="cpu", weights_only=False)["model"]
@@ -314,5 +294,5 @@ def test_clipping_in_the_training_loop(tiny_data, tmp_path):
 def test_logged_ratio_is_a_quotient_of_the_scores(tiny_data, tmp_path):
     """At initialisation both zero-fill predictions are near uniform, so s_a ~ s_v ~ B / C: the logged ratio s_a / s_v
     is near 1 (a product of the two scores would be near (B / C)^2 = 0.44)."""
-    row = history(run_inprocess(tmp_path, tiny_data, "--epochs", 1, "--max-steps", 1))[0]
+    row = history(run_inprocess(tmp_path, tiny_data, *"--epochs 1 --max-steps 1".split()))[0]
     assert 0.7 < row["train/ratio"] < 1.5  # measured 1.21

@@ -281,12 +281,7 @@ def test_amp_and_channels_last_run_on_cpu(script, tiny_data, tmp_path):
                 script,
                 tiny_data,
                 tmp_path / name,
-                "--epochs",
-                1,
-                "--max-steps",
-                1,
-                "--eval-max-steps",
-                1,
+                *"--epochs 1 --max-steps 1 --eval-max-steps 1".split(),
                 *extra,
                 *flags,
             )

@@ -275,9 +275,12 @@ def moved(before, after):
     return [not torch.equal(a, b) for a, b in zip(before, after)]
 
 
-def test_aug_step_moves_audio_params_on_the_audio_step_only(aug_blk):
+@pytest.mark.parametrize("zero_grad", ["pytorch2", "pytorch1"])
+def test_aug_step_moves_audio_params_on_the_audio_step_only(aug_blk, zero_grad):
     """SGD with momentum and weight decay (as the release): the audio encoder and classifier move in the audio step
-    by exactly -lr grad(L_a), and not at all in the visual step; the visual side the other way round."""
+    by exactly -lr grad(L_a), and (zero_grad "pytorch2") not at all in the visual step; the visual side the other way
+    round. With the default "pytorch1" (the release on its PyTorch 1.11) the visual step moves the audio side too
+    (zero gradients: momentum and weight decay), and still no audio step moves the visual side."""
     model, lam, lr = aug_toy(aug_blk, seed=4), 0.5, 0.1
     aug_blk.add_classifier(model, "audio")  # two audio classifiers: L_a is the boosting loss, not a plain CE
     x_a, x_v, y = toy_data(seed=4)
@@ -295,7 +298,8 @@ def test_aug_step_moves_audio_params_on_the_audio_step_only(aug_blk):
         lambda o, a, k: snaps.append((param_snapshot(audio), param_snapshot(visual), param_snapshot(model.head)))
     )
     # the second batch: momentum buffers exist, so a stale gradient would move the other side
-    out = [aug_blk.aug_step(model, opt, x_a, x_v, y, lam) for _ in range(2)]
+    kw = {"zero_grad": "pytorch2"} if zero_grad == "pytorch2" else {}  # pytorch1: the block's default
+    out = [aug_blk.aug_step(model, opt, x_a, x_v, y, lam, **kw) for _ in range(2)]
     assert len(snaps) == 5 and set(out[0]) == {"audio", "visual"}
     # what the first audio step reports: L_a, CE(P_a) and the sum of softmax(P_a)[y], all before its update
     assert out[0]["audio"]["loss"] == pytest.approx(ref_loss.item(), rel=1e-6)
@@ -305,7 +309,9 @@ def test_aug_step_moves_audio_params_on_the_audio_step_only(aug_blk):
     for i in (1, 3):  # audio steps
         assert all(moved(snaps[i - 1][0], snaps[i][0])) and not any(moved(snaps[i - 1][1], snaps[i][1]))
     for i in (2, 4):  # visual steps
-        assert not any(moved(snaps[i - 1][0], snaps[i][0])) and all(moved(snaps[i - 1][1], snaps[i][1]))
+        assert all(moved(snaps[i - 1][0], snaps[i][0])) == (zero_grad == "pytorch1")
+        assert any(moved(snaps[i - 1][0], snaps[i][0])) == (zero_grad == "pytorch1")
+        assert all(moved(snaps[i - 1][1], snaps[i][1]))
     assert all(all(moved(snaps[i - 1][2], snaps[i][2])) for i in range(1, 5))  # the shared h moves in both
     for p0, p1, g in zip(snaps[0][0], snaps[1][0], ref_grad):  # first step: plain SGD on L_a (+ weight decay)
         torch.testing.assert_close(p1, p0 - lr * (g + 1e-4 * p0), rtol=1e-5, atol=1e-7)

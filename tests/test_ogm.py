@@ -13,28 +13,15 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ckpt, history, read_results, run_inproc, run_script, same_state
+from conftest import COEFF_KEYS, METRIC_KEYS, ckpt, history, read_results, run_inproc, run_script, same_state
 
 import ogm  # noqa: E402  (conftest puts the repo root on sys.path)
+from common import distributed
 from common.models import AVClassifier, unimodal_logits
 from common.synthetic import generate
 from tools import trace
 
-SHARED_KEYS = [
-    "train/loss",
-    "train/loss_audio",
-    "train/loss_visual",
-    "train/ratio",
-    "train/coeff_audio",
-    "train/coeff_visual",
-    "test/acc",
-    "test/acc_audio",
-    "test/acc_visual",
-    "test/macro_f1",
-    "test/map",
-    "charts/lr",
-    "charts/samples_per_sec",
-]
+SHARED_KEYS = METRIC_KEYS + COEFF_KEYS  # the metric vocabulary (tests/conftest.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,7 +57,7 @@ def grads(model):
 
 @pytest.fixture(scope="module")
 def baseline_2ep(tiny_data, tmp_path_factory):
-    return run_inproc("baseline.py", tiny_data, tmp_path_factory.mktemp("base"), "--epochs", 2, "--max-steps", 2)
+    return run_inproc("baseline.py", tiny_data, tmp_path_factory.mktemp("base"), *"--epochs 2 --max-steps 2".split())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,9 +80,13 @@ def test_coefficients_table(alpha):
         assert round(k_a, 3) == k and k_v == 1.0 and audio_dominant is True
         k_a, k_v, audio_dominant = ogm.ogm_coefficients(3.0, 3.0 * rho, alpha)  # visual dominant
         assert round(k_v, 3) == k and k_a == 1.0 and audio_dominant is False
-    k_a, k_v, audio_dominant = ogm.ogm_coefficients(2.5, 2.5, alpha)  # a tie: audio is modulated
+    k_a, k_v, audio_dominant = ogm.ogm_coefficients(2.5, 2.5, alpha)  # a tie: audio is modulated (CVPR release)
     assert k_a == pytest.approx(1 - math.tanh(alpha)) and round(k_a, 3) == K_TABLE[alpha][0] and k_v == 1.0
     assert audio_dominant is True
+    assert ogm.ogm_coefficients(2.5, 2.5, alpha, tie="audio") == (k_a, k_v, True)
+    # tie="visual" (the T-PAMI release): visual is modulated on a tie, and only there
+    assert ogm.ogm_coefficients(2.5, 2.5, alpha, tie="visual") == (1.0, k_a, False)
+    assert ogm.ogm_coefficients(2.5 * (1 + 1e-15), 2.5, alpha, tie="visual")[2] is True
     # the scores as the loop passes them: 0-d tensors of the summed scores
     k_a, k_v, audio_dominant = ogm.ogm_coefficients(torch.tensor(3.0 * 1.5), torch.tensor(3.0), alpha)
     assert round(k_a, 3) == K_TABLE[alpha][2] and k_v == 1.0 and audio_dominant is True
@@ -110,6 +101,36 @@ def test_exactly_one_side_modulated():
         assert audio_dominant == (s_a >= s_v)
         assert min(k_a, k_v) <= 1 - math.tanh(alpha) + 1e-12
         assert (k_a < 1) == (s_a > s_v) and (k_v < 1) == (s_v > s_a)
+
+
+@pytest.mark.parametrize(
+    "preset,flags,audio",
+    [
+        ("cvpr", [], True),
+        ("tpami", [], False),
+        ("tpami", ["--tie-modulates", "audio"], True),
+        ("cvpr", ["--tie-modulates", "visual"], False),
+    ],
+)
+def test_tie_side_in_the_loop(tiny_data, tmp_path, monkeypatch, preset, flags, audio):
+    """An exact tie (the summed scores replaced by their mean): the side --tie-modulates names is modulated; left out,
+    audio with --preset cvpr and visual with --preset tpami, as the releases (tests/test_parity_ogm.py)."""
+    monkeypatch.setattr(
+        distributed, "all_reduce_sum", lambda s: torch.stack([s.mean(), s.mean()]) if torch.is_tensor(s) else s
+    )
+    run = run_inproc(
+        "ogm.py",
+        tiny_data,
+        tmp_path,
+        *"--epochs 1 --max-steps 1 --preset".split(),
+        preset,
+        "--warmup-epochs",
+        0,
+        *flags,
+    )
+    row = history(run)[0]
+    assert row["train/ratio"] == 1.0 and row["train/modulated_audio_frac"] == float(audio)
+    assert (row["train/coeff_audio"] < 1, row["train/coeff_visual"] < 1) == (audio, not audio)
 
 
 def test_ratio_offset_is_continuous_at_one():
@@ -300,7 +321,7 @@ def test_ge_noise_std_of_a_zero_gradient_is_the_epsilon(source):
 # ----------------------------------------------------------------------------------------------------------------
 def test_alpha0_ogm_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
     run = run_inproc(
-        "ogm.py", tiny_data, tmp_path / "a0", "--epochs", 2, "--max-steps", 2, "--modulation", "ogm", "--alpha", 0
+        "ogm.py", tiny_data, tmp_path / "a0", *"--epochs 2 --max-steps 2 --modulation ogm --alpha 0".split()
     )
     assert [r["train/coeff_audio"] for r in history(run)] == [1.0, 1.0]
     c, b = ckpt(run), ckpt(baseline_2ep)
@@ -310,19 +331,19 @@ def test_alpha0_ogm_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
     strip = [{k: v for k, v in r.items() if k not in ogm_keys} for r in no_timing(history(run))]
     assert strip == no_timing(history(baseline_2ep))
     # the control: with alpha > 0 the same run differs (so the comparison above can fail)
-    run = run_inproc("ogm.py", tiny_data, tmp_path / "a8", "--epochs", 2, "--max-steps", 2, "--modulation", "ogm")
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "a8", *"--epochs 2 --max-steps 2 --modulation ogm".split())
     assert not same_state(ckpt(run)["model"], b["model"])
 
 
 def test_window_start_respected(tiny_data, tmp_path):
-    base = run_inproc("baseline.py", tiny_data, tmp_path / "b", "--epochs", 1, "--max-steps", 2)
-    run = run_inproc("ogm.py", tiny_data, tmp_path / "o", "--epochs", 1, "--max-steps", 2, "--modulation-starts", 1)
+    base = run_inproc("baseline.py", tiny_data, tmp_path / "b", *"--epochs 1 --max-steps 2".split())
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "o", *"--epochs 1 --max-steps 2 --modulation-starts 1".split())
     assert same_state(ckpt(run)["model"], ckpt(base)["model"])  # ogm_ge: not even noise outside the window
 
 
 def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
     """--modulation-ends 0: epoch 0 is modulated (k < 1 logged), epoch 1 is not (k = 1 on both sides)."""
-    run = run_inproc("ogm.py", tiny_data, tmp_path / "o", "--epochs", 2, "--max-steps", 1, "--modulation-ends", 0)
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "o", *"--epochs 2 --max-steps 1 --modulation-ends 0".split())
     first, second = history(run)
     assert min(first["train/coeff_audio"], first["train/coeff_visual"]) < 1.0
     rho = first["train/ratio"]  # s_a / s_v of the one step: k = 1 - tanh(0.8 rho) on the higher-scoring side
@@ -403,7 +424,7 @@ def test_dominant_conv_kernels_frozen_with_k0_end_to_end(tiny_data, tmp_path):
     torch.manual_seed(0)  # the script's initialisation: seed, then the model is the first draw
     init = dict(AVClassifier(6, "concat").named_parameters())
     joint = ckpt(run_inproc("baseline.py", tiny_data, tmp_path / "joint", *one))["model"]
-    run = run_inproc("ogm.py", tiny_data, tmp_path / "ogm", *one, "--modulation", "ogm", "--alpha", 100)
+    run = run_inproc("ogm.py", tiny_data, tmp_path / "ogm", *one, *"--modulation ogm --alpha 100".split())
     m = ckpt(run)["model"]
     dominant = "audio_net." if history(run)[0]["train/modulated_audio_frac"] == 1.0 else "visual_net."
     n_frozen = 0
@@ -419,7 +440,7 @@ def test_dominant_conv_kernels_frozen_with_k0_end_to_end(tiny_data, tmp_path):
 def test_imbalance_smoke(tmp_path):
     root = tmp_path / "data"
     generate(str(root / "synthetic"), n_train=64, n_test=12, audio_snr=10, visual_strength=0.1, uninformative_audio=0.0)
-    run = run_inproc("ogm.py", root, tmp_path / "runs", "--epochs", 2, "--batch-size", 8)
+    run = run_inproc("ogm.py", root, tmp_path / "runs", *"--epochs 2 --batch-size 8".split())
     second = history(run)[1]
     assert second["train/modulated_audio_frac"] > 0.8
     assert second["train/coeff_audio"] < 1.0 and second["train/ratio"] > 1.0
@@ -432,14 +453,14 @@ def test_heads(tiny_data, tmp_path, capsys):
         run_inproc("ogm.py", tiny_data, tmp_path, "--fusion", "film")
     assert e.value.code == 2 and "--fusion: invalid choice: 'film'" in capsys.readouterr().err
     for extra in (["--fusion", "sum"], ["--fusion", "gated"]):
-        run = run_inproc("ogm.py", tiny_data, tmp_path / extra[1], "--epochs", 1, "--max-steps", 1, *extra)
+        run = run_inproc("ogm.py", tiny_data, tmp_path / extra[1], *"--epochs 1 --max-steps 1".split(), *extra)
         assert min(history(run)[0]["train/coeff_audio"], history(run)[0]["train/coeff_visual"]) < 1.0
 
 
 def test_resume_is_exact(tiny_data, tmp_path):
     """ogm_ge (the default): two epochs in one go == one epoch, stop, --resume (model, optimizer, GE noise stream)."""
-    straight = run_inproc("ogm.py", tiny_data, tmp_path / "s", "--epochs", 2, "--max-steps", 2)
-    part = run_inproc("ogm.py", tiny_data, tmp_path / "p", "--epochs", 2, "--max-steps", 2, "--stop-after-epochs", 1)
+    straight = run_inproc("ogm.py", tiny_data, tmp_path / "s", *"--epochs 2 --max-steps 2".split())
+    part = run_inproc("ogm.py", tiny_data, tmp_path / "p", *"--epochs 2 --max-steps 2 --stop-after-epochs 1".split())
     assert ckpt(part)["epoch"] == 0
     run_inproc("ogm.py", tiny_data, tmp_path / "p", "--resume", part)
     a, b = ckpt(straight), ckpt(part)
@@ -448,7 +469,7 @@ def test_resume_is_exact(tiny_data, tmp_path):
 
 
 def test_smoke_cli(tiny_data, tmp_path):
-    proc, run = run_script("ogm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2")
+    proc, run = run_script("ogm.py", tiny_data, tmp_path, *"--epochs 1 --max-steps 2".split())
     r = read_results(run)
     for key in SHARED_KEYS + ["train/modulated_audio_frac"]:
         assert key in r["last"], key

@@ -6,35 +6,23 @@ path as `python opm.py ...`, without paying the torch/torchvision import for eve
 
 import copy
 import json
+import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ckpt, history, read_results, run_inproc, run_script, same_state
+from conftest import COEFF_KEYS, METRIC_KEYS, ckpt, history, read_results, run_inproc, run_script, same_state
 
 import opm  # noqa: E402  (conftest puts the repo root on sys.path)
+from common import distributed
 from common.data import build_datasets, make_loaders
 from common.evaluate import evaluate
 from common.models import AVClassifier, unimodal_logits
 from common.synthetic import generate
 from tools import trace
 
-SHARED_KEYS = [
-    "train/loss",
-    "train/loss_audio",
-    "train/loss_visual",
-    "train/ratio",
-    "train/coeff_audio",
-    "train/coeff_visual",
-    "test/acc",
-    "test/acc_audio",
-    "test/acc_visual",
-    "test/macro_f1",
-    "test/map",
-    "charts/lr",
-    "charts/samples_per_sec",
-]
+SHARED_KEYS = METRIC_KEYS + COEFF_KEYS  # the metric vocabulary (tests/conftest.py)
 OPM_KEYS = ["train/drop_exec_frac", "train/drop_frac_audio", "train/drop_frac_visual", "train/rescale"]
 
 
@@ -53,7 +41,7 @@ def fresh_opm_gen_state(seed=0):
 
 @pytest.fixture(scope="module")
 def baseline_2ep(tiny_data, tmp_path_factory):
-    return run_inproc("baseline.py", tiny_data, tmp_path_factory.mktemp("base"), "--epochs", 2, "--max-steps", 2)
+    return run_inproc("baseline.py", tiny_data, tmp_path_factory.mktemp("base"), *"--epochs 2 --max-steps 2".split())
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +51,7 @@ def opm_2ep(tiny_data, tmp_path_factory):
         "opm.py",
         tiny_data,
         tmp_path_factory.mktemp("opm"),
-        "--epochs",
-        2,
-        "--max-steps",
-        2,
-        "--warmup-epochs",
-        0,
-        "--p-exe",
-        1,
+        *"--epochs 2 --max-steps 2 --warmup-epochs 0 --p-exe 1".split(),
     )
 
 
@@ -174,25 +155,8 @@ def test_gradient_through_the_drop():
     w_a = head.fc_out.weight[:, :512].detach()
     expected = (torch.softmax(z, 1) - F.one_hot(y_t, 6)).detach() @ w_a / (1 - theta) / len(y_t)
     torch.testing.assert_close(a.grad[keep_a == 1], expected[keep_a[y_t] == 1], atol=1e-6, rtol=0)
-
-    class ReleaseRescale(torch.autograd.Function):  # the release's custom function: divide forward and backward
-        @staticmethod
-        def forward(ctx, x, t):
-            ctx.t = t
-            return x / (1 - t)
-
-        @staticmethod
-        def backward(ctx, g):
-            return g / (1 - ctx.t), None
-
-    a2, v2 = a.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
-    keep = (keep_a + keep_v) > 0
-    a2_t = ReleaseRescale.apply(a2 * keep_a[:, None], theta)[keep]
-    v2_t = ReleaseRescale.apply(v2 * keep_v[:, None], theta)[keep]
-    _, _, z2 = head(a2_t, v2_t)
-    F.cross_entropy(z2, y[keep]).backward()
-    torch.testing.assert_close(a2.grad, a.grad, rtol=1e-5, atol=1e-7)  # divide vs multiply: last-bit differences
-    torch.testing.assert_close(v2.grad, v.grad, rtol=1e-5, atol=1e-7)
+    # the release's own step (its custom autograd function, theta's gradient included or not) is compared with the
+    # training loop in tests/test_parity_opm.py
 
 
 def test_scores_do_not_train():
@@ -275,7 +239,7 @@ def test_empty_batches_skip_the_step(tiny_data, tmp_path, monkeypatch):
     initial values (the script's seed-0 initialisation) and the optimizer never steps."""
     monkeypatch.setattr(torch, "bernoulli", lambda p, generator=None: torch.zeros_like(p))
     run = run_inproc(
-        "opm.py", tiny_data, tmp_path / "o", "--epochs", 1, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 1
+        "opm.py", tiny_data, tmp_path / "o", *"--epochs 1 --max-steps 2 --warmup-epochs 0 --p-exe 1".split()
     )
     c = ckpt(run)
     torch.manual_seed(0)
@@ -290,7 +254,7 @@ def test_empty_batches_skip_the_step(tiny_data, tmp_path, monkeypatch):
 # end to end: equivalence with the baseline, warm-up, evaluation, heads, resume, smoke
 # ----------------------------------------------------------------------------------------------------------------
 def test_p_exe0_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep):
-    run = run_inproc("opm.py", tiny_data, tmp_path, "--epochs", 2, "--max-steps", 2, "--warmup-epochs", 0, "--p-exe", 0)
+    run = run_inproc("opm.py", tiny_data, tmp_path, *"--epochs 2 --max-steps 2 --warmup-epochs 0 --p-exe 0".split())
     assert same_state(ckpt(run)["model"], ckpt(baseline_2ep)["model"])
     assert shared_only(history(run)) == shared_only(history(baseline_2ep))
     assert all(r["train/drop_exec_frac"] == 0 for r in history(run))
@@ -301,16 +265,7 @@ def test_q_base0_is_baseline_bitwise(tiny_data, tmp_path, baseline_2ep, opm_2ep)
         "opm.py",
         tiny_data,
         tmp_path,
-        "--epochs",
-        2,
-        "--max-steps",
-        2,
-        "--warmup-epochs",
-        0,
-        "--p-exe",
-        1,
-        "--q-base",
-        0,
+        *"--epochs 2 --max-steps 2 --warmup-epochs 0 --p-exe 1 --q-base 0".split(),
     )
     assert all(r["train/drop_exec_frac"] == 1 for r in history(run))  # masks drawn at every step, all ones
     assert same_state(ckpt(run)["model"], ckpt(baseline_2ep)["model"])
@@ -324,7 +279,7 @@ def test_warmup_is_baseline_and_draws_nothing(tiny_data, tmp_path):
     assert all(row["warmup_epochs"] == 6 for d, row in opm.OPM_PRESETS.items() if d != "synthetic")
     extra = ("--epochs", 3, "--max-steps", 2, "--stop-after-epochs", 2)
     base = run_inproc("baseline.py", tiny_data, tmp_path / "b", *extra)
-    run = run_inproc("opm.py", tiny_data, tmp_path / "o", *extra, "--warmup-epochs", 2, "--p-exe", 1)
+    run = run_inproc("opm.py", tiny_data, tmp_path / "o", *extra, *"--warmup-epochs 2 --p-exe 1".split())
     c = ckpt(run)
     assert c["epoch"] == 1 and same_state(c["model"], ckpt(base)["model"])
     assert torch.equal(c["opm_rng"], fresh_opm_gen_state())
@@ -360,7 +315,7 @@ def test_evaluation_has_no_drop(tiny_data, opm_2ep):
 def test_imbalance_smoke(tmp_path):
     root = tmp_path / "data"
     generate(str(root / "synthetic"), n_train=64, n_test=12, audio_snr=10, visual_strength=0.1, uninformative_audio=0.0)
-    run = run_inproc("opm.py", root, tmp_path / "runs", "--epochs", 2, "--batch-size", 8)  # warm-up: epoch 0
+    run = run_inproc("opm.py", root, tmp_path / "runs", *"--epochs 2 --batch-size 8".split())  # warm-up: epoch 0
     warm, on = history(run)
     assert warm["train/drop_exec_frac"] == 0 and warm["train/ratio"] > 1
     q_base = 0.5
@@ -383,14 +338,7 @@ def test_heads(tiny_data, tmp_path, capsys):
             "opm.py",
             tiny_data,
             tmp_path / extra[1],
-            "--epochs",
-            1,
-            "--max-steps",
-            2,
-            "--warmup-epochs",
-            0,
-            "--p-exe",
-            1,
+            *"--epochs 1 --max-steps 2 --warmup-epochs 0 --p-exe 1".split(),
             *extra,
         )
         assert history(run)[0]["train/drop_exec_frac"] == 1.0
@@ -402,16 +350,7 @@ def test_resume_is_exact(tiny_data, tmp_path, opm_2ep):
         "opm.py",
         tiny_data,
         tmp_path,
-        "--epochs",
-        2,
-        "--max-steps",
-        2,
-        "--warmup-epochs",
-        0,
-        "--p-exe",
-        1,
-        "--stop-after-epochs",
-        1,
+        *"--epochs 2 --max-steps 2 --warmup-epochs 0 --p-exe 1 --stop-after-epochs 1".split(),
     )
     assert ckpt(part)["epoch"] == 0
     run_inproc("opm.py", tiny_data, tmp_path, "--resume", part)
@@ -423,7 +362,7 @@ def test_resume_is_exact(tiny_data, tmp_path, opm_2ep):
 
 
 def test_smoke_cli(tiny_data, tmp_path):
-    proc, run = run_script("opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2")
+    proc, run = run_script("opm.py", tiny_data, tmp_path, *"--epochs 1 --max-steps 2".split())
     r = read_results(run)
     for key in SHARED_KEYS + OPM_KEYS:
         assert key in r["last"], key
@@ -437,22 +376,53 @@ def test_window_end_is_inclusive_end_to_end(tiny_data, tmp_path):
         "opm.py",
         tiny_data,
         tmp_path,
-        "--epochs",
-        2,
-        "--max-steps",
-        1,
-        "--warmup-epochs",
-        0,
-        "--p-exe",
-        1,
-        "--opm-window",
-        0,
-        0,
+        *"--epochs 2 --max-steps 1 --warmup-epochs 0 --p-exe 1 --opm-window 0 0".split(),
     )
     first, second = history(run)
     assert first["train/drop_exec_frac"] == 1.0 and max(first["train/coeff_audio"], first["train/coeff_visual"]) > 0
     assert second["train/drop_exec_frac"] == 0.0
     assert second["train/coeff_audio"] == second["train/coeff_visual"] == 0.0
+
+
+@pytest.mark.parametrize("q_base,lam", [(0.5, 0.5), (0.9, 1.0)])
+def test_theta_loss_is_half_theta_squared_of_the_drop_probabilities(q_base, lam):
+    """theta_loss = ((q_a + q_v) / 2)^2 / 2 with (q_a, q_v) = drop_probabilities of the logits' scores (clipped to 1:
+    q_base 0.9, lambda 1), in both directions and on a tie; its gradient reaches the logits of both modalities
+    through the dominant side's q, and none once that q is clipped at 1 or on a tie."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(8) % 4
+    for boost_a, boost_v in [(2.0, 0.0), (0.0, 2.0), (1.0, 1.0), (0.1, 0.0)]:  # audio, visual, a tie, audio a little
+        z = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        z_a = (z + boost_a * F.one_hot(y, 4)).requires_grad_()
+        z_v = (z + boost_v * F.one_hot(y, 4)).requires_grad_()
+        s_a, s_v = opm.opm_scores(z_a, z_v, y).tolist()
+        assert (s_a > s_v, s_a == s_v) == (boost_a > boost_v, boost_a == boost_v)
+        q_a, q_v = opm.drop_probabilities(s_a, s_v, q_base, lam)
+        got = opm.theta_loss(z_a, z_v, y, q_base, lam)
+        assert got.item() == pytest.approx(((q_a + q_v) / 2) ** 2 / 2, rel=1e-12, abs=0)
+        g_a, g_v = torch.autograd.grad(got, (z_a, z_v))
+        clipped = max(q_a, q_v) == 1.0 and q_base * (1 + lam * math.tanh(max(s_a / s_v, s_v / s_a) - 1)) > 1
+        if q_a == q_v == 0 or clipped:  # a tie (no q), or the dominant q clipped at 1 (no gradient through it)
+            assert not g_a.any() and not g_v.any()
+        else:
+            assert g_a.abs().max() > 1e-6 and g_v.abs().max() > 1e-6  # q depends on both scores
+
+
+def test_release_theta_grad_refusals(tiny_data, tmp_path, monkeypatch, capsys):
+    """--release-theta-grad differentiates theta = mean(q), so it needs --rescale mean; and one process, since it is
+    the whole batch's theta (torchrun splits the batch): a one-line error each, before any data is read."""
+    for rescale in ("per-modality", "none"):
+        with pytest.raises(SystemExit) as e:
+            run_inproc("opm.py", tiny_data, tmp_path, "--release-theta-grad", "--rescale", rescale)
+        err = capsys.readouterr().err
+        assert (
+            e.value.code == 2
+            and f"--release-theta-grad differentiates theta = mean(q) of --rescale mean, not --rescale {rescale}" in err
+        )
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(SystemExit, match="--release-theta-grad needs one process"):
+        run_inproc("opm.py", tiny_data, tmp_path, "--release-theta-grad")
+    assert not os.listdir(tmp_path)
 
 
 def test_rescale_factors_when_everything_is_dropped():
@@ -477,9 +447,7 @@ def test_opm_drop_in_one_process_is_the_composition_of_its_parts():
 
 def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
     """One step, drop executed (--p-exe 1): train/rescale is that step's factor 1 / (1 - (q_a + q_v) / 2)."""
-    run = run_inproc(
-        "opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "1", "--warmup-epochs", "0", "--p-exe", "1"
-    )
+    run = run_inproc("opm.py", tiny_data, tmp_path, *"--epochs 1 --max-steps 1 --warmup-epochs 0 --p-exe 1".split())
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
     assert row["train/drop_exec_frac"] == 1.0 and row["train/coeff_audio"] + row["train/coeff_visual"] > 0
@@ -493,16 +461,7 @@ def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
         "opm.py",
         tiny_data,
         tmp_path / "per",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--p-exe",
-        "1",
-        "--rescale",
-        "per-modality",
+        *"--epochs 1 --max-steps 1 --warmup-epochs 0 --p-exe 1 --rescale per-modality".split(),
     )
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
@@ -513,14 +472,7 @@ def test_logged_rescale_is_the_executed_drops_factor(tiny_data, tmp_path):
         "opm.py",
         tiny_data,
         tmp_path / "warm",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "1",
-        "--warmup-epochs",
-        "1",
-        "--p-exe",
-        "1",
+        *"--epochs 1 --max-steps 1 --warmup-epochs 1 --p-exe 1".split(),
     )
     with open(os.path.join(run, "metrics.jsonl")) as f:
         row = json.loads(f.readline())
@@ -532,9 +484,7 @@ def test_logged_rescale_is_the_mean_over_the_executed_drops(tiny_data, tmp_path)
     """Two steps, both executed: train/rescale is the mean of the two steps' factors 1 / (1 - (q_a + q_v) / 2), read
     from the per-step trace (the steps' q differ, so a sum, a product or the last step's factor would not match)."""
     with trace.tracing(str(tmp_path / "trace")):
-        run = run_inproc(
-            "opm.py", tiny_data, tmp_path, "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0", "--p-exe", "1"
-        )
+        run = run_inproc("opm.py", tiny_data, tmp_path, *"--epochs 1 --max-steps 2 --warmup-epochs 0 --p-exe 1".split())
     with open(tmp_path / "trace" / "rank0.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f]
     with open(os.path.join(run, "metrics.jsonl")) as f:
