@@ -9,7 +9,7 @@
 #   bash run_all.sh --dataset cremad -- --num-workers 8   # everything after -- goes to every script
 #
 # Options: --dataset D (synthetic|cremad|ks|vggsound), --seeds LIST (default 0,1,2 on synthetic, else 0), --methods
-# LIST (baseline, baseline_audio, baseline_visual, ogm, opm, arl, dgl, aug, aug_trained = aug --train-new-heads, mmpareto),
+# LIST (baseline, baseline_audio, baseline_visual, ogm, opm, arl, dgl, aug, aug_trained = aug --train-new-heads, mmpareto, inforeg),
 # --regime R (synthetic: a named regime of common/synthetic.py written to DATA_ROOT/regimes/R; default
 # audio-dominant; none = DATA_ROOT/synthetic as it is), --study regimes, --jobs N (runs in parallel, default 2 on
 # synthetic, 1 otherwise), --data-root DIR (default data), --out DIR (default runs/all, the study runs/study; the
@@ -81,9 +81,9 @@ fi
 if [ -z "$JOBS" ]; then [ "$DATASET" = synthetic ] && JOBS=2 || JOBS=1; fi
 if [ -z "$SEEDS" ]; then [ "$DATASET" = synthetic ] && SEEDS=0,1,2 || SEEDS=0; fi
 if [ -z "$METHODS" ]; then
-  if [ -n "$STUDY" ]; then METHODS=baseline,baseline_audio,baseline_visual,ogm,opm,arl,dgl,aug,aug_trained,mmpareto
-  elif [ "$DATASET" = synthetic ] && [ "$REGIME" != none ]; then METHODS=baseline,baseline_visual,ogm,opm,arl,dgl,aug,mmpareto
-  else METHODS=baseline,baseline_audio,baseline_visual,ogm,opm,arl,dgl,aug,mmpareto; fi
+  if [ -n "$STUDY" ]; then METHODS=baseline,baseline_audio,baseline_visual,ogm,opm,arl,dgl,aug,aug_trained,mmpareto,inforeg
+  elif [ "$DATASET" = synthetic ] && [ "$REGIME" != none ]; then METHODS=baseline,baseline_visual,ogm,opm,arl,dgl,aug,mmpareto,inforeg
+  else METHODS=baseline,baseline_audio,baseline_visual,ogm,opm,arl,dgl,aug,mmpareto,inforeg; fi
 fi
 [ -z "$OUT" ] && { [ -n "$STUDY" ] && OUT=runs/study || OUT=runs/all; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}

@@ -68,6 +68,7 @@ TESTS = {  # the release-parity tests last: the script's loop against the releas
         f"(aug or aca or block) and {SLOW}",
     ),
     "mmpareto": (["tests/test_mmpareto.py", "tests/test_parity_mmpareto.py", AMP], "mmpareto"),
+    "inforeg": (["tests/test_inforeg.py"], f"not ddp and {SLOW}"),  # lift, amp audit and parity are in the file
 }
 
 # method lines besides the markers: statements with a line matching one of these (the loops' gradient clipping,
@@ -104,6 +105,10 @@ STRING_SWAPS = {
     "ogm_ge": "ogm",
     "ogm": "ogm_ge",
     "none": "ogm",
+    "paper": "release",
+    "release": "paper",
+    "on": "off",
+    "off": "on",
     "pytorch1": "pytorch2",
     "pytorch2": "pytorch1",
     "tensor": "global",
@@ -111,8 +116,7 @@ STRING_SWAPS = {
     "mmpareto": "uniform",
     "uniform": "mgda",
     "mgda": "mmpareto",
-    "release": "shared",
-    "shared": "release",
+    "shared": "release",  # (and "release" -> "paper" above: MMPareto's --init release also gets a mutant)
 }
 COMPARE_SWAPS = {
     ast.Lt: (ast.LtE, ast.GtE),

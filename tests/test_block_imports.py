@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import BLOCK_END, BLOCK_START, ROOT, block_imports, block_source, load_block
 
-SCRIPTS = ["ogm.py", "opm.py", "arl.py", "dgl.py", "aug.py", "mmpareto.py"]
+SCRIPTS = ["ogm.py", "opm.py", "arl.py", "dgl.py", "aug.py", "mmpareto.py", "inforeg.py"]
 MODULES = {"torch": torch, "nn": nn, "F": F}
 
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import HANG, ROOT
 
-PAGES = ["ogm", "opm", "arl", "dgl", "aug", "mmpareto"]
+PAGES = ["ogm", "opm", "arl", "dgl", "aug", "mmpareto", "inforeg"]
 SECTION = "## Use it in your own project\n"
 
 

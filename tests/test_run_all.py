@@ -9,7 +9,7 @@ from conftest import ROOT
 
 from common.synthetic import regime_args
 
-METHODS = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug", "mmpareto"]
+METHODS = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug", "mmpareto", "inforeg"]
 
 
 def test_run_all_tiny(tiny_data, tmp_path):

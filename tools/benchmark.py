@@ -55,7 +55,7 @@ from common.synthetic import ensure_synthetic, generate, write_wav
 from preprocess import cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["baseline", "ogm", "opm", "arl", "dgl", "aug", "mmpareto"]
+METHODS = ["baseline", "ogm", "opm", "arl", "dgl", "aug", "mmpareto", "inforeg"]
 METHOD_ARGS = {"opm": ["--warmup-epochs", "0"], "arl": ["--warmup-epochs", "0"]}  # the method active from step 0
 # size -> (--dataset for --in-memory, loader flags for the on-disk synthetic set, generator settings or None); the
 # CREMA-D-size wavs are then cut to 1-3.5 s (DURATIONS)

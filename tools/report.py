@@ -20,12 +20,25 @@ import numpy as np
 
 from common import cli
 
-ORDER = ["baseline", "baseline_audio", "baseline_visual", "ogm", "opm", "arl", "dgl", "aug", "aug_trained", "mmpareto"]
+ORDER = [
+    "baseline",
+    "baseline_audio",
+    "baseline_visual",
+    "ogm",
+    "opm",
+    "arl",
+    "dgl",
+    "aug",
+    "aug_trained",
+    "mmpareto",
+    "inforeg",
+]
 STUDY_REGIMES = ["audio-dominant", "dominant-absent", "weak-absent", "visual-dominant"]  # run_all.sh --study regimes
 SIGNAL = {  # what train/coeff_* means for each script (logged metric keys)
     "ogm": "OGM coefficient k",
     "opm": "OPM drop probability q",
     "arl": "ARL weight 1+c",
+    "inforeg": "InfoReg pull strength (0: none)",
     "aug": "AUG number of classifiers",
     "aug_trained": "AUG number of classifiers",
     "mmpareto": "MMPareto weight of the fused-loss gradient alpha_m",
