@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Run joint training (joint, audio-only, visual-only) and the five methods, then write the report.
+# Run joint training (joint, audio-only, visual-only) and the seven methods, then write the report.
 #
 #   bash run_all.sh --quick                           # joint training and the visual encoder alone: the imbalance (~1 min)
 #   bash run_all.sh                                   # the demo: synthetic audio-dominant regime, 3 seeds (< 10 min, 2 CPUs)
-#   bash run_all.sh --study regimes                   # the regime study: 4 regimes x 9 runs x 3 seeds (about 1 h)
+#   bash run_all.sh --study regimes                   # the regime study: 4 regimes x 11 runs x 3 seeds (over 1 h)
 #   bash run_all.sh --dataset cremad --seeds 0,1,2    # the real comparison, each script with its official settings
 #   bash run_all.sh --methods ogm,dgl --seeds 0       # a subset
 #   bash run_all.sh --dataset cremad -- --num-workers 8   # everything after -- goes to every script
@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
     --checkpoints) SAVE=(); shift ;;
     --quick) QUICK=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n 2,21p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,19p "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,9 +63,9 @@ if [ "$DATASET" != synthetic ] && [ ! -d "$DATA_ROOT/$SUB" ]; then
   exit 1
 fi
 
-# The demo: 4 epochs (LR x0.1 for the last), a 0.5 s audio window and 24-px frames, so that its 21 runs fit in 10
+# The demo: 4 epochs (LR x0.1 for the last), a 0.5 s audio window and 24-px frames, so that its 27 runs fit in 10
 # minutes on 2 cores. The study: the same inputs for 8 epochs (LR x0.1 for the last), so that OGM's modulation
-# window (epochs 0-5 of the synthetic preset) closes within the run; 108 runs.
+# window (epochs 0-5 of the synthetic preset) closes within the run; 132 runs.
 # docs/results.md says what these numbers can and cannot show.
 if [ "$DATASET" = synthetic ] && [ ${#EXTRA[@]} -eq 0 ]; then
   if [ -n "$STUDY" ]; then EXTRA=(--epochs 8 --lr-milestones 7 --audio-seconds 0.5 --frame-size 24)

@@ -80,7 +80,7 @@ CUES = {"audio": (1.0, 0.2), "visual": (0.3, 0.6)}
 KNOBS = ("dominant", "weak_absent", "dominant_absent", "noise")
 # named regimes: the four knobs of regime_params, and the set's size where it is not the default's 600/300.
 # docs/data.md, "Regimes"; the demo of run_all.sh uses audio-dominant, the regime study all but default.
-SIZE = dict(n_train=420, n_test=240)  # the demo's and the study's sets: 21 demo runs in 10 minutes on 2 cores
+SIZE = dict(n_train=420, n_test=240)  # the demo's and the study's sets: the demo's 27 runs in 10 minutes on 2 cores
 REGIMES = {
     "default": dict(dominant="audio", weak_absent=0.0, dominant_absent=0.3, noise=1.0),
     "audio-dominant": dict(dominant="audio", weak_absent=0.0, dominant_absent=0.0, noise=1.0, **SIZE),

@@ -110,6 +110,17 @@ def run_inproc(script, data_root, runs_dir, *extra):
     return sorted(glob.glob(os.path.join(str(runs_dir), "*")), key=os.path.getmtime)[-1]
 
 
+def torchrun(driver, jobs_json):
+    """`torchrun --standalone --nproc_per_node=2 tests/<driver> <jobs_json>` (one thread per process); a failure is
+    raised with the end of its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [os.path.join(ROOT, "tests", driver), str(jobs_json)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=HANG)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
 def make_optimizer(args, params):
     """The optimizer the scripts build from their flags: SGD with momentum 0.9 or AdamW, with --weight-decay."""
     if args.optimizer == "sgd":

@@ -14,12 +14,10 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import HANG, ROOT, read_results, run_inproc
+from conftest import read_results, run_inproc, torchrun
 from distributed_driver import global_batch  # noqa: E402
 
 import arl  # noqa: E402
@@ -85,19 +83,7 @@ def ddp(tiny_data, tmp_path_factory):
         runs.append({"script": script, "argv": argv, "trace": str(out / "traces" / name)})
     with open(out / "jobs.json", "w") as f:
         json.dump({"out": str(out), "runs": runs}, f)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        os.path.join(ROOT, "tests", "distributed_driver.py"),
-        str(out / "jobs.json"),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=HANG)
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    torchrun("distributed_driver.py", out / "jobs.json")
     return out
 
 

@@ -28,8 +28,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import HANG, ROOT, ckpt, history, load_block, read_results, run_inproc
+from conftest import HANG, ROOT, ckpt, history, load_block, read_results, run_inproc, torchrun
 from mlp_toy import MLPModel, make_data, split_logits
+from release_parity import make_batches
 from test_amp_gradients import train_steps
 from test_cli_errors import user_error
 
@@ -581,19 +582,6 @@ class EpochLoader:
         return self.per_epoch
 
 
-def script_batches(n, seed=0, audio_signal=1.0):
-    """n batches (spec (B, 17, 17), frames (B, 3, 1, 16, 16) already normalised, label) in float64; the label adds
-    an offset to one band of the spectrogram, so audio tends to lead."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        label = torch.randint(C, (B,), generator=g)
-        spec = torch.randn(B, 17, 17, generator=g, dtype=torch.float64)
-        spec[torch.arange(B), 2 * label] += audio_signal
-        out.append((spec, torch.randn(B, 3, 1, 16, 16, generator=g, dtype=torch.float64), label))
-    return out
-
-
 def run_script_f64(tiny_data, runs_dir, batches, epochs, per_epoch, *flags):
     """inforeg.py's own loop (runpy, in this process) in float64 on `batches`: {"init": the model before the first
     step, "model": after the last, "stats": each step's logged values, "history": the epochs' metrics}."""
@@ -639,7 +627,7 @@ def test_inforeg_release_parity(tiny_data, tmp_path, set_to_none):
     ~5), the traces and every step's strengths to 1e-10 relative. The two differ only in rounding: the script sums the
     three losses before one backward pass where the release runs three, and sums the scores in another order (the
     first step's strengths, from identical weights, agree to 1e-15; rounding grows through the ResNet18s)."""
-    batches = script_batches(6, seed=12)
+    batches = make_batches(6, seed=12)
     flags = ("--variant", "release", "--window-epochs", 10, "--lr", 0.002, "--lr-milestones", 30)
     mine = run_script_f64(tiny_data, tmp_path, batches, 3, 2, *flags)
     rel = copy.deepcopy(mine["init"])
@@ -957,19 +945,7 @@ def ddp(tiny_data, tmp_path_factory):
         jobs.append({"script": "inforeg.py", "argv": argv, "trace": str(out / "traces" / name)})
     with open(out / "jobs.json", "w") as f:
         json.dump({"out": str(out), "runs": jobs}, f)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        os.path.join(ROOT, "tests", "inforeg_distributed_driver.py"),
-        str(out / "jobs.json"),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=HANG)
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    torchrun("inforeg_distributed_driver.py", out / "jobs.json")
     return out
 
 

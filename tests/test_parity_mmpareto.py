@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_inproc
+from release_parity import make_batches
 
 from common import data, distributed, runs
 
@@ -34,19 +35,6 @@ C, B, TOL = 6, 8, 1e-12  # the synthetic set's classes; the batch; float64 over 
 
 class Stop(Exception):
     """Raised after the last recorded step."""
-
-
-def make_batches(n, seed=0, audio_signal=1.0):
-    """n float64 batches (spec (B, 17, 17), frames (B, 3, 1, 16, 16), label (B,)); the label shifts one band of the
-    spectrogram by audio_signal, so audio is the informative modality."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        label = torch.randint(C, (B,), generator=g)
-        spec = torch.randn(B, 17, 17, generator=g, dtype=torch.float64)
-        spec[torch.arange(B), 2 * label] += audio_signal
-        out.append((spec, torch.randn(B, 3, 1, 16, 16, generator=g, dtype=torch.float64), label))
-    return out
 
 
 @contextlib.contextmanager
