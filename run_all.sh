@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
     --checkpoints) SAVE=(); shift ;;
     --quick) QUICK=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n 2,19p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
