@@ -26,6 +26,7 @@ CARDS = {
     "dgl.py": (["--dataset", "ks"], "kinetics_sounds"),
     "aug.py": (["--dataset", "cremad", "--data-root", "data"], "cremad"),
     "mmpareto.py": (["--dataset", "cremad"], "cremad"),
+    "inforeg.py": (["--dataset", "cremad"], "cremad"),
 }
 
 
