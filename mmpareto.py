@@ -150,8 +150,7 @@ PRESETS = {
     "synthetic": dict(optimizer="sgd", lr=1e-2, lr_milestones=[8], batch_size=32, epochs=10),
 }
 # ALGO LOGIC: MMPareto's values per dataset (docs/mmpareto.md, Defaults): gamma 1.5 hard-coded (MMPareto.py L178)
-MMPARETO_PRESETS = {"cremad": dict(gamma=1.5), "ks": dict(gamma=1.5), "vggsound": dict(gamma=1.5)}
-MMPARETO_PRESETS["synthetic"] = dict(gamma=1.5)
+MMPARETO_PRESETS = {d: dict(gamma=1.5) for d in ("cremad", "ks", "vggsound", "synthetic")}
 
 
 def parse_args(argv=None):

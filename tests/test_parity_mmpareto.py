@@ -16,77 +16,26 @@ returns loaders over the test's float64 tensors (spectrograms (B, 17, 17), frame
 normalised), no checkpoint is written, and the run stops after the last wanted step.
 """
 
-import contextlib
 import copy
 import re
 
 import pytest
+import release_parity
 import torch
 import torch.nn.functional as F
-from conftest import run_inproc
-from release_parity import make_batches
-
-from common import data, distributed, runs
+from release_parity import float64, make_batches, max_diff
 
 C, B, TOL = 6, 8, 1e-12  # the synthetic set's classes; the batch; float64 over 4 steps
 # (at LR 5e-2 the rounding differences of BatchNorm over these tiny maps grow about 50-fold a step, to 8e-11 at the
 # 4th step: measured with --combine uniform, whose one backward differs from the script's three only in rounding)
 
 
-class Stop(Exception):
-    """Raised after the last recorded step."""
-
-
-@contextlib.contextmanager
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(dtype)
-
-
 def run_script(data_root, runs_dir, batches, *flags):
-    """mmpareto.py's loop for len(batches) steps (one epoch) on `batches`; returns the model when the loop starts
-    ("init"), after the last step ("model"), the flags ("args") and each step's logged values ("stats")."""
-    out = {"stats": []}
-    real_ddp, real_log_step = distributed.ddp, runs.Run.log_step
-
-    def make_loaders(train_set, test_set, args, generator):
-        assert args.batch_size == B
-        tensors = [torch.cat([b[i] for b in batches]) for i in range(3)]
-        ds = torch.utils.data.TensorDataset(*tensors)
-        loader = torch.utils.data.DataLoader(ds, batch_size=B, shuffle=False, generator=torch.Generator())
-        return loader, loader
-
-    def ddp(forward, args, *a, **k):
-        out.update(init=copy.deepcopy(forward.model), model=forward.model, args=args)
-        return real_ddp(forward, args, *a, **k)
-
-    def log_step(self, stats, n_samples):
-        real_log_step(self, stats, n_samples)
-        out["stats"].append(dict(stats))
-        if len(out["stats"]) == len(batches):
-            self.logger.writer.close()
-            raise Stop
-
-    with pytest.MonkeyPatch.context() as m, float64():
-        m.setattr(data, "make_loaders", make_loaders)
-        m.setattr(distributed, "ddp", ddp)
-        m.setattr(runs.Run, "log_step", log_step)
-        m.setattr(runs, "save_checkpoint", lambda path, state: None)
-        with contextlib.suppress(Stop):
-            run_inproc("mmpareto.py", data_root, runs_dir, "--batch-size", B, "--epochs", 1, *map(str, flags))
-    assert len(out["stats"]) == len(batches)
-    assert all(p.dtype == torch.float64 for p in out["model"].parameters())
-    return out
-
-
-def max_diff(model_a, model_b):
-    sa, sb = model_a.state_dict(), model_b.state_dict()
-    assert sa.keys() == sb.keys()
-    return max((sa[k] - sb[k]).abs().max().item() for k in sa if sa[k].is_floating_point())
+    """mmpareto.py's loop for len(batches) steps (one epoch) on `batches`, in float64 (tests/release_parity.py);
+    returns the model when the loop starts ("init"), after the last step ("model"), the flags ("args") and each
+    step's logged values ("stats")."""
+    n = len(batches)
+    return release_parity.run_script("mmpareto.py", data_root, runs_dir, batches, n, "--epochs", 1, *flags)
 
 
 # ----------------------------------------------------------------------------------------------------------------
