@@ -107,6 +107,8 @@ def mmpareto_encoder_grads(g_m, g_u, gamma=1.5, rescale="tensor", combine="mmpar
     (min-norm weights alpha g_m + (1 - alpha) g_u every step, no rescale). stats: alpha_m, cos, conflict (cos <= 0),
     rescale (the mean of max(rho_t, 1)); for uniform alpha_m = 1/2 and rescale 1.
     """
+    if combine not in ("mmpareto", "uniform", "mgda") or rescale not in ("tensor", "global"):
+        raise ValueError(f"combine must be mmpareto, uniform or mgda, rescale tensor or global: {combine}, {rescale}")
     alpha_m, cos = mmpareto_weights(g_m, g_u, "mgda" if combine == "mgda" else "mmpareto")
     stats = {"alpha_m": float(alpha_m), "cos": float(cos), "conflict": float(cos <= 0), "rescale": 1.0}
     if combine == "uniform":

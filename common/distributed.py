@@ -12,6 +12,7 @@ batch statistics (DDP's default). Only rank 0 writes logs, checkpoints and resul
 
 import atexit
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,48 @@ def init_process_group(args):
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     if not is_main():
         args.no_progress = True
-    atexit.register(lambda: dist.destroy_process_group() if active() else None)
+    atexit.register(_shutdown)
+
+
+def _shutdown():
+    """At exit, while the interpreter is still whole: leave the process group, then let gloo's workers go idle.
+
+    A DistributedDataParallel model keeps the gloo process group alive after destroy_process_group (PyTorch 2.14), so
+    its worker threads outlive it. A gradient all-reduce that DDP started in backward holds a Python object, and the
+    worker drops it after the main thread has moved on; if that happens during interpreter shutdown, the process
+    aborts ("terminate called without an active exception", SIGABRT) after a run that finished. Waiting here until no
+    worker is runnable (Linux: /proc) removes that window; tests/test_distributed.py runs the case.
+    """
+    if active():
+        dist.destroy_process_group()
+    wait_for_idle_gloo_workers()
+
+
+def _gloo_workers_running():
+    """How many of this process's gloo worker threads are runnable (0 where /proc is missing)."""
+    running = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() != "pt_gloo_runloop":
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                running += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except OSError:  # the thread ended
+            continue
+    return running
+
+
+def wait_for_idle_gloo_workers(timeout=5.0):
+    """Sleep (releasing the GIL, which a worker may need) until two checks in a row find no gloo worker runnable."""
+    end, idle = time.monotonic() + timeout, 0
+    while idle < 2 and time.monotonic() < end:
+        time.sleep(0.005)
+        idle = idle + 1 if _gloo_workers_running() == 0 else 0
 
 
 def barrier():

@@ -356,6 +356,36 @@ def test_ablations_uniform_and_mgda(blk):
     torch.testing.assert_close(m, 0.999 * g_m[0] + 0.001 * g_u[0])
 
 
+def test_ablation_stats_and_an_exact_orthogonal_pair(blk):
+    """The logged stats of the ablations: uniform is the plain sum (alpha_m 1/2, no rescale), mgda never rescales;
+    cos exactly 0 is a conflict, as in the release (MMPareto.py L164-172: equal weights only when cos > 0)."""
+    g_m, g_u = [t(1.0, 0.0)], [t(0.0, 2.0)]  # orthogonal: cos = 0 exactly
+    _, st = blk.mmpareto_encoder_grads(g_m, g_u, combine="uniform")
+    assert (st["alpha_m"], st["rescale"]) == (0.5, 1.0)
+    (m,), st = blk.mmpareto_encoder_grads(g_m, g_u, combine="mgda")
+    assert st["rescale"] == 1.0 and st["conflict"] == 1.0 and st["alpha_m"] == pytest.approx(0.8)
+    (d,), st = blk.mmpareto_encoder_grads(g_m, g_u)
+    assert st["cos"] == 0.0 and st["conflict"] == 1.0 and st["alpha_m"] == pytest.approx(0.8)  # min-norm, not 1/2
+    torch.testing.assert_close(d, 1.5 * t(1.6, 0.8) * (5**0.5 / (1.6**2 + 0.8**2) ** 0.5), rtol=1e-12, atol=0)
+
+
+def test_unknown_combine_or_rescale_is_an_error(blk):
+    """A misspelt mode is refused, not run as the default (the block is meant to be pasted into other code)."""
+    g = [t(1.0, 0.0)]
+    for kw in (dict(combine="pareto"), dict(rescale="layer")):
+        with pytest.raises(ValueError, match="combine must be"):
+            blk.mmpareto_encoder_grads(g, g, **kw)
+
+
+def test_set_grads_stores_detached_gradients(blk):
+    """p.grad is a plain tensor even when the gradient given carries a graph (optimizer.step must not extend it)."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    x = torch.ones(2, requires_grad=True)
+    blk.set_grads([p], [x * 3])
+    assert not p.grad.requires_grad and p.grad.grad_fn is None
+    torch.testing.assert_close(p.grad, torch.full((2,), 3.0))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # §8.9 release parity: the release's step transcribed (MMPareto_ICML2024 a339db3), float64, >= 3 steps
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,6 +600,16 @@ def test_presets_are_the_releases_constant_lr(dataset):
         opt.step()
         sched.step()
     assert lrs == [2e-3] * 50
+
+
+def test_synthetic_preset_is_the_baselines():
+    """On the synthetic set MMPareto trains with joint training's schedule (baseline.py), so the two compare."""
+    import baseline
+
+    assert mmpareto.PRESETS["synthetic"] == baseline.PRESETS["synthetic"]
+    args, base = mmpareto.parse_args(["--dataset", "synthetic"]), baseline.parse_args(["--dataset", "synthetic"])
+    keys = ("optimizer", "lr", "lr_milestones", "batch_size", "epochs", "weight_decay", "clip_grad")
+    assert [getattr(args, k) for k in keys] == [getattr(base, k) for k in keys]
 
 
 @pytest.mark.parametrize("init", ["release", "shared"])
