@@ -775,6 +775,9 @@ def test_off_switches_are_exact_no_ops(tiny_data, tmp_path, variant):
     assert all(torch.equal(k1[k], off[k]) for k in k1)
     assert not all(torch.equal(k1[k], on[k]) for k in k1)
     assert all(h["train/coeff_audio"] == h["train/coeff_visual"] == 0 for h in history(runs_["k1"]))
+    # and the logged windows are closed: for the release's variant k = 1 at epoch 0 equals K, and its test is strict
+    # (main.py L465: k > 0.05)
+    assert all(h["train/window_open_audio"] == h["train/window_open_visual"] == 0 for h in history(runs_["k1"]))
     assert any(h["train/coeff_audio"] + h["train/coeff_visual"] > 0 for h in history(runs_["on"]))
 
 
