@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import HANG, ROOT, ckpt, history, load_block, read_results, run_inproc, torchrun
 from mlp_toy import MLPModel, make_data, split_logits
+from mmpareto_toy import ConvEncoder  # conv + BatchNorm + Linear
 from release_parity import make_batches
 from test_amp_gradients import train_steps
 from test_cli_errors import user_error
@@ -49,19 +50,6 @@ def blk():
 # ----------------------------------------------------------------------------------------------------------------
 # toys: a conv + BatchNorm encoder pair named as the release names its parts, and batches with one informative side
 # ----------------------------------------------------------------------------------------------------------------
-class ConvEncoder(nn.Module):
-    """8 numbers -> (1, 2, 4) map -> Conv2d(1, 4, 3) -> BatchNorm2d -> ReLU -> Linear(32, dim)."""
-
-    def __init__(self, dim=6):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(32, dim)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x.view(-1, 1, 2, 4)))).flatten(1))
-
-
 class ConvToy(nn.Module):
     """forward(x_a, x_v) -> (a, v, z, head_audio(a), head_video(v)): the concat Linear head, and the two separate
     unimodal heads the release builds and never trains (basic_model.py L39-44)."""
