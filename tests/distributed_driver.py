@@ -73,11 +73,9 @@ def function_checks(out):
         json.dump(res, f)
 
 
-if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        jobs = json.load(f)
-    distributed.init_process_group(SimpleNamespace(device="cpu", no_progress=False))
-    function_checks(jobs["out"])
+def run_jobs(jobs):
+    """Each job of jobs["runs"]: its script run end to end with runpy, exactly as `python <script> <argv>`, traced
+    (tools/trace.py, with parameter digests) to job["trace"]; also tests/inforeg_distributed_driver.py's loop."""
     for job in jobs["runs"]:
         trace.install(job["trace"], params=True)
         sys.argv = [job["script"], *(resolve(a, jobs["out"]) for a in job["argv"])]
@@ -88,3 +86,11 @@ if __name__ == "__main__":
                 raise
         torch.distributed.barrier()  # rank 0 has written its checkpoints before any process starts the next job
         gc.collect()
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
+    distributed.init_process_group(SimpleNamespace(device="cpu", no_progress=False))
+    function_checks(jobs["out"])
+    run_jobs(jobs)

@@ -4,10 +4,8 @@ process (results to <out>/block_rank<r>.json; `block_steps(None)` is the same on
 each job: inforeg.py run end to end with runpy, exactly as `python inforeg.py <argv>`, traced (tools/trace.py).
 """
 
-import gc
 import json
 import os
-import runpy
 import sys
 from types import SimpleNamespace
 
@@ -17,11 +15,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
+from distributed_driver import run_jobs  # noqa: E402
 from mlp_toy import MLPModel, make_data, split_logits  # noqa: E402
 
 import inforeg  # noqa: E402
 from common import distributed  # noqa: E402
-from tools import trace  # noqa: E402
 
 
 def block_steps(out):
@@ -68,13 +66,4 @@ if __name__ == "__main__":
         jobs = json.load(f)
     distributed.init_process_group(SimpleNamespace(device="cpu", no_progress=False))
     block_steps(jobs["out"])
-    for job in jobs["runs"]:
-        trace.install(job["trace"], params=True)
-        sys.argv = [job["script"], *job["argv"]]
-        try:
-            runpy.run_path(os.path.join(ROOT, job["script"]), run_name="__main__")
-        except SystemExit as e:
-            if e.code not in (0, None):
-                raise
-        torch.distributed.barrier()
-        gc.collect()
+    run_jobs(jobs)
