@@ -1,5 +1,5 @@
 """Small two-encoder models and batches for tests/test_mmpareto.py (float64 by default); test_inforeg.py uses the
-ConvEncoder too.
+conv model and the batches too.
 
 ConvEncoder: 8 numbers -> (1, 2, 4) map -> Conv2d(1, 4, 3) -> BatchNorm2d -> ReLU -> Linear(32, dim): conv kernels,
 BN weights and biases and a Linear, so every kind of parameter the methods treat differently is there.

@@ -23,6 +23,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import HANG, ROOT, ckpt, history, load_block, read_results, run_inproc, torchrun
 from mlp_toy import MLPModel, make_data, split_logits
-from mmpareto_toy import ConvEncoder  # conv + BatchNorm + Linear
+from mmpareto_toy import TwoEncoderModel
+from mmpareto_toy import batches as toy_batches  # the dominant side encodes the label, the other is noise
 from release_parity import make_batches
 from test_amp_gradients import train_steps
 from test_cli_errors import user_error
@@ -50,32 +52,9 @@ def blk():
 # ----------------------------------------------------------------------------------------------------------------
 # toys: a conv + BatchNorm encoder pair named as the release names its parts, and batches with one informative side
 # ----------------------------------------------------------------------------------------------------------------
-class ConvToy(nn.Module):
-    """forward(x_a, x_v) -> (a, v, z, head_audio(a), head_video(v)): the concat Linear head, and the two separate
-    unimodal heads the release builds and never trains (basic_model.py L39-44)."""
-
-    def __init__(self, classes=4, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.audio_net, self.visual_net = ConvEncoder(), ConvEncoder()
-        self.head = nn.Linear(12, classes)
-        self.head_audio, self.head_video = nn.Linear(6, classes), nn.Linear(6, classes)
-
-    def forward(self, x_a, x_v):
-        a, v = self.audio_net(x_a), self.visual_net(x_v)
-        return a, v, self.head(torch.cat([a, v], 1)), self.head_audio(a), self.head_video(v)
-
-
-def toy_batches(n, dominant="audio", batch=16, classes=4, seed=0, dtype=torch.float64):
-    """The dominant modality's 8 inputs encode the label (plus noise); the other's are pure noise."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        y = torch.randint(0, classes, (batch,), generator=g)
-        informative = 2.0 * F.one_hot(y, 8).to(dtype) + 0.3 * torch.randn(batch, 8, generator=g, dtype=dtype)
-        noise = torch.randn(batch, 8, generator=g, dtype=dtype)
-        out.append((informative, noise, y) if dominant == "audio" else (noise, informative, y))
-    return out
+# the conv toy: mmpareto_toy's model, whose two separate unimodal heads are those the release builds and never trains
+# (basic_model.py L39-44); forward(x_a, x_v) -> (a, v, z, head_audio(a), head_video(v))
+ConvToy = partial(TwoEncoderModel, "conv")
 
 
 def mlp_batches(n, batch=16, seed=0):
